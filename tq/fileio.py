@@ -1,0 +1,107 @@
+"""Atomic file writes, JSON results and checksummed safetensors files.
+
+Every artifact is written to a temporary file in the target directory and renamed into place,
+so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+CHECKSUM_KEY = "sha256"
+
+
+class TensorFileError(ValueError):
+    """A safetensors file is missing, truncated, altered or inconsistent."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+) -> None:
+    """Save tensors and string metadata as safetensors, with a checksum, atomically."""
+    contiguous = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    meta = dict(metadata)
+    meta[CHECKSUM_KEY] = tensors_checksum(contiguous)
+    atomic_write_bytes(path, safetensors.numpy.save(contiguous, metadata=meta))
+
+
+def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
+    if len(data) < 8:
+        raise TensorFileError(f"{path}: truncated ({len(data)} bytes, no safetensors header)")
+    header_size = int.from_bytes(data[:8], "little")
+    if header_size > len(data) - 8:
+        raise TensorFileError(
+            f"{path}: truncated (header says {header_size} bytes, file has {len(data) - 8})"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TensorFileError(f"{path}: corrupt safetensors header ({error})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise TensorFileError(f"{path}: no metadata in the safetensors header")
+    return metadata
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load a file written by :func:`save_tensors`; verify its checksum.
+
+    Raises:
+        TensorFileError: the file is missing, truncated, not safetensors, or its data does
+            not match the checksum stored with it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TensorFileError(f"{path}: cannot read ({error.strerror})") from None
+    metadata = _read_metadata(data, path)
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as error:  # safetensors raises its own exception types
+        raise TensorFileError(f"{path}: not a valid safetensors file ({error})") from None
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        raise TensorFileError(f"{path}: no {CHECKSUM_KEY} checksum in the metadata")
+    if tensors_checksum(tensors) != expected:
+        raise TensorFileError(f"{path}: the tensor data does not match its checksum (altered?)")
+    return tensors, metadata

@@ -1,0 +1,204 @@
+"""TurboQuant's quantizers: ``TurboQuantMSE`` (Algorithm 1) and ``TurboQuantProd`` (Algorithm 2).
+
+Both take float rows [n, dim] and return packed batches (:mod:`tq.batch`):
+
+- ``quantize(x) -> batch``
+- ``dequantize(batch) -> float32 [n, dim]``
+- ``inner_products(queries, batch) -> float32 [m, n]``: estimates of <q_i, x_j> computed from the
+  packed codes without reconstructing x (unbiased for Prod).
+
+Unit-norm contract: with ``normalize=False`` every row must have norm 1 within 1e-3 (else
+``ValueError``); with ``normalize=True`` any finite row is accepted (zero rows too), its norm is
+stored in the batch and restored on dequantize.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tq.batch import BatchQuantizedMSE, BatchQuantizedProd
+from tq.codebook import check_dim_bits, lloyd_max_codebook
+from tq.kernels import get_backend
+from tq.rotation import make_rotation, qjl_matrix
+
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+class _TurboQuant:
+    """What both quantizers share: parameters, input checks and batch checks."""
+
+    batch_type: type[BatchQuantizedMSE]
+
+    def __init__(
+        self, dim: int, bits: int, seed: int, rotation: str, normalize: bool, kernels: str | None
+    ) -> None:
+        self.dim = int(dim)
+        self.bits = int(bits)
+        self.seed = int(seed)
+        self.normalize = bool(normalize)
+        self.rotation = make_rotation(self.dim, self.seed, rotation)
+        self.kernels = get_backend(kernels)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
+            f"rotation={self.rotation.kind!r}, normalize={self.normalize})"
+        )
+
+    def _rows(self, x: np.ndarray, name: str) -> np.ndarray:
+        """Check a [n, dim] float array and return it as C-contiguous float32."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape [n, {self.dim}], got {list(x.shape)}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    @staticmethod
+    def _check_finite(norms: np.ndarray, name: str) -> None:
+        bad = ~np.isfinite(norms)
+        if bad.any():
+            raise ValueError(f"{name} row {int(np.argmax(bad))} contains NaN or inf")
+
+    def _check_norms(self, norms: np.ndarray) -> None:
+        self._check_finite(norms, "x")
+        if not self.normalize:
+            off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+            if off.any():
+                row = int(np.argmax(off))
+                raise ValueError(
+                    f"x row {row} has norm {float(norms[row]):.6g}, but {type(self).__name__} "
+                    f"expects unit-norm rows (within {UNIT_NORM_TOLERANCE}); "
+                    "pass normalize=True to quantize vectors of any norm"
+                )
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = self._rows(queries, "queries")
+        self._check_finite(np.sum(queries.astype(np.float64) ** 2, axis=1), "queries")
+        return queries
+
+    def _check_batch(self, batch: BatchQuantizedMSE) -> None:
+        if type(batch) is not self.batch_type:
+            raise TypeError(f"expected a {self.batch_type.__name__}, got {type(batch).__name__}")
+        mine = (self.dim, self.bits, self.seed, self.rotation.kind, self.normalize)
+        theirs = (batch.dim, batch.bits, batch.seed, batch.rotation, batch.norms is not None)
+        if mine != theirs:
+            names = ("dim", "bits", "seed", "rotation", "normalize")
+            diff = ", ".join(f"{n}={t!r} (quantizer {m!r})" for n, m, t in zip(names, mine, theirs) if m != t)
+            raise ValueError(f"batch does not belong to this quantizer: {diff}")
+
+
+class TurboQuantMSE(_TurboQuant):
+    """TurboQuant MSE (Algorithm 1): y = Pi x, each y_j to its nearest Lloyd-Max centroid.
+
+    Args:
+        dim: vector dimension d (2..4096; a power of two for ``rotation="hadamard"``).
+        bits: bits per coordinate b (1..8).
+        seed: seed of the rotation; the same seed gives byte-identical batches.
+        rotation: "haar" (random orthogonal) or "hadamard" (random signs + Walsh-Hadamard).
+        normalize: store norms and quantize directions, instead of requiring unit rows.
+        kernels: "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+    """
+
+    batch_type = BatchQuantizedMSE
+
+    def __init__(
+        self,
+        dim: int,
+        bits: int,
+        seed: int = 0,
+        rotation: str = "haar",
+        normalize: bool = False,
+        kernels: str | None = None,
+    ) -> None:
+        check_dim_bits(dim, bits)
+        super().__init__(dim, bits, seed, rotation, normalize, kernels)
+        self.codebook = lloyd_max_codebook(self.dim, self.bits)
+
+    def quantize(self, x: np.ndarray) -> BatchQuantizedMSE:
+        """Quantize rows x [n, dim] -> a packed batch of n vectors."""
+        x = self._rows(x, "x")
+        codes, norms = self.kernels.mse_encode(x, self.rotation, self.codebook, self.normalize)
+        self._check_norms(norms)
+        return BatchQuantizedMSE(
+            self.dim, self.bits, self.seed, self.rotation.kind, codes, norms if self.normalize else None
+        )
+
+    def dequantize(self, batch: BatchQuantizedMSE) -> np.ndarray:
+        """Reconstruct float32 [n, dim] from a batch made by this quantizer."""
+        self._check_batch(batch)
+        return self.kernels.mse_decode(batch.codes, batch.norms, self.rotation, self.codebook)
+
+    def inner_products(self, queries: np.ndarray, batch: BatchQuantizedMSE) -> np.ndarray:
+        """Estimates of <q_i, x_j> -> float32 [m, n], from the packed codes."""
+        self._check_batch(batch)
+        queries = self._queries(queries)
+        return self.kernels.mse_scores(queries, batch.codes, batch.norms, self.rotation, self.codebook)
+
+
+class TurboQuantProd(_TurboQuant):
+    """TurboQuant Prod (Algorithm 2): MSE at bits-1, plus a 1-bit QJL sketch of the residual.
+
+    x~ = x~_mse + sqrt(pi/2)/d * gamma * S^T sign(S r), with r = x - x~_mse, gamma = |r| and S
+    an i.i.d. N(0, 1) d x d matrix; <y, x~> is an unbiased estimate of <y, x>.
+
+    Args:
+        dim: vector dimension d.
+        bits: total bits per coordinate b (2..8): b-1 for the MSE stage, 1 for the sign.
+        seed: seed of the rotation and of S.
+        normalize: as for :class:`TurboQuantMSE`.
+        rotation: rotation of the MSE stage, "haar" or "hadamard".
+        kernels: "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+    """
+
+    batch_type = BatchQuantizedProd
+
+    def __init__(
+        self,
+        dim: int,
+        bits: int,
+        seed: int = 0,
+        normalize: bool = False,
+        rotation: str = "haar",
+        kernels: str | None = None,
+    ) -> None:
+        check_dim_bits(dim, bits)
+        if bits < 2:
+            raise ValueError(f"TurboQuantProd needs bits >= 2 (one bit goes to the QJL sign), got {bits}")
+        super().__init__(dim, bits, seed, rotation, normalize, kernels)
+        self.codebook = lloyd_max_codebook(self.dim, self.bits - 1)
+        self.qjl = qjl_matrix(self.dim, self.seed)
+
+    def quantize(self, x: np.ndarray) -> BatchQuantizedProd:
+        """Quantize rows x [n, dim] -> a packed batch of n vectors."""
+        x = self._rows(x, "x")
+        codes, signs, gammas, norms = self.kernels.prod_encode(
+            x, self.rotation, self.qjl, self.codebook, self.normalize
+        )
+        self._check_norms(norms)
+        return BatchQuantizedProd(
+            self.dim,
+            self.bits,
+            self.seed,
+            self.rotation.kind,
+            codes,
+            norms if self.normalize else None,
+            signs=signs,
+            gammas=gammas,
+        )
+
+    def dequantize(self, batch: BatchQuantizedProd) -> np.ndarray:
+        """Reconstruct float32 [n, dim] from a batch made by this quantizer."""
+        self._check_batch(batch)
+        return self.kernels.prod_decode(
+            batch.codes, batch.signs, batch.gammas, batch.norms, self.rotation, self.qjl, self.codebook
+        )
+
+    def inner_products(self, queries: np.ndarray, batch: BatchQuantizedProd) -> np.ndarray:
+        """Unbiased estimates of <q_i, x_j> -> float32 [m, n], from the packed data."""
+        self._check_batch(batch)
+        queries = self._queries(queries)
+        return self.kernels.prod_scores(
+            queries, batch.codes, batch.signs, batch.gammas, batch.norms, self.rotation, self.qjl, self.codebook
+        )
