@@ -34,8 +34,7 @@ def _check_packed(name: str, array: np.ndarray, n: int | None, dim: int, bits: i
     if array.ndim != 2 or array.shape[1] != width or (n is not None and array.shape[0] != n):
         rows = "n" if n is None else n
         raise BatchFormatError(
-            f"{name} must have shape [{rows}, {width}] for dim={dim} at {bits} bits, "
-            f"got {list(array.shape)}"
+            f"{name} must have shape [{rows}, {width}] for dim={dim} at {bits} bits, got {list(array.shape)}"
         )
     if not padding_is_zero(array, dim, bits):
         raise BatchFormatError(f"{name} has non-zero padding bits in a row's last byte")
@@ -119,7 +118,9 @@ class BatchQuantizedMSE:
     @property
     def bits_per_vector(self) -> float:
         """Stored bits per vector, everything included (row padding, norms, signs, gammas)."""
-        row_bytes = sum(array[0].nbytes if array.ndim == 2 else array.itemsize for array in self._tensors().values())
+        row_bytes = sum(
+            (array.shape[1] if array.ndim == 2 else 1) * array.itemsize for array in self._tensors().values()
+        )
         return 8.0 * row_bytes
 
     def save(self, path: str | os.PathLike) -> None:
@@ -151,7 +152,8 @@ class BatchQuantizedMSE:
         kinds = {"mse": BatchQuantizedMSE, "prod": BatchQuantizedProd}
         kind = metadata.get("kind")
         if kind not in kinds or not issubclass(kinds[kind], cls):
-            raise BatchFormatError(f"{path}: kind is {kind!r}, expected one of {sorted(kinds)}")
+            allowed = sorted(name for name, kind_cls in kinds.items() if issubclass(kind_cls, cls))
+            raise BatchFormatError(f"{path}: kind is {kind!r}, expected one of {allowed}")
         try:
             header = {name: int(metadata[name]) for name in ("dim", "bits", "seed")}
             rotation = metadata["rotation"]
@@ -161,7 +163,10 @@ class BatchQuantizedMSE:
             raise BatchFormatError(f"{path}: no 'codes' tensor")
         normalized = metadata.get("normalized") == "true"
         if normalized != ("norms" in tensors):
-            raise BatchFormatError(f"{path}: metadata normalized={normalized} but norms are {'absent' if normalized else 'present'}")
+            raise BatchFormatError(
+                f"{path}: metadata normalized={normalized} but norms are "
+                + ("absent" if normalized else "present")
+            )
         try:
             return kinds[kind]._from_tensors(header, rotation, tensors)
         except BatchFormatError as error:

@@ -78,7 +78,7 @@ def coordinate_density(x: np.ndarray, dim: int) -> np.ndarray:
     log_c = gammaln(dim / 2) - gammaln((dim - 1) / 2) - 0.5 * np.log(np.pi)
     inside = np.abs(x) < 1
     density = np.zeros_like(x)
-    density[inside] = np.exp(log_c + (dim - 3) / 2 * np.log1p(-x[inside] ** 2))
+    density[inside] = np.exp(log_c + (dim - 3) / 2 * np.log1p(-(x[inside] ** 2)))
     return density
 
 
@@ -153,8 +153,7 @@ def solve_codebook(dim: int, bits: int) -> Codebook:
     check_dim_bits(dim, bits)
     levels = 2 ** (bits - 1)
     centroids = _initial_half_centroids(dim, levels)
-    iterations = 0
-    for iterations in range(1, _MAX_ITERATIONS + 1):
+    for iteration in range(1, _MAX_ITERATIONS + 1):  # noqa: B007 (reported in the Codebook)
         updated, _, jacobian = _lloyd_map(centroids, dim)
         residual = updated - centroids
         if np.max(np.abs(residual)) < _TOLERANCE:
@@ -179,7 +178,7 @@ def solve_codebook(dim: int, bits: int) -> Codebook:
     full_centroids = np.concatenate([-centroids[::-1], centroids])
     full_edges = 0.5 * (full_centroids[:-1] + full_centroids[1:])
     full_edges[levels - 1] = 0.0
-    return Codebook(dim, bits, full_centroids, full_edges, distortion, iterations)
+    return Codebook(dim, bits, full_centroids, full_edges, distortion, iteration)
 
 
 def cache_dir() -> Path:
@@ -225,7 +224,7 @@ def _write_cached(codebook: Codebook) -> None:
         pass  # a read-only cache directory only costs a re-solve next time
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     """The Lloyd-Max codebook for (dim, bits), from memory, the disk cache, or a fresh solve."""
     check_dim_bits(dim, bits)

@@ -44,23 +44,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+def tensors_checksum(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order, then over the
+    metadata (every key but the checksum's own), so that an edited header is caught too."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
+    if metadata:
+        items = sorted((key, value) for key, value in metadata.items() if key != CHECKSUM_KEY)
+        digest.update(json.dumps(items).encode())
     return digest.hexdigest()
 
 
-def save_tensors(
-    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]
-) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Save tensors and string metadata as safetensors, with a checksum, atomically."""
     contiguous = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     meta = dict(metadata)
-    meta[CHECKSUM_KEY] = tensors_checksum(contiguous)
+    meta[CHECKSUM_KEY] = tensors_checksum(contiguous, meta)
     atomic_write_bytes(path, safetensors.numpy.save(contiguous, metadata=meta))
 
 
@@ -79,6 +81,14 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise TensorFileError(f"{path}: no metadata in the safetensors header")
+    needed = 0
+    for entry in header.values():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2 and isinstance(offsets[1], int):
+            needed = max(needed, offsets[1])
+    available = len(data) - 8 - header_size
+    if needed > available:
+        raise TensorFileError(f"{path}: truncated (tensor data needs {needed} bytes, file has {available})")
     return metadata
 
 
@@ -102,6 +112,6 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     expected = metadata.get(CHECKSUM_KEY)
     if expected is None:
         raise TensorFileError(f"{path}: no {CHECKSUM_KEY} checksum in the metadata")
-    if tensors_checksum(tensors) != expected:
-        raise TensorFileError(f"{path}: the tensor data does not match its checksum (altered?)")
+    if tensors_checksum(tensors, metadata) != expected:
+        raise TensorFileError(f"{path}: the tensor data or metadata does not match its checksum (altered?)")
     return tensors, metadata

@@ -34,9 +34,9 @@ class _TurboQuant:
     ) -> None:
         self.dim = int(dim)
         self.bits = int(bits)
+        self.rotation = make_rotation(self.dim, seed, rotation)  # validates seed before int()
         self.seed = int(seed)
         self.normalize = bool(normalize)
-        self.rotation = make_rotation(self.dim, self.seed, rotation)
         self.kernels = get_backend(kernels)
 
     def __repr__(self) -> str:
@@ -85,7 +85,9 @@ class _TurboQuant:
         theirs = (batch.dim, batch.bits, batch.seed, batch.rotation, batch.norms is not None)
         if mine != theirs:
             names = ("dim", "bits", "seed", "rotation", "normalize")
-            diff = ", ".join(f"{n}={t!r} (quantizer {m!r})" for n, m, t in zip(names, mine, theirs) if m != t)
+            diff = ", ".join(
+                f"{n}={t!r} (quantizer {m!r})" for n, m, t in zip(names, mine, theirs, strict=True) if m != t
+            )
             raise ValueError(f"batch does not belong to this quantizer: {diff}")
 
 
@@ -200,5 +202,12 @@ class TurboQuantProd(_TurboQuant):
         self._check_batch(batch)
         queries = self._queries(queries)
         return self.kernels.prod_scores(
-            queries, batch.codes, batch.signs, batch.gammas, batch.norms, self.rotation, self.qjl, self.codebook
+            queries,
+            batch.codes,
+            batch.signs,
+            batch.gammas,
+            batch.norms,
+            self.rotation,
+            self.qjl,
+            self.codebook,
         )
