@@ -1,0 +1,1 @@
+"""Benchmark workloads; each returns one result record (:mod:`tq.records`)."""
