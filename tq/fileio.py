@@ -58,12 +58,30 @@ def tensors_checksum(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
     return digest.hexdigest()
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """Rewrite a safetensors file's header with its metadata keys sorted.
+
+    safetensors writes the metadata map in a random order, so two saves of the same batch would
+    differ in bytes; sorted, the same tensors and metadata always give the same file. The header
+    stays space-padded to a multiple of 8 bytes, as safetensors writes it.
+    """
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + header_size :]
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Save tensors and string metadata as safetensors, with a checksum, atomically."""
+    """Save tensors and string metadata as safetensors, with a checksum, atomically.
+
+    The same tensors and metadata always give a byte-identical file.
+    """
     contiguous = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     meta = dict(metadata)
     meta[CHECKSUM_KEY] = tensors_checksum(contiguous, meta)
-    atomic_write_bytes(path, safetensors.numpy.save(contiguous, metadata=meta))
+    atomic_write_bytes(path, _sorted_metadata(safetensors.numpy.save(contiguous, metadata=meta)))
 
 
 def _read_metadata(data: bytes, path: Path) -> dict[str, str]:

@@ -3,11 +3,10 @@
 Same functions, arguments and results as the reference (see its docstring for shapes). Rows are
 split into chunks that run on a pool of kernel threads; within a chunk, an encode is one
 rotation followed by one fused Numba pass (norm, scale, quantize, pack), and a decode is one
-fused pass (unpack, centroid look-up, scale) followed by one inverse rotation. Rotations are
-float32 matrix products through NumPy's BLAS, single-threaded per chunk (on this CPU a dense
-product beats a Numba Walsh-Hadamard transform, so the Hadamard rotation is applied as its
-dense matrix too). Inner products never reconstruct x: each query is rotated once and turned
-into a look-up table lut[j, k] = (Pi q)_j * c_k that the packed codes index.
+fused pass (unpack, centroid look-up, scale) followed by one inverse rotation. A Haar rotation
+is a float32 BLAS product, single-threaded per chunk; a Hadamard rotation is a Numba fast
+Walsh-Hadamard transform. Inner products never reconstruct x: each query is rotated once and
+turned into a look-up table lut[j, k] = (Pi q)_j * c_k that the packed codes index.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -31,257 +31,192 @@ _FASTMATH = {"contract", "reassoc"}  # vectorize sums; keep NaN and inf semantic
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 
 # ---------------------------------------------------------------------------------------------
-# Row helpers (inlined into the parallel loops)
-
-
-@_jit
-def _pack_row(indices: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """Pack indices uint8 [d] into ``out`` uint8 [ceil(d*bits/8)] (layout of tq.packing)."""
-    dim = indices.shape[0]
-    for p in range(out.shape[0]):
-        low = 8 * p
-        first = low // bits
-        last = min(dim - 1, (low + 7) // bits)
-        acc = 0
-        for j in range(first, last + 1):
-            shift = j * bits - low
-            value = np.int32(indices[j])
-            acc |= (value << shift) if shift >= 0 else (value >> -shift)
-        out[p] = acc & 255
-
-
-@_jit
-def _unpack_row(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """Unpack ``packed`` uint8 [ceil(d*bits/8)] into indices int32 [d]."""
-    mask = (1 << bits) - 1
-    last = packed.shape[0] - 1
-    for j in range(out.shape[0]):
-        start = j * bits
-        p = start >> 3
-        word = np.int32(packed[p])
-        if p < last:
-            word |= np.int32(packed[p + 1]) << 8
-        out[j] = (word >> (start & 7)) & mask
-
-
-@_jit
-def _quantize_row(y: np.ndarray, scale: np.float32, edges: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """out[j] = number of edges < y[j] * scale (the nearest centroid; ties go to the lower cell)."""
-    dim = y.shape[0]
-    if bits <= 4:  # a branch-free count over <= 15 edges vectorizes across j
-        for j in range(dim):
-            out[j] = 0
-        for e in range(edges.shape[0]):
-            edge = edges[e]
-            for j in range(dim):
-                out[j] += y[j] * scale > edge
-    else:  # binary search over 2^bits - 1 edges
-        for j in range(dim):
-            value = y[j] * scale
-            index = 0
-            step = 1 << (bits - 1)
-            while step > 0:
-                if value > edges[index + step - 1]:
-                    index += step
-                step >>= 1
-            out[j] = index
+# Row kernels, compiled once per bit width: with ``bits`` a compile-time constant every loop over
+# edges, codes per byte and search steps unrolls, and the loops over a row vectorize. Each pass
+# works on a contiguous range of rows on one thread; _run_chunks spreads ranges over threads.
 
 
 @_jit
 def _row_norm(y: np.ndarray) -> float:
+    """L2 norm of a float32 row, accumulated in float64 (no overflow for finite input)."""
     total = 0.0
     for j in range(y.shape[0]):
         total += np.float64(y[j]) * np.float64(y[j])
     return math.sqrt(total)
 
 
-# ---------------------------------------------------------------------------------------------
-# Parallel passes. Each splits its rows into blocks of _BLOCK rows, one task per block, so that
-# scratch arrays are allocated once per block rather than once per row.
+@functools.cache
+def _row_kernels(bits: int) -> SimpleNamespace:
+    """Numba kernels for codes of ``bits`` bits (layout of tq.packing)."""
+    per_byte = 8 // bits if 8 % bits == 0 else 0  # codes per byte, when whole codes fill bytes
+    mask = (1 << bits) - 1
+    n_edges = (1 << bits) - 1
+    linear_search = bits <= 4
 
-_BLOCK = 256
+    @_jit
+    def quantize_row(y, scale, edges, out):
+        """out[j] = number of edges < y[j] * scale: the nearest centroid, ties to the lower."""
+        for j in range(y.shape[0]):
+            value = y[j] * scale
+            if linear_search:
+                count = np.int32(0)
+                for e in range(n_edges):
+                    count += np.int32(value > edges[e])
+                out[j] = count
+            else:
+                index = 0
+                for level in range(bits - 1, -1, -1):
+                    step = 1 << level
+                    if value > edges[index + step - 1]:
+                        index += step
+                out[j] = index
 
+    @_jit
+    def pack_row(indices, out):
+        """Pack int32 indices [d] into out uint8 [ceil(d * bits / 8)]."""
+        dim = indices.shape[0]
+        if per_byte and dim % per_byte == 0:
+            for p in range(out.shape[0]):
+                acc = np.int32(0)
+                for t in range(per_byte):
+                    acc |= indices[p * per_byte + t] << (t * bits)
+                out[p] = acc
+            return
+        for p in range(out.shape[0]):
+            low = 8 * p
+            acc = 0
+            for j in range(low // bits, min(dim - 1, (low + 7) // bits) + 1):
+                shift = j * bits - low
+                acc |= (indices[j] << shift) if shift >= 0 else (indices[j] >> -shift)
+            out[p] = acc & 255
 
-@_jit
-def _aligned(dim: int, bits: int) -> bool:
-    """Whether whole codes fill whole bytes (b in 1, 2, 4, 8 and d a multiple of 8 / b)."""
-    return 8 % bits == 0 and dim % (8 // bits) == 0
+    @_jit
+    def unpack_row(packed, out):
+        """Unpack packed uint8 [ceil(d * bits / 8)] into int32 indices out [d]."""
+        last = packed.shape[0] - 1
+        for j in range(out.shape[0]):
+            start = j * bits
+            p = start >> 3
+            word = np.int32(packed[p])
+            if p < last:
+                word |= np.int32(packed[p + 1]) << 8
+            out[j] = (word >> (start & 7)) & mask
 
+    @_jit
+    def byte_table(centroids):
+        """table[v, t] = centroid of the t-th code in byte value v, float32 [256, per_byte]."""
+        table = np.zeros((256, max(per_byte, 1)), np.float32)
+        for v in range(256):
+            for t in range(per_byte):
+                table[v, t] = centroids[(v >> (t * bits)) & mask]
+        return table
 
-@_jit
-def _quantize_pack_aligned(y, scale, edges, bits, lanes, counts, packed, out):
-    """Quantize and pack one row when codes fill whole bytes, vectorized across bytes.
-
-    Code t of byte p (coordinate p * per + t) is counted in ``lanes[t, p]``, so the edge
-    comparisons and the packing shifts run over contiguous arrays. Scratch: lanes float32
-    [per, nbytes], counts and packed int32 [nbytes].
-    """
-    per, nbytes = lanes.shape
-    for t in range(per):
-        for p in range(nbytes):
-            lanes[t, p] = y[p * per + t] * scale
-    for p in range(nbytes):
-        packed[p] = 0
-    for t in range(per):
-        for p in range(nbytes):
-            counts[p] = 0
-        for e in range(edges.shape[0]):
-            edge = edges[e]
-            for p in range(nbytes):
-                counts[p] += np.int32(lanes[t, p] > edge)
-        for p in range(nbytes):
-            packed[p] |= counts[p] << (t * bits)
-    for p in range(nbytes):
-        out[p] = packed[p]
-
-
-@_jit
-def _quantize_pack_row(y, scale, edges, bits, indices, lanes, counts, packed, out):
-    """Quantize one rotated row y * scale and pack it into ``out``."""
-    if _aligned(y.shape[0], bits) and bits <= 4:
-        _quantize_pack_aligned(y, scale, edges, bits, lanes, counts, packed, out)
-    else:
-        _quantize_row(y, scale, edges, bits, indices)
-        _pack_row(indices, bits, out)
-
-
-@_jit
-def _scratch(dim, bits):
-    per = 8 // bits if 8 % bits == 0 else 1
-    nbytes = (dim * bits + 7) // 8
-    return (
-        np.empty(dim, np.int32),
-        np.empty((per, nbytes), np.float32),
-        np.empty(nbytes, np.int32),
-        np.empty(nbytes, np.int32),
-    )
-
-
-@_jit
-def _encode_rows(y, edges, bits, normalize, codes, norms):
-    """Per row of rotated y float32 [n, d]: norm, scale, quantize, pack."""
-    n, dim = y.shape
-    for block in range((n + _BLOCK - 1) // _BLOCK):
-        indices, lanes, counts, packed = _scratch(dim, bits)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
+    @_jit
+    def encode_rows(y, edges, normalize, codes, norms):
+        """Rows of rotated y float32 [n, d]: norm, scale, quantize, pack into codes."""
+        indices = np.empty(y.shape[1], np.int32)
+        for i in range(y.shape[0]):
             norm = _row_norm(y[i])
             norms[i] = norm
             scale = np.float32(1.0 / norm) if normalize and norm > 0 else np.float32(1.0)
-            _quantize_pack_row(y[i], scale, edges, bits, indices, lanes, counts, packed, codes[i])
+            quantize_row(y[i], scale, edges, indices)
+            pack_row(indices, codes[i])
 
-
-@_jit
-def _encode_rows_residual(y, edges, centroids, bits, normalize, codes, norms, residual, gammas):
-    """As _encode_rows, and also the rotated residual y/|y| - c[idx] and its norm gamma."""
-    n, dim = y.shape
-    for block in range((n + _BLOCK - 1) // _BLOCK):
+    @_jit
+    def encode_rows_residual(y, edges, centroids, normalize, codes, norms, residual, gammas):
+        """As encode_rows, plus the rotated residual y * scale - c[idx] and its norm gamma."""
+        dim = y.shape[1]
         indices = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
+        for i in range(y.shape[0]):
             norm = _row_norm(y[i])
             norms[i] = norm
             scale = np.float32(1.0 / norm) if normalize and norm > 0 else np.float32(1.0)
-            _quantize_row(y[i], scale, edges, bits, indices)
-            _pack_row(indices, bits, codes[i])
+            quantize_row(y[i], scale, edges, indices)
+            pack_row(indices, codes[i])
             for j in range(dim):
                 residual[i, j] = y[i, j] * scale - centroids[indices[j]]
             gammas[i] = _row_norm(residual[i])
 
-
-@_jit
-def _pack_sign_rows(projected, signs):
-    """signs[i] = packed (projected[i] >= 0), one bit per coordinate."""
-    n, dim = projected.shape
-    for block in range((n + _BLOCK - 1) // _BLOCK):
-        positive = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
+    @_jit
+    def lookup_rows(codes, centroids, scales, out):
+        """out[i, j] = centroids[idx_ij] * scales[i] for out float32 [n, d]."""
+        n, dim = out.shape
+        if per_byte and dim % per_byte == 0:  # whole bytes through a [256, per_byte] table
+            table = byte_table(centroids)
+            for i in range(n):
+                scale = scales[i]
+                for p in range(codes.shape[1]):
+                    value = codes[i, p]
+                    for t in range(per_byte):
+                        out[i, p * per_byte + t] = table[value, t] * scale
+            return
+        indices = np.empty(dim, np.int32)
+        for i in range(n):
+            unpack_row(codes[i], indices)
             for j in range(dim):
-                positive[j] = projected[i, j] >= 0
-            _pack_row(positive, 1, signs[i])
+                out[i, j] = centroids[indices[j]] * scales[i]
 
-
-@_jit
-def _byte_table(centroids, bits):
-    """table[v, t] = centroids of the t-th code in byte value v, float32 [256, 8 / bits]."""
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    table = np.empty((256, per), np.float32)
-    for v in range(256):
-        for t in range(per):
-            table[v, t] = centroids[(v >> (t * bits)) & mask]
-    return table
-
-
-@_jit
-def _lookup_row(packed, centroids, table, bits, scale, indices, out):
-    """out[j] = centroids[idx_j] * scale for one packed row."""
-    dim = out.shape[0]
-    if _aligned(dim, bits):
-        per = table.shape[1]
-        for p in range(packed.shape[0]):
-            for t in range(per):
-                out[p * per + t] = table[packed[p], t] * scale
-    else:
-        _unpack_row(packed, bits, indices)
-        for j in range(dim):
-            out[j] = centroids[indices[j]] * scale
-
-
-@_jit
-def _lookup_rows(codes, centroids, bits, scales, out):
-    """out[i, j] = centroids[idx_ij] * scales[i] for out float32 [n, d]."""
-    n, dim = out.shape
-    table = _byte_table(centroids, bits) if 8 % bits == 0 else np.empty((256, 1), np.float32)
-    for block in range((n + _BLOCK - 1) // _BLOCK):
+    @_jit
+    def lut_scores(luts, codes, scales, out):
+        """out[q, i] = scales[i] * sum_j luts[q, j, idx_ij]; luts float32 [m, d, 2^bits]."""
+        m, dim, _ = luts.shape
         indices = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
-            _lookup_row(codes[i], centroids, table, bits, scales[i], indices, out[i])
-
-
-@_jit
-def _lookup_prod_rows(codes, signs, centroids, bits, scales, qjl_weights, out):
-    """out[i] = [c[idx_i] * s_i, w_i * sign_i] for out float32 [n, 2d] (one product decodes)."""
-    n = out.shape[0]
-    dim = out.shape[1] // 2
-    table = _byte_table(centroids, bits) if 8 % bits == 0 else np.empty((256, 1), np.float32)
-    for block in range((n + _BLOCK - 1) // _BLOCK):
-        indices = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
-            _lookup_row(codes[i], centroids, table, bits, scales[i], indices, out[i, :dim])
-            _unpack_row(signs[i], 1, indices)
-            for j in range(dim):
-                out[i, dim + j] = qjl_weights[i] * np.float32(2 * indices[j] - 1)
-
-
-@_jit
-def _lut_scores(luts, codes, bits, scales, out):
-    """out[q, i] = scales[i] * sum_j luts[q, j, idx_ij]; luts float32 [m, d, 2^bits]."""
-    m, dim, _ = luts.shape
-    n = codes.shape[0]
-    for block in range((n + _BLOCK - 1) // _BLOCK):
-        indices = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
-            _unpack_row(codes[i], bits, indices)
+        for i in range(codes.shape[0]):
+            unpack_row(codes[i], indices)
             for q in range(m):
                 total = np.float32(0.0)
                 for j in range(dim):
                     total += luts[q, j, indices[j]]
                 out[q, i] = total * scales[i]
 
+    return SimpleNamespace(
+        pack_row=pack_row,
+        unpack_row=unpack_row,
+        encode_rows=encode_rows,
+        encode_rows_residual=encode_rows_residual,
+        lookup_rows=lookup_rows,
+        lut_scores=lut_scores,
+    )
+
+
+_pack_sign_row = _row_kernels(1).pack_row
+_unpack_sign_row = _row_kernels(1).unpack_row
+
+
+@_jit
+def _pack_sign_rows(projected, signs):
+    """signs[i] = packed (projected[i] >= 0), one bit per coordinate."""
+    n, dim = projected.shape
+    positive = np.empty(dim, np.int32)
+    for i in range(n):
+        for j in range(dim):
+            positive[j] = projected[i, j] >= 0
+        _pack_sign_row(positive, signs[i])
+
+
+@_jit
+def _signs_to_rows(signs, weights, out):
+    """out[i, j] = weights[i] * (+1 if sign bit j of row i is set, else -1)."""
+    dim = out.shape[1]
+    bits = np.empty(dim, np.int32)
+    for i in range(signs.shape[0]):
+        _unpack_sign_row(signs[i], bits)
+        for j in range(dim):
+            out[i, j] = weights[i] * np.float32(2 * bits[j] - 1)
+
 
 @_jit
 def _add_sign_scores(projected_queries, signs, weights, out):
     """out[q, i] += weights[i] * <projected_queries[q], sign_i>, sign_i in {-1, +1}^d."""
     m, dim = projected_queries.shape
-    n = signs.shape[0]
-    for block in range((n + _BLOCK - 1) // _BLOCK):
-        indices = np.empty(dim, np.int32)
-        for i in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
-            _unpack_row(signs[i], 1, indices)
-            for q in range(m):
-                total = np.float32(0.0)
-                for j in range(dim):
-                    total += projected_queries[q, j] * np.float32(2 * indices[j] - 1)
-                out[q, i] += weights[i] * total
+    bits = np.empty(dim, np.int32)
+    for i in range(signs.shape[0]):
+        _unpack_sign_row(signs[i], bits)
+        for q in range(m):
+            total = np.float32(0.0)
+            for j in range(dim):
+                total += projected_queries[q, j] * np.float32(2 * bits[j] - 1)
+            out[q, i] += weights[i] * total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +262,61 @@ def _run_chunks(n: int, work: Callable[[int, int], None]) -> None:
             future.result()
 
 
+_HADAMARD_BLOCK = 64
+
+
+@functools.cache
+def _hadamard_kernel(dim: int):
+    """A Numba Walsh-Hadamard transform of rows of length ``dim`` (a power of two).
+
+    Rows are transformed _HADAMARD_BLOCK at a time in a transposed scratch [dim, block], so every
+    butterfly is a contiguous vector operation across the block's rows.
+    """
+    stages = dim.bit_length() - 1
+
+    @_jit
+    def transform_rows(x, signs_in, signs_out, scale, out):
+        """out[i] = signs_out * (H (signs_in * x[i])) * scale, H the Sylvester matrix."""
+        columns = np.empty((dim, _HADAMARD_BLOCK), np.float32)
+        for start in range(0, x.shape[0], _HADAMARD_BLOCK):
+            rows = min(_HADAMARD_BLOCK, x.shape[0] - start)
+            for r in range(rows):
+                for j in range(dim):
+                    columns[j, r] = x[start + r, j] * signs_in[j]
+            for stage in range(stages):
+                half = 1 << stage
+                for k in range(dim // 2):
+                    j = (k >> stage) * 2 * half + (k & (half - 1))
+                    for r in range(_HADAMARD_BLOCK):
+                        a = columns[j, r]
+                        b = columns[j + half, r]
+                        columns[j, r] = a + b
+                        columns[j + half, r] = a - b
+            for r in range(rows):
+                for j in range(dim):
+                    out[start + r, j] = columns[j, r] * (scale * signs_out[j])
+
+    return transform_rows
+
+
 def _rotate_into(x: np.ndarray, rotation: Rotation, out: np.ndarray) -> None:
-    """out = x @ Pi.T for float32 [n, d] arrays (Hadamard too: a dense product beats a Numba
-    Walsh-Hadamard transform on this CPU)."""
-    np.matmul(x, rotation.matrix.T, out=out)
+    """out = x @ Pi.T for float32 [n, d] arrays: BLAS for Haar, the Numba FWHT for Hadamard."""
+    if rotation.kind == "hadamard":
+        ones = np.ones(rotation.dim, np.float32)
+        scale = np.float32(1 / math.sqrt(rotation.dim))
+        _hadamard_kernel(rotation.dim)(x, rotation.signs, ones, scale, out)
+    else:
+        np.matmul(x, rotation.matrix.T, out=out)
+
+
+def _unrotate_into(y: np.ndarray, rotation: Rotation, out: np.ndarray) -> None:
+    """out = y @ Pi for float32 [n, d] arrays."""
+    if rotation.kind == "hadamard":
+        ones = np.ones(rotation.dim, np.float32)
+        scale = np.float32(1 / math.sqrt(rotation.dim))
+        _hadamard_kernel(rotation.dim)(y, ones, rotation.signs, scale, out)
+    else:
+        np.matmul(y, rotation.matrix, out=out)
 
 
 def _f32(array: np.ndarray) -> np.ndarray:
@@ -355,6 +341,7 @@ def _rotated(x: np.ndarray, rotation: Rotation) -> np.ndarray:
 def mse_encode(
     x: np.ndarray, rotation: Rotation, codebook: Codebook, normalize: bool
 ) -> tuple[np.ndarray, np.ndarray]:
+    kernels = _row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
     edges = _f32(codebook.edges)
@@ -364,7 +351,7 @@ def mse_encode(
     def work(start: int, stop: int) -> None:
         rotated = np.empty((stop - start, dim), np.float32)
         _rotate_into(x[start:stop], rotation, rotated)
-        _encode_rows(rotated, edges, codebook.bits, normalize, codes[start:stop], norms[start:stop])
+        kernels.encode_rows(rotated, edges, normalize, codes[start:stop], norms[start:stop])
 
     _run_chunks(n, work)
     return codes, norms
@@ -373,6 +360,7 @@ def mse_encode(
 def mse_decode(
     codes: np.ndarray, norms: np.ndarray | None, rotation: Rotation, codebook: Codebook
 ) -> np.ndarray:
+    kernels = _row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
     centroids = _f32(codebook.centroids)
     scales = _scales(norms, n)
@@ -380,8 +368,8 @@ def mse_decode(
 
     def work(start: int, stop: int) -> None:
         looked_up = np.empty((stop - start, dim), np.float32)
-        _lookup_rows(codes[start:stop], centroids, codebook.bits, scales[start:stop], looked_up)
-        np.matmul(looked_up, rotation.matrix, out=out[start:stop])
+        kernels.lookup_rows(codes[start:stop], centroids, scales[start:stop], looked_up)
+        _unrotate_into(looked_up, rotation, out[start:stop])
 
     _run_chunks(n, work)
     return out
@@ -395,14 +383,15 @@ def _luts(rotated_queries: np.ndarray, codebook: Codebook) -> np.ndarray:
 def mse_scores(
     queries: np.ndarray, codes: np.ndarray, norms: np.ndarray | None, rotation: Rotation, codebook: Codebook
 ) -> np.ndarray:
+    kernels = _row_kernels(codebook.bits)
     n = codes.shape[0]
     out = np.empty((queries.shape[0], n), np.float32)
     luts = _luts(_rotated(queries, rotation), codebook)
     scales = _scales(norms, n)
     _run_chunks(
         n,
-        lambda start, stop: _lut_scores(
-            luts, codes[start:stop], codebook.bits, scales[start:stop], out[:, start:stop]
+        lambda start, stop: kernels.lut_scores(
+            luts, codes[start:stop], scales[start:stop], out[:, start:stop]
         ),
     )
     return out
@@ -416,6 +405,7 @@ def _qjl_projection(rotation: Rotation, qjl: np.ndarray) -> np.ndarray:
 def prod_encode(
     x: np.ndarray, rotation: Rotation, qjl: np.ndarray, codebook: Codebook, normalize: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    kernels = _row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
     edges, centroids = _f32(codebook.edges), _f32(codebook.centroids)
@@ -429,11 +419,10 @@ def prod_encode(
         rotated = np.empty((stop - start, dim), np.float32)
         residual = np.empty_like(rotated)
         _rotate_into(x[start:stop], rotation, rotated)
-        _encode_rows_residual(
+        kernels.encode_rows_residual(
             rotated,
             edges,
             centroids,
-            codebook.bits,
             normalize,
             codes[start:stop],
             norms[start:stop],
@@ -455,26 +444,25 @@ def prod_decode(
     qjl: np.ndarray,
     codebook: Codebook,
 ) -> np.ndarray:
+    kernels = _row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
     centroids = _f32(codebook.centroids)
     scales = _scales(norms, n)
     weights = _f32(qjl_scale(dim) * gammas * scales)
-    # x~ = [c[idx] s, w sign] @ [Pi; S]: one [n, 2d] x [2d, d] product.
+    # x~ = [c[idx] s, w sign] @ [Pi; S]: one [n, 2d] x [2d, d] product (Haar), or the inverse
+    # Walsh-Hadamard transform of the first half plus (w sign) @ S.
     stacked_matrix = np.concatenate([rotation.matrix, _f32(qjl)])
     out = np.empty((n, dim), np.float32)
 
     def work(start: int, stop: int) -> None:
         stacked = np.empty((stop - start, 2 * dim), np.float32)
-        _lookup_prod_rows(
-            codes[start:stop],
-            signs[start:stop],
-            centroids,
-            codebook.bits,
-            scales[start:stop],
-            weights[start:stop],
-            stacked,
-        )
-        np.matmul(stacked, stacked_matrix, out=out[start:stop])
+        kernels.lookup_rows(codes[start:stop], centroids, scales[start:stop], stacked[:, :dim])
+        _signs_to_rows(signs[start:stop], weights[start:stop], stacked[:, dim:])
+        if rotation.kind == "hadamard":
+            _unrotate_into(stacked[:, :dim], rotation, out[start:stop])
+            out[start:stop] += stacked[:, dim:] @ stacked_matrix[dim:]
+        else:
+            np.matmul(stacked, stacked_matrix, out=out[start:stop])
 
     _run_chunks(n, work)
     return out
@@ -490,6 +478,7 @@ def prod_scores(
     qjl: np.ndarray,
     codebook: Codebook,
 ) -> np.ndarray:
+    kernels = _row_kernels(codebook.bits)
     queries = _f32(queries)
     n = codes.shape[0]
     scales = _scales(norms, n)
@@ -500,7 +489,7 @@ def prod_scores(
 
     def work(start: int, stop: int) -> None:
         part = out[:, start:stop]
-        _lut_scores(luts, codes[start:stop], codebook.bits, scales[start:stop], part)
+        kernels.lut_scores(luts, codes[start:stop], scales[start:stop], part)
         _add_sign_scores(projected, signs[start:stop], weights[start:stop], part)
 
     _run_chunks(n, work)

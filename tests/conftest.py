@@ -1,0 +1,39 @@
+"""Shared fixtures for the tq test suite.
+
+The tests use the public API only and whichever kernel backend ``$TQ_KERNELS`` selects (default
+"cpu"), so the same suite checks every backend. Tolerances are stated at the top of each test
+file, each with its derivation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from tq.codebook import lloyd_max_codebook
+
+# No per-example deadline: the first call into the Numba backend compiles its kernels.
+settings.register_profile("tq", deadline=None)
+settings.load_profile("tq")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_codebook_cache(tmp_path_factory):
+    """Solve codebooks into a fresh cache directory, never reading or writing ~/.cache/tq."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TQ_CACHE_DIR", str(tmp_path_factory.mktemp("tq-cache")))
+        lloyd_max_codebook.cache_clear()
+        yield
+    lloyd_max_codebook.cache_clear()
+
+
+@pytest.fixture
+def unit_rows():
+    """``unit_rows(n, dim, seed)``: float64 [n, dim] rows uniform on the unit sphere."""
+
+    def make(n: int, dim: int, seed: int = 0) -> np.ndarray:
+        x = np.random.default_rng(seed).standard_normal((n, dim))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return make
