@@ -331,8 +331,16 @@ def test_a_batch_of_the_other_kind_is_rejected(unit_rows):
         (lambda: TurboQuantMSE(64, 2, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
         (lambda: TurboQuantProd(64, 2, seed=1.5), ValueError, "seed must be a non-negative integer, got 1.5"),
         (lambda: TurboQuantMSE(64, 2, kernels="gpu"), ValueError, "unknown kernel backend 'gpu'"),
+        (lambda: TurboQuantMSE(64, 2, normalize="no"), TypeError, "normalize must be True or False"),
     ],
 )
 def test_bad_construction_raises_naming_the_problem(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_float64_beyond_float32_range_is_named():
+    x = np.zeros((3, 16))
+    x[2, 5] = 1e39
+    with pytest.raises(ValueError, match="x row 2 has a value beyond the float32 range"):
+        TurboQuantMSE(16, 2, normalize=True).quantize(x)

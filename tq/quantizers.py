@@ -36,6 +36,8 @@ class _TurboQuant:
         self.bits = int(bits)
         self.rotation = make_rotation(self.dim, seed, rotation)  # validates seed before int()
         self.seed = int(seed)
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
         self.normalize = bool(normalize)
         self.kernels = get_backend(kernels)
 
@@ -53,6 +55,11 @@ class _TurboQuant:
             raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {list(x.shape)}")
+        if x.dtype == np.float64 and x.size:
+            too_large = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
+            if too_large.any():
+                row = int(np.argmax(too_large.any(axis=1)))
+                raise ValueError(f"{name} row {row} has a value beyond the float32 range")
         return np.ascontiguousarray(x, dtype=np.float32)
 
     @staticmethod
@@ -112,6 +119,7 @@ class TurboQuantMSE(_TurboQuant):
         seed: int = 0,
         rotation: str = "haar",
         normalize: bool = False,
+        *,
         kernels: str | None = None,
     ) -> None:
         check_dim_bits(dim, bits)
@@ -162,6 +170,7 @@ class TurboQuantProd(_TurboQuant):
         bits: int,
         seed: int = 0,
         normalize: bool = False,
+        *,
         rotation: str = "haar",
         kernels: str | None = None,
     ) -> None:

@@ -68,6 +68,8 @@ def hadamard_matrix(dim: int) -> np.ndarray:
 
 def make_rotation(dim: int, seed: int, kind: str = "haar") -> Rotation:
     """The rotation of the given kind for (dim, seed)."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
     rng = seeded_rng(seed, ROTATION_STREAM)
     if kind == "haar":
         return Rotation("haar", haar_matrix(dim, rng).astype(np.float32))
