@@ -7,11 +7,22 @@ file, each with its derivation.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import settings
 
 from tq.codebook import lloyd_max_codebook
+
+# Kernel-vs-oracle tests draw fresh random inputs each run from this seed; set
+# TQ_TEST_SEED to replay a run (the seed is printed in pytest's header).
+TEST_SEED = int(os.environ.get("TQ_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
+
+
+def pytest_report_header(config):
+    return f"tq kernel test seed: TQ_TEST_SEED={TEST_SEED}"
+
 
 # No per-example deadline: the first call into the Numba backend compiles its kernels.
 settings.register_profile("tq", deadline=None)

@@ -14,6 +14,8 @@ from tq import TurboQuantMSE, TurboQuantProd
 from tq.kernels import cpu, get_backend, reference
 from tq.packing import unpack_codes, unpack_signs
 
+from .conftest import TEST_SEED
+
 # float32 rotation of a unit vector: each coordinate carries about d * 2^-24 relative error.
 EDGE_TIE = 1e-5
 # reconstructions are O(1) per coordinate and scores O(|q| |x|); float32 sums of d terms.
@@ -53,7 +55,7 @@ def _assert_codes_match(fast: np.ndarray, oracle: np.ndarray, rotated: np.ndarra
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_mse_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None:
-    rng = np.random.default_rng([dim, bits, normalize])
+    rng = np.random.default_rng([TEST_SEED, dim, bits, normalize])
     quantizer = TurboQuantMSE(dim, bits, seed=int(rng.integers(1000)), normalize=normalize)
     x = _rows(rng, 257, dim, unit=not normalize)
     fast_codes, fast_norms = cpu.mse_encode(x, quantizer.rotation, quantizer.codebook, normalize)
@@ -81,7 +83,7 @@ def test_mse_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None:
 @pytest.mark.parametrize("bits", BITS[1:])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_prod_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None:
-    rng = np.random.default_rng([dim, bits, normalize, 1])
+    rng = np.random.default_rng([TEST_SEED, dim, bits, normalize, 1])
     quantizer = TurboQuantProd(dim, bits, seed=int(rng.integers(1000)), normalize=normalize)
     args = (quantizer.rotation, quantizer.qjl, quantizer.codebook)
     x = _rows(rng, 257, dim, unit=not normalize)
@@ -121,7 +123,7 @@ def test_prod_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None
 
 
 def test_hadamard_rotation_matches_oracle() -> None:
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng([TEST_SEED, 7])
     quantizer = TurboQuantMSE(128, 4, seed=5, rotation="hadamard")
     x = _rows(rng, 300, 128, unit=True)
     fast, _ = cpu.mse_encode(x, quantizer.rotation, quantizer.codebook, False)
@@ -131,7 +133,7 @@ def test_hadamard_rotation_matches_oracle() -> None:
 
 def test_many_chunks_and_threads_match_single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """More rows than one chunk: the threaded driver must give the single-thread result."""
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng([TEST_SEED, 11])
     x = _rows(rng, 3 * cpu._CHUNK + 17, 64, unit=True)
     quantizer = TurboQuantProd(64, 3, seed=2)
     threaded = quantizer.quantize(x)
