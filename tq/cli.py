@@ -17,7 +17,13 @@ from tq.rotation import ROTATION_KINDS
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tq", description="TurboQuant KV-cache quantization tools")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_bench_parser(commands)
+    return parser
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="run a benchmark workload and write one result record")
+    bench.set_defaults(handler=_bench)
     bench.add_argument("--workload", choices=["synthetic"], default="synthetic")
     bench.add_argument("--dim", type=int, default=128, help="vector dimension d (default 128)")
     bench.add_argument("--bits", type=int, default=4, help="bits per coordinate b (default 4)")
@@ -28,7 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per operation (>= 5)")
     bench.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
     bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
-    return parser
 
 
 def _summary(record: dict) -> str:
@@ -47,8 +52,7 @@ def _summary(record: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _bench(args: argparse.Namespace) -> int:
     try:
         record = run_synthetic(
             dim=args.dim,
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(json.dumps(record, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":
