@@ -17,13 +17,18 @@ ROTATION_KINDS = ("haar", "hadamard")
 # Independent random streams drawn from one user seed.
 ROTATION_STREAM = 0
 QJL_STREAM = 1
+_TQ_SPAWN_KEY = 0x7471  # "tq"
 
 
 def seeded_rng(seed: int, stream: int) -> np.random.Generator:
     """A PCG64 generator for (seed, stream): the same numbers on every platform."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), stream])))
+    # The spawn key keeps these streams apart from np.random.default_rng(seed): a plain
+    # SeedSequence([seed, 0]) equals SeedSequence(seed) (the pool is zero-padded), which made
+    # the rotation for seed 0 correlated with data drawn from default_rng(0).
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(_TQ_SPAWN_KEY, stream))
+    return np.random.Generator(np.random.PCG64(sequence))
 
 
 @dataclass(frozen=True)
