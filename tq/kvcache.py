@@ -1,0 +1,414 @@
+"""Quantized KV caches: one layer (``QuantizedKVCache``) and a whole model (``MultiHeadKVCache``).
+
+A layer's cache holds keys and values of shape [kv_heads, seq, head_dim]. Each token is
+quantized once, when it enters the quantized store, and never again: the reconstruction of
+earlier tokens does not change as the cache grows.
+
+What is stored for a quantized token (and counted in ``nbytes``): the packed codes, the vector
+norm (``norm_dtype``, fp32 by default), and for Prod the QJL sign bits and the residual norm
+gamma (fp32); for a fractional width, each channel group has its own codes and norm, and the
+outlier channel indices of each head are stored once. ``exact`` tokens and the tokens of the
+residual window are stored as fp32. ``keys()`` and ``values()`` return a float32 reconstruction
+that the cache maintains as tokens arrive (a working buffer for the decode loop, not counted in
+``nbytes``); ``dequantize_stored()`` rebuilds it from the stored codes alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from tq.batch import BatchQuantizedMSE
+from tq.codebook import MAX_BITS
+from tq.quantizers import TurboQuantMSE, TurboQuantProd
+
+STRATEGIES = ("mse", "prod", "exact")
+NORM_DTYPES = ("float32", "float16")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How one layer's keys and values are stored.
+
+    Attributes:
+        key_bits, value_bits: average bits per coordinate; a fractional width such as 2.5
+            splits the channels into an outlier group at ceil(bits) and the rest at floor(bits),
+            sized so that the average is exact (bits * head_dim must be an integer).
+        key_strategy, value_strategy: "mse" (TurboQuant MSE), "prod" (TurboQuant Prod: MSE at
+            bits-1 plus a 1-bit QJL sign) or "exact" (fp32, bits ignored).
+        residual_length: the most recent tokens kept exact; older tokens leave this window
+            into the quantized store.
+        renormalize: rescale each reconstruction to its stored norm.
+        norm_dtype: "float32" or "float16" (refused for a norm beyond the float16 range).
+        seed: base seed; layer L uses seed + 2L for keys and seed + 2L + 1 for values.
+        rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes).
+    """
+
+    key_bits: float = 4
+    value_bits: float = 4
+    key_strategy: str = "mse"
+    value_strategy: str = "mse"
+    residual_length: int = 0
+    renormalize: bool = False
+    norm_dtype: str = "float32"
+    seed: int = 0
+    rotation: str = "haar"
+
+    def __post_init__(self) -> None:
+        for part in ("key", "value"):
+            strategy = getattr(self, f"{part}_strategy")
+            if strategy not in STRATEGIES:
+                raise ValueError(f"{part}_strategy must be one of {STRATEGIES}, got {strategy!r}")
+            bits = getattr(self, f"{part}_bits")
+            if isinstance(bits, bool) or not isinstance(bits, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{part}_bits must be a number, got {bits!r}")
+            lowest = 2 if strategy == "prod" else 1
+            if strategy != "exact" and not lowest <= bits <= MAX_BITS:
+                raise ValueError(f"{part}_bits must be in [{lowest}, {MAX_BITS}] for {strategy}, got {bits}")
+        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int):
+            raise TypeError(f"residual_length must be an integer, got {self.residual_length!r}")
+        if self.residual_length < 0:
+            raise ValueError(f"residual_length must be >= 0, got {self.residual_length}")
+        if self.norm_dtype not in NORM_DTYPES:
+            raise ValueError(f"norm_dtype must be one of {NORM_DTYPES}, got {self.norm_dtype!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as a plain dict (for result records)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Channels of every head quantized by one TurboQuant instance.
+
+    ``channels`` int64 [kv_heads, size]: the head_dim indices of the group in each head.
+    """
+
+    quantizer: TurboQuantMSE | TurboQuantProd
+    channels: np.ndarray
+    batches: list = field(default_factory=list)
+
+
+def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
+    """Channel groups [(bits, channels), ...] for an average width, outlier group first.
+
+    An integer width is one group; 2.5 at head_dim 128 is [(3, 64), (2, 64)].
+    """
+    low = math.floor(bits)
+    if low == bits:
+        return [(int(bits), head_dim)]
+    outliers = (bits - low) * head_dim
+    if abs(outliers - round(outliers)) > 1e-9:
+        raise ValueError(
+            f"a fractional width needs bits * head_dim to be an integer, got {bits} * {head_dim}"
+        )
+    return [(low + 1, round(outliers)), (low, head_dim - round(outliers))]
+
+
+class _Store:
+    """One stream (keys or values) of a layer: quantized store, exact window, reconstruction."""
+
+    def __init__(
+        self, kv_heads: int, head_dim: int, bits: float, strategy: str, seed: int, config: CacheConfig
+    ) -> None:
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.bits = bits
+        self.strategy = strategy
+        self.seed = seed
+        self.config = config
+        self.widths = [] if strategy == "exact" else split_widths(bits, head_dim)
+        self.groups: list[_Group] = []
+        self.quantized = 0  # tokens in the quantized store (the oldest ones)
+        self.length = 0  # all tokens
+        self.buffer = np.empty((kv_heads, 0, head_dim), np.float32)
+
+    def _ensure_capacity(self, length: int) -> None:
+        if length > self.buffer.shape[1]:
+            capacity = max(length, 2 * self.buffer.shape[1], 16)
+            grown = np.empty((self.kv_heads, capacity, self.head_dim), np.float32)
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+
+    def _make_groups(self, tokens: np.ndarray) -> None:
+        """Fix the channel groups from the first tokens: the largest mean |x| are outliers."""
+        magnitude = np.mean(np.abs(tokens), axis=1)  # [kv_heads, head_dim]
+        order = np.argsort(-magnitude, axis=1, kind="stable")
+        start = 0
+        quantizer_type = TurboQuantProd if self.strategy == "prod" else TurboQuantMSE
+        for index, (bits, size) in enumerate(self.widths):
+            channels = np.sort(order[:, start : start + size], axis=1)
+            quantizer = quantizer_type(
+                size, bits, seed=self.seed + 1000 * index, normalize=True, rotation=self.config.rotation
+            )
+            self.groups.append(_Group(quantizer, channels))
+            start += size
+
+    def _store_norms(self, batch: BatchQuantizedMSE) -> BatchQuantizedMSE:
+        if self.config.norm_dtype == "float32":
+            return batch
+        too_large = batch.norms > _FLOAT16_MAX
+        if too_large.any():
+            raise ValueError(
+                f"a vector norm of {float(batch.norms[np.argmax(too_large)]):.6g} exceeds the float16 "
+                "range; use norm_dtype='float32'"
+            )
+        return replace(batch, norms=batch.norms.astype(np.float16).astype(np.float32))
+
+    def _reconstruct(self, group: _Group, batch: BatchQuantizedMSE) -> np.ndarray:
+        """Dequantize one stored batch -> float32 [rows, group size], renormalized if asked."""
+        rows = group.quantizer.dequantize(batch)
+        if self.config.renormalize:
+            lengths = np.linalg.norm(rows, axis=1)
+            scale = np.where(lengths > 0, batch.norms / np.where(lengths > 0, lengths, 1.0), 0.0)
+            rows = (rows * scale[:, None]).astype(np.float32)
+        return rows
+
+    def _quantize(self, tokens: np.ndarray) -> np.ndarray:
+        """Quantize tokens [kv_heads, t, head_dim] into the store; return their reconstruction."""
+        if not self.groups:
+            self._make_groups(tokens)
+        t = tokens.shape[1]
+        out = np.empty_like(tokens)
+        for group in self.groups:
+            rows = self._gather(group, tokens).reshape(self.kv_heads * t, -1)
+            batch = self._store_norms(group.quantizer.quantize(rows))
+            group.batches.append(batch)
+            self._scatter(group, self._reconstruct(group, batch).reshape(self.kv_heads, t, -1), out)
+        return out
+
+    def _gather(self, group: _Group, tokens: np.ndarray) -> np.ndarray:
+        """The group's channels of tokens [kv_heads, t, head_dim] -> [kv_heads, t, size]."""
+        if len(self.groups) == 1:
+            return tokens
+        index = np.broadcast_to(group.channels[:, None, :], (*tokens.shape[:2], group.channels.shape[1]))
+        return np.take_along_axis(tokens, index, axis=2)
+
+    def _scatter(self, group: _Group, part: np.ndarray, out: np.ndarray) -> None:
+        """Write part [kv_heads, t, size] into the group's channels of out [kv_heads, t, head_dim]."""
+        if len(self.groups) == 1:
+            out[:] = part
+            return
+        index = np.broadcast_to(group.channels[:, None, :], part.shape)
+        np.put_along_axis(out, index, part, axis=2)
+
+    def append(self, tokens: np.ndarray, residual_length: int) -> None:
+        """Add tokens [kv_heads, t, head_dim]; quantize those that leave the exact window."""
+        t = tokens.shape[1]
+        self._ensure_capacity(self.length + t)
+        self.buffer[:, self.length : self.length + t] = tokens
+        self.length += t
+        if self.strategy == "exact":
+            self.quantized = self.length
+            return
+        leaving = self.length - residual_length - self.quantized
+        if leaving > 0:
+            span = slice(self.quantized, self.quantized + leaving)
+            self.buffer[:, span] = self._quantize(np.ascontiguousarray(self.buffer[:, span]))
+            self.quantized += leaving
+
+    def view(self) -> np.ndarray:
+        out = self.buffer[:, : self.length]
+        out.flags.writeable = False
+        return out
+
+    def dequantize_stored(self) -> np.ndarray:
+        """The quantized tokens rebuilt from the stored codes alone: [kv_heads, quantized, d]."""
+        out = np.zeros((self.kv_heads, self.quantized, self.head_dim), np.float32)
+        if self.strategy == "exact":
+            out[:] = self.buffer[:, : self.quantized]
+            return out
+        start = 0
+        for batches in zip(*(group.batches for group in self.groups), strict=True):  # one per append
+            t = len(batches[0]) // self.kv_heads
+            for group, batch in zip(self.groups, batches, strict=True):
+                block = self._reconstruct(group, batch).reshape(self.kv_heads, t, -1)
+                self._scatter(group, block, out[:, start : start + t])
+            start += t
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: quantized parts, outlier channel indices, exact tokens (fp32)."""
+        exact_tokens = self.length - self.quantized if self.strategy != "exact" else self.length
+        total = exact_tokens * self.kv_heads * self.head_dim * 4
+        norm_size = 2 if self.config.norm_dtype == "float16" else 4
+        for group in self.groups:
+            for batch in group.batches:
+                total += batch.nbytes - batch.norms.nbytes + len(batch) * norm_size
+            if len(self.groups) > 1:
+                total += group.channels.size * 2  # uint16 channel indices, once per head
+        return total
+
+    @property
+    def code_bits_per_coordinate(self) -> float:
+        """Bits of codes (and QJL signs) per coordinate of a quantized token: the requested width."""
+        if self.strategy == "exact":
+            return 32.0
+        return sum(bits * size for bits, size in self.widths) / self.head_dim
+
+
+class QuantizedKVCache:
+    """One layer's KV cache, keys and values [kv_heads, seq, head_dim], quantized on entry.
+
+    Args:
+        kv_heads: key/value heads of the layer (GQA heads are not repeated).
+        head_dim: dimension of each head's vectors.
+        config: bit widths, strategies and options (:class:`CacheConfig`).
+        layer: the layer's index (seeds the quantizers).
+    """
+
+    def __init__(
+        self, kv_heads: int, head_dim: int, config: CacheConfig | None = None, layer: int = 0
+    ) -> None:
+        if kv_heads < 1 or head_dim < 2:
+            raise ValueError(f"need kv_heads >= 1 and head_dim >= 2, got {kv_heads} and {head_dim}")
+        self.config = config or CacheConfig()
+        self.layer = layer
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        seed = self.config.seed + 2 * layer
+        c = self.config
+        self._keys = _Store(kv_heads, head_dim, c.key_bits, c.key_strategy, seed, c)
+        self._values = _Store(kv_heads, head_dim, c.value_bits, c.value_strategy, seed + 1, c)
+
+    def __repr__(self) -> str:
+        return f"QuantizedKVCache(layer={self.layer}, seq={len(self)}, config={self.config})"
+
+    def __len__(self) -> int:
+        return self._keys.length
+
+    def _check(self, name: str, tokens: np.ndarray) -> np.ndarray:
+        if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.float32, np.float64, np.float16):
+            raise TypeError(
+                f"{name} must be a float numpy array, got {getattr(tokens, 'dtype', type(tokens))}"
+            )
+        if tokens.ndim != 3 or tokens.shape[0] != self.kv_heads or tokens.shape[2] != self.head_dim:
+            raise ValueError(
+                f"{name} must have shape [{self.kv_heads}, new_tokens, {self.head_dim}], "
+                f"got {list(tokens.shape)}"
+            )
+        tokens = np.ascontiguousarray(tokens, dtype=np.float32)
+        bad = ~np.isfinite(tokens)
+        if bad.any():
+            head, token, _ = np.argwhere(bad)[0]
+            raise ValueError(f"{name} contain NaN or inf (head {head}, new token {token})")
+        return tokens
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add new tokens: keys and values float [kv_heads, new_tokens, head_dim]."""
+        keys = self._check("keys", keys)
+        values = self._check("values", values)
+        if keys.shape[1] != values.shape[1]:
+            raise ValueError(f"keys have {keys.shape[1]} new tokens but values have {values.shape[1]}")
+        self._keys.append(keys, self.config.residual_length)
+        self._values.append(values, self.config.residual_length)
+
+    def keys(self) -> np.ndarray:
+        """Float32 [kv_heads, seq, head_dim]: reconstructed keys, then the exact window (read-only)."""
+        return self._keys.view()
+
+    def values(self) -> np.ndarray:
+        """Float32 [kv_heads, seq, head_dim]: reconstructed values, then the exact window (read-only)."""
+        return self._values.view()
+
+    def dequantize_stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of the quantized store rebuilt from stored codes: [kv_heads, q, d] each."""
+        return self._keys.dequantize_stored(), self._values.dequantize_stored()
+
+    @property
+    def quantized_tokens(self) -> int:
+        """Tokens that have left the exact window into the quantized store."""
+        return min(self._keys.quantized, self._values.quantized)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored for keys and values."""
+        return self._keys.nbytes + self._values.nbytes
+
+    @property
+    def float_nbytes(self) -> int:
+        """Bytes the same tokens take as fp32 keys and values."""
+        return 2 * len(self) * self.kv_heads * self.head_dim * 4
+
+    def bits_per_coordinate(self) -> dict[str, float]:
+        """Requested code bits per coordinate, and all stored bits per stored coordinate."""
+        coordinates = max(len(self), 1) * self.kv_heads * self.head_dim
+        return {
+            "key_code_bits": self._keys.code_bits_per_coordinate,
+            "value_code_bits": self._values.code_bits_per_coordinate,
+            "key_stored_bits": 8 * self._keys.nbytes / coordinates,
+            "value_stored_bits": 8 * self._values.nbytes / coordinates,
+        }
+
+
+class MultiHeadKVCache:
+    """A model's cache: one :class:`QuantizedKVCache` per layer, from one configuration.
+
+    Args:
+        num_layers, kv_heads, head_dim: the model's cache geometry.
+        config: the configuration of every layer ...
+        layer_configs: ... except these layers (index -> config), e.g. from :func:`exact_layers`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        config: CacheConfig | None = None,
+        layer_configs: dict[int, CacheConfig] | None = None,
+    ) -> None:
+        config = config or CacheConfig()
+        layer_configs = dict(layer_configs or {})
+        unknown = sorted(set(layer_configs) - set(range(num_layers)))
+        if unknown:
+            raise ValueError(f"layer overrides {unknown} are outside the model's layers 0..{num_layers - 1}")
+        self.config = config
+        self.layers = [
+            QuantizedKVCache(kv_heads, head_dim, layer_configs.get(layer, config), layer=layer)
+            for layer in range(num_layers)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> QuantizedKVCache:
+        return self.layers[layer]
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add new tokens to one layer: keys, values [kv_heads, new_tokens, head_dim]."""
+        self.layers[layer].append(keys, values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def float_nbytes(self) -> int:
+        return sum(layer.float_nbytes for layer in self.layers)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per layer: strategies, widths, tokens, bytes stored and fp32 bytes."""
+        return [
+            {
+                "layer": index,
+                "key": f"{layer.config.key_strategy}@{layer.config.key_bits}",
+                "value": f"{layer.config.value_strategy}@{layer.config.value_bits}",
+                "tokens": len(layer),
+                "nbytes": layer.nbytes,
+                "float_nbytes": layer.float_nbytes,
+            }
+            for index, layer in enumerate(self.layers)
+        ]
+
+
+def exact_layers(num_layers: int, first: int = 0, last: int = 0) -> dict[int, CacheConfig]:
+    """Overrides that keep the first ``first`` and last ``last`` layers' keys and values exact."""
+    exact = CacheConfig(key_strategy="exact", value_strategy="exact")
+    chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
+    return {layer: exact for layer in sorted(chosen)}
