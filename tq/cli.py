@@ -1,6 +1,8 @@
 """The ``tq`` command.
 
 tq bench --workload synthetic --dim 128 --bits 4 --strategy mse --n 65536 --json out.json
+tq bench --workload trace --trace trace.safetensors --bits 3 --strategy mse --json out.json
+tq trace export --model-dir DIR --prompts prompts.txt --layers 0,15 --heads 0,1 --out traces/
 """
 
 from __future__ import annotations
@@ -9,35 +11,69 @@ import argparse
 import json
 import sys
 
-from tq.bench.synthetic import STRATEGIES, run_synthetic
+from tq.bench.synthetic import run_synthetic
+from tq.bench.trace import DEFAULT_TOP_K, run_trace
+from tq.kvcache import NORM_DTYPES, STRATEGIES, CacheConfig
 from tq.records import write_record
 from tq.rotation import ROTATION_KINDS
+from tq.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tq", description="TurboQuant KV-cache quantization tools")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(commands)
+    _add_trace_parser(commands)
     return parser
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="run a benchmark workload and write one result record")
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark workload and write one result record",
+        description="synthetic: random unit vectors (--dim, --n, --repeats, --quick); "
+        "trace: attention on a KvTrace file (--trace, --value-bits, --value-strategy, "
+        "--residual-length, --top-k, --renormalize, --norm-dtype).",
+    )
     bench.set_defaults(handler=_bench)
-    bench.add_argument("--workload", choices=["synthetic"], default="synthetic")
-    bench.add_argument("--dim", type=int, default=128, help="vector dimension d (default 128)")
-    bench.add_argument("--bits", type=int, default=4, help="bits per coordinate b (default 4)")
-    bench.add_argument("--strategy", choices=STRATEGIES, default="mse")
-    bench.add_argument("--n", type=int, default=65536, help="number of vectors (default 65536)")
+    bench.add_argument("--workload", choices=["synthetic", "trace"], default="synthetic")
+    bench.add_argument("--bits", type=float, default=4, help="(key) bits per coordinate (default 4)")
+    bench.add_argument("--strategy", choices=STRATEGIES, default="mse", help="(key) strategy")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rotation", choices=ROTATION_KINDS, default="haar")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per operation (>= 5)")
-    bench.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
     bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
+    synthetic = bench.add_argument_group("synthetic workload")
+    synthetic.add_argument("--dim", type=int, default=128, help="vector dimension d (default 128)")
+    synthetic.add_argument("--n", type=int, default=65536, help="number of vectors (default 65536)")
+    synthetic.add_argument("--repeats", type=int, default=5, help="timed runs per operation (>= 5)")
+    synthetic.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
+    trace = bench.add_argument_group("trace workload")
+    trace.add_argument("--trace", metavar="PATH", help="a KvTrace safetensors file")
+    trace.add_argument("--value-bits", type=float, help="value bits per coordinate (default: --bits)")
+    trace.add_argument("--value-strategy", choices=STRATEGIES, help="value strategy (default: --strategy)")
+    trace.add_argument("--residual-length", type=int, default=0, help="recent tokens kept exact")
+    trace.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="k of the top-k overlap")
+    trace.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
+    trace.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
 
 
 def _summary(record: dict) -> str:
     config, metrics, timing = record["config"], record["metrics"], record["timing"]
+    if record["source"] == "trace":
+        cache = config["cache"]
+        return "\n".join(
+            [
+                f"source=trace {config['model']} layer={config['layer']} head={config['head']} "
+                f"samples={config['samples']} seq={config['seq_len']} "
+                f"keys={cache['key_strategy']}@{cache['key_bits']} "
+                f"values={cache['value_strategy']}@{cache['value_bits']}",
+                f"  score RMSE {metrics['score_rmse']:.4f} "
+                f"({metrics['score_rmse_relative']:.3f} of the spread)"
+                f"  softmax KL {metrics['softmax_kl']:.4g}  top-{config['top_k']} overlap "
+                f"{metrics['topk_overlap']:.3f}  output error {metrics['output_relative_error']:.4f}"
+                f"  compression {metrics['compression_ratio']:.2f}x",
+            ]
+        )
     return "\n".join(
         [
             f"source={record['source']} d={config['dim']} b={config['bits']} strategy={config['strategy']} "
@@ -52,18 +88,44 @@ def _summary(record: dict) -> str:
     )
 
 
-def _bench(args: argparse.Namespace) -> int:
-    try:
-        record = run_synthetic(
-            dim=args.dim,
-            bits=args.bits,
-            strategy=args.strategy,
-            n=args.n,
+def _whole(bits: float) -> int | float:
+    """An integer width as int (4.0 -> 4), a fractional one unchanged."""
+    return int(bits) if float(bits).is_integer() else bits
+
+
+def _run_bench(args: argparse.Namespace) -> dict:
+    if args.workload == "trace":
+        if not args.trace:
+            raise ValueError("the trace workload needs --trace PATH")
+        config = CacheConfig(
+            key_bits=_whole(args.bits),
+            key_strategy=args.strategy,
+            value_bits=_whole(args.bits if args.value_bits is None else args.value_bits),
+            value_strategy=args.value_strategy or args.strategy,
+            residual_length=args.residual_length,
+            renormalize=args.renormalize,
+            norm_dtype=args.norm_dtype,
             seed=args.seed,
             rotation=args.rotation,
-            repeats=args.repeats,
-            quick=args.quick,
         )
+        return run_trace(args.trace, config, top_k=args.top_k)
+    if not float(args.bits).is_integer():
+        raise ValueError(f"the synthetic workload needs whole --bits, got {args.bits}")
+    return run_synthetic(
+        dim=args.dim,
+        bits=int(args.bits),
+        strategy=args.strategy,
+        n=args.n,
+        seed=args.seed,
+        rotation=args.rotation,
+        repeats=args.repeats,
+        quick=args.quick,
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        record = _run_bench(args)
     except (ValueError, TypeError) as error:
         print(f"tq bench: error: {error}", file=sys.stderr)
         return 2
@@ -72,6 +134,59 @@ def _bench(args: argparse.Namespace) -> int:
     print(_summary(record), flush=True)
     if not args.json:
         print(json.dumps(record, indent=2))
+    return 0
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_trace_parser(commands: argparse._SubParsersAction) -> None:
+    trace = commands.add_parser("trace", help="per-head KV traces")
+    actions = trace.add_subparsers(dest="trace_command", required=True)
+    export = actions.add_parser(
+        "export",
+        help="run prompts through a Hugging Face model and write one trace file per (layer, KV head)",
+        description="Every prompt is truncated to the shortest prompt's token count (or --max-seq if "
+        "smaller); queries are the last --queries-per-sample positions of the first query head "
+        "of each KV head's group.",
+    )
+    export.set_defaults(handler=_trace_export)
+    export.add_argument("--model-dir", required=True, help="Hugging Face model directory")
+    export.add_argument("--prompts", required=True, help=".txt (a prompt a line) or .jsonl")
+    export.add_argument("--layers", required=True, type=_index_list, help="layers, e.g. 0,15")
+    export.add_argument("--heads", required=True, type=_index_list, help="KV heads, e.g. 0,1")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--max-seq", type=int, help="at most this many tokens per prompt")
+    export.add_argument(
+        "--queries-per-sample",
+        type=int,
+        default=DEFAULT_QUERIES_PER_SAMPLE,
+        help=f"queries per prompt, at its last positions (default {DEFAULT_QUERIES_PER_SAMPLE})",
+    )
+    export.add_argument("--model-name", help="the traces' model name (default: the directory's name)")
+
+
+def _trace_export(args: argparse.Namespace) -> int:
+    try:
+        paths = export_traces(
+            args.model_dir,
+            read_prompts(args.prompts),
+            args.layers,
+            args.heads,
+            args.out,
+            max_seq=args.max_seq,
+            queries_per_sample=args.queries_per_sample,
+            model_name=args.model_name,
+        )
+    except TraceExportError as error:
+        print(f"tq trace export: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
     return 0
 
 
