@@ -231,6 +231,11 @@ def num_threads() -> int:
     configured = os.environ.get("TQ_NUM_THREADS")
     if configured:
         return max(1, int(configured))
+    return _available_cpus()
+
+
+@functools.cache
+def _available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -251,6 +256,9 @@ def _run_chunks(n: int, work: Callable[[int, int], None]) -> None:
     one thread, so its data stays in that core's cache and only one thread pool is active
     (NumPy's BLAS pool and a Numba pool fighting over the cores cost half the speed).
     """
+    if n <= _CHUNK:  # one chunk (the decode loop's few rows): no threads to coordinate
+        work(0, n)
+        return
     chunks = [(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK)]
     threads = min(num_threads(), len(chunks))
     if threads <= 1:
