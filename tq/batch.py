@@ -75,6 +75,19 @@ class BatchQuantizedMSE:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def from_kernel(cls, **fields) -> BatchQuantizedMSE:
+        """Build a batch from a kernel's output without validating it again.
+
+        For the quantizers only: kernels produce consistent arrays by construction, and the
+        decode loop makes thousands of tiny batches. Everything else goes through the
+        validating constructor or :meth:`load`.
+        """
+        batch = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(batch, name, value)
+        return batch
+
     @property
     def code_bits(self) -> int:
         """Bits of each coordinate's codebook index."""

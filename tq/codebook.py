@@ -38,7 +38,7 @@ _TOLERANCE = 1e-13
 _MAX_ITERATIONS = 200
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Codebook:
     """A symmetric Lloyd-Max codebook for one rotated coordinate.
 

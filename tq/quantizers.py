@@ -131,8 +131,13 @@ class TurboQuantMSE(_TurboQuant):
         x = self._rows(x, "x")
         codes, norms = self.kernels.mse_encode(x, self.rotation, self.codebook, self.normalize)
         self._check_norms(norms)
-        return BatchQuantizedMSE(
-            self.dim, self.bits, self.seed, self.rotation.kind, codes, norms if self.normalize else None
+        return BatchQuantizedMSE.from_kernel(
+            dim=self.dim,
+            bits=self.bits,
+            seed=self.seed,
+            rotation=self.rotation.kind,
+            codes=codes,
+            norms=norms if self.normalize else None,
         )
 
     def dequantize(self, batch: BatchQuantizedMSE) -> np.ndarray:
@@ -188,13 +193,13 @@ class TurboQuantProd(_TurboQuant):
             x, self.rotation, self.qjl, self.codebook, self.normalize
         )
         self._check_norms(norms)
-        return BatchQuantizedProd(
-            self.dim,
-            self.bits,
-            self.seed,
-            self.rotation.kind,
-            codes,
-            norms if self.normalize else None,
+        return BatchQuantizedProd.from_kernel(
+            dim=self.dim,
+            bits=self.bits,
+            seed=self.seed,
+            rotation=self.rotation.kind,
+            codes=codes,
+            norms=norms if self.normalize else None,
             signs=signs,
             gammas=gammas,
         )

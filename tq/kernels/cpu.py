@@ -331,6 +331,12 @@ def _f32(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=256)
+def _codebook_f32(codebook: Codebook) -> tuple[np.ndarray, np.ndarray]:
+    """The codebook's edges and centroids as float32 (converted once per codebook)."""
+    return _f32(codebook.edges), _f32(codebook.centroids)
+
+
 def _scales(norms: np.ndarray | None, n: int) -> np.ndarray:
     return np.ones(n, np.float32) if norms is None else _f32(norms)
 
@@ -352,7 +358,7 @@ def mse_encode(
     kernels = _row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
-    edges = _f32(codebook.edges)
+    edges, _ = _codebook_f32(codebook)
     codes = np.empty((n, code_bytes(dim, codebook.bits)), np.uint8)
     norms = np.empty(n, np.float32)
 
@@ -370,7 +376,7 @@ def mse_decode(
 ) -> np.ndarray:
     kernels = _row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
-    centroids = _f32(codebook.centroids)
+    _, centroids = _codebook_f32(codebook)
     scales = _scales(norms, n)
     out = np.empty((n, dim), np.float32)
 
@@ -385,7 +391,7 @@ def mse_decode(
 
 def _luts(rotated_queries: np.ndarray, codebook: Codebook) -> np.ndarray:
     """Per-query tables lut[q, j, k] = (Pi q)_j * c_k, float32 [m, d, 2^b]."""
-    return _f32(rotated_queries[:, :, None] * _f32(codebook.centroids)[None, None, :])
+    return _f32(rotated_queries[:, :, None] * _codebook_f32(codebook)[1][None, None, :])
 
 
 def mse_scores(
@@ -416,7 +422,7 @@ def prod_encode(
     kernels = _row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
-    edges, centroids = _f32(codebook.edges), _f32(codebook.centroids)
+    edges, centroids = _codebook_f32(codebook)
     projection_t = _qjl_projection(rotation, qjl).T
     codes = np.empty((n, code_bytes(dim, codebook.bits)), np.uint8)
     signs = np.empty((n, code_bytes(dim, 1)), np.uint8)
@@ -454,7 +460,7 @@ def prod_decode(
 ) -> np.ndarray:
     kernels = _row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
-    centroids = _f32(codebook.centroids)
+    _, centroids = _codebook_f32(codebook)
     scales = _scales(norms, n)
     weights = _f32(qjl_scale(dim) * gammas * scales)
     # x~ = [c[idx] s, w sign] @ [Pi; S]: one [n, 2d] x [2d, d] product (Haar), or the inverse

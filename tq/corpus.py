@@ -1,0 +1,396 @@
+"""Real English text for perplexity: the Wikipedia excerpt shipped inside the ``gensim`` wheel.
+
+No model hub or dataset server is reachable here, but PyPI is, and the gensim wheel carries
+``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``:
+a MediaWiki XML dump of the first Wikipedia pages (2016), about 100 real articles. This module
+
+1. downloads one pinned gensim wheel (a fixed platform tag, so one sha256 everywhere) into
+   ``<cache>/wheels`` once and checks its sha256 (:func:`fetch_gensim_wheel`);
+2. reads the dump straight out of the wheel (zipfile + bz2 + ElementTree, nothing unzipped to
+   disk), keeps main-namespace pages that are not redirects, and turns their markup into plain
+   prose (:func:`wikipedia_articles`, :func:`clean_wikitext`);
+3. joins the articles into one text cached under ``<cache>/corpus`` (:func:`corpus_text`);
+4. cuts token windows from a tokenized text (:func:`token_windows`).
+
+``cache`` is the cache root everywhere: an explicit directory, or ``None`` for
+:func:`tq.codebook.cache_dir` (``$TQ_CACHE_DIR``, default ``~/.cache/tq``). Nothing here is
+tokenizer-specific: callers tokenize :func:`corpus_text` with their own model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from tq.codebook import cache_dir
+from tq.fileio import atomic_write_bytes
+
+GENSIM_VERSION = "4.4.0"
+# One wheel, whatever machine runs this: pip is asked for this platform tag explicitly.
+GENSIM_WHEEL = f"gensim-{GENSIM_VERSION}-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
+GENSIM_WHEEL_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
+WIKIPEDIA_MEMBER = (
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
+PIP_DOWNLOAD_COMMAND = (
+    sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+    "--implementation", "cp", "--abi", "cp311", f"gensim=={GENSIM_VERSION}",
+)  # fmt: skip
+_PIP_TIMEOUT_S = 900
+
+
+class CorpusError(RuntimeError):
+    """The corpus cannot be built: a wheel with the wrong checksum, or a dump without articles."""
+
+
+class WheelDownloadError(CorpusError):
+    """``pip download`` failed, typically because PyPI (or the configured index) is unreachable."""
+
+
+def _root(cache: str | os.PathLike | None) -> Path:
+    return Path(cache) if cache is not None else cache_dir()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_gensim_wheel(cache: str | os.PathLike | None = None) -> Path:
+    """The pinned gensim wheel (about 28 MB), downloaded once into ``<cache>/wheels``.
+
+    A cached wheel is used if its sha256 matches; otherwise the wheel is downloaded with
+    :data:`PIP_DOWNLOAD_COMMAND` into a temporary directory, checked, and renamed into place.
+
+    Raises:
+        WheelDownloadError: pip failed or timed out (the message names the command and pip's
+            last output lines).
+        CorpusError: the downloaded wheel's sha256 is not the pinned one.
+    """
+    wheels = _root(cache) / "wheels"
+    target = wheels / GENSIM_WHEEL
+    if target.is_file() and _sha256(target) == GENSIM_WHEEL_SHA256:
+        return target
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+        command = [*PIP_DOWNLOAD_COMMAND, "-d", tmp]
+        shown = " ".join(command)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise WheelDownloadError(
+                f"`{shown}` did not finish in {_PIP_TIMEOUT_S} s: PyPI must be reachable to fetch "
+                f"the Wikipedia text in the gensim wheel"
+            ) from None
+        downloaded = Path(tmp) / GENSIM_WHEEL
+        if result.returncode != 0 or not downloaded.is_file():
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+            raise WheelDownloadError(
+                f"`{shown}` failed (exit {result.returncode}); PyPI must be reachable to fetch the "
+                f"Wikipedia text in the gensim wheel ({GENSIM_WHEEL}). pip said:\n{tail}"
+            )
+        digest = _sha256(downloaded)
+        if digest != GENSIM_WHEEL_SHA256:
+            raise CorpusError(f"{GENSIM_WHEEL}: sha256 {digest}, expected {GENSIM_WHEEL_SHA256}")
+        os.replace(downloaded, target)
+    return target
+
+
+# --- Wikitext to plain text -------------------------------------------------------------------
+
+# Sections that hold citations and link lists, not prose; dropped with their subsections.
+_DROPPED_SECTIONS = frozenset(
+    {
+        "references", "notes", "footnotes", "citations", "sources", "bibliography",
+        "further reading", "external links", "see also", "notes and references",
+    }
+)  # fmt: skip
+# Elements whose content is not prose (formulas, galleries, code listings, reference lists).
+_DROPPED_ELEMENTS = "math|gallery|timeline|imagemap|score|syntaxhighlight|source|chem|hiero|references|ce"
+# Tags that break a line when rendered; every other tag is removed and its content kept.
+_BLOCK_TAGS = frozenset({"br", "p", "div", "blockquote", "center", "poem", "li", "ol", "ul", "hr"})
+# Link namespaces that render as media or page metadata, not as text.
+_HIDDEN_LINKS = re.compile(r"\s*(?:file|image|media|category)\s*:", re.IGNORECASE)
+# Interlanguage links: a lowercase language code (en, simple, zh-min-nan, ...) and a colon.
+_INTERLANGUAGE = re.compile(r"[a-z]{2,}(?:-[a-z]+)*:")
+
+_COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
+_REF_SELF_CLOSING = re.compile(r"<ref\b[^>]*/\s*>", re.IGNORECASE)
+_REF = re.compile(r"<ref\b[^>]*>.*?(?:</ref\s*>|\Z)", re.IGNORECASE | re.DOTALL)
+_DROPPED_ELEMENT = re.compile(
+    rf"<({_DROPPED_ELEMENTS})\b[^>]*?(?:/>|>.*?</\1\s*>)", re.IGNORECASE | re.DOTALL
+)
+# Innermost constructs (nothing of the same kind inside): removing them repeatedly removes nesting.
+_TEMPLATE = re.compile(r"\{\{((?:(?!\{\{|\}\}).)*)\}\}", re.DOTALL)
+_TABLE = re.compile(r"\{\|(?:(?!\{\||\|\}).)*\|\}", re.DOTALL)
+_WIKILINK = re.compile(r"\[\[((?:(?!\[\[|\]\]).)*)\]\]", re.DOTALL)
+_EXTERNAL_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]", re.IGNORECASE)
+_TAG = re.compile(r"</?([a-zA-Z][a-zA-Z0-9]*)\b[^<>]*>")
+_BOLD_ITALIC = re.compile(r"'''''|'''|''")
+_LIST_MARKER = re.compile(r"^[*#:;]+\s*")
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+_HORIZONTAL_RULE = re.compile(r"^-{4,}\s*$")
+_SPACES = re.compile(r"[^\S\n]+")
+_PAREN_OPENING = re.compile(r"\((?:\s|[,;:])+")
+_EMPTY_PARENS = re.compile(r"\(\)")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" +([.,;:!?)])")
+_ALPHANUMERIC = re.compile(r"\w")
+_CONVERT_RANGE = frozenset({"-", "\u2013", "to", "and", "or", "by", "x", "\u00d7", "+/-", "\u00b1"})
+
+
+def _split_arguments(body: str) -> list[str]:
+    """Split a template body at ``|`` characters that are outside ``[[...]]`` links."""
+    parts, depth, start = [], 0, 0
+    for match in re.finditer(r"\[\[|\]\]|\|", body):
+        token = match.group()
+        if token == "[[":
+            depth += 1
+        elif token == "]]":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            parts.append(body[start : match.start()])
+            start = match.end()
+    parts.append(body[start:])
+    return [part.strip() for part in parts]
+
+
+def _render_template(match: re.Match[str]) -> str:
+    """Keep the text of the few inline templates that stand for words; drop every other one."""
+    name, *arguments = _split_arguments(match.group(1))
+    positional = [arg for arg in arguments if "=" not in arg]
+    name = name.lower().replace("_", " ").strip()
+    if name in {"lang", "transl"} and len(positional) >= 2:
+        return positional[-1]
+    if name in {"nowrap", "small", "nihongo"} and positional:
+        return positional[0]
+    if name in {"convert", "cvt"} and len(positional) >= 2:
+        if positional[1] in _CONVERT_RANGE and len(positional) >= 4:
+            return " ".join(positional[:4])
+        return " ".join(positional[:2])
+    return ""
+
+
+def _render_link(match: re.Match[str]) -> str:
+    target, _, label = match.group(1).partition("|")
+    if _HIDDEN_LINKS.match(target):
+        return ""
+    if target.startswith(":"):  # [[:Category:X]] is a visible link to the category page
+        target = target[1:]
+    elif not label and _INTERLANGUAGE.match(target):
+        return ""
+    return label.strip() or target.strip()
+
+
+def _replace_innermost(
+    pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str], text: str
+) -> str:
+    """Apply ``pattern.sub`` until nothing matches: nested constructs go from the inside out."""
+    while True:
+        text, count = pattern.subn(replacement, text)
+        if count == 0:
+            return text
+
+
+def _drop_sections(lines: list[str]) -> Iterator[str]:
+    """Skip each section in :data:`_DROPPED_SECTIONS` up to the next heading of its level or above."""
+    skip_level = 0
+    for line in lines:
+        heading = _HEADING.match(line)
+        if heading:
+            level = len(heading.group(1))
+            if skip_level and level > skip_level:
+                continue
+            skip_level = level if heading.group(2).strip(" :").lower() in _DROPPED_SECTIONS else 0
+        if not skip_level:
+            yield line
+
+
+def _render_tag(match: re.Match[str]) -> str:
+    return "\n" if match.group(1).lower() in _BLOCK_TAGS else ""
+
+
+def _plain_lines(text: str) -> Iterator[str]:
+    """Line-level markup: headings become their own paragraph, list markers, rules and lines
+    with no letter or digit (leftovers of removed markup) go; blank lines separate paragraphs."""
+    for raw in text.split("\n"):
+        line = _SPACES.sub(" ", raw).strip()
+        heading = _HEADING.match(line)
+        if heading:
+            yield ""
+            yield heading.group(2)
+            yield ""
+            continue
+        line = _LIST_MARKER.sub("", line)
+        if _HORIZONTAL_RULE.match(line):
+            line = ""
+        if line and not _ALPHANUMERIC.search(line):
+            continue
+        yield line
+
+
+def clean_wikitext(markup: str) -> str:
+    """Turn MediaWiki markup into plain prose (one article body in, its text out).
+
+    Rules, in the order applied:
+
+    - HTML comments go; sections titled References, Notes, Sources, Bibliography, Further
+      reading, External links, See also (and similar) go with their subsections.
+    - ``<ref>...</ref>`` and ``<ref .../>`` go, and so do non-prose elements with their content:
+      ``<math>``, ``<gallery>``, ``<source>``/``<syntaxhighlight>``, ``<timeline>``,
+      ``<references>``, ...
+    - Templates ``{{...}}`` go, nested ones included, except a few inline templates that stand for
+      words: ``{{lang|xx|text}}`` and ``{{transl|xx|text}}`` -> text, ``{{nowrap|text}}``,
+      ``{{small|text}}`` and ``{{nihongo|text|...}}`` -> text, ``{{convert|10|km|...}}`` ->
+      ``10 km`` (``{{convert|1|to|2|km}}`` -> ``1 to 2 km``).
+    - Tables ``{| ... |}`` go, nested ones included.
+    - External links ``[http://x label]`` -> label; without a label they go.
+    - Wiki links ``[[target|label]]`` -> label, ``[[target]]`` -> target; ``[[File:...]]``,
+      ``[[Image:...]]``, ``[[Media:...]]`` and ``[[Category:...]]`` go whole (links nested in
+      their captions too), and so do interlanguage links (``[[de:...]]``, no label);
+      ``[[:Category:X]]`` -> ``Category:X``.
+    - Remaining HTML tags go, their content kept; ``<br>``, ``<p>``, ``<div>``, ``<blockquote>``
+      and other block tags become line breaks.
+    - Bold and italic quotes (``'''''``, ``'''``, ``''``) and magic words (``__NOTOC__``) go.
+    - Headings ``== X ==`` become ``X`` as a paragraph of its own (kept, not dropped); list
+      markers (``*``, ``#``, ``:``, ``;``) and horizontal rules go.
+    - HTML entities are decoded (``&amp;`` -> ``&``, ``&nbsp;`` -> a space).
+    - Whitespace: runs of spaces collapse to one, lines are stripped, empty parentheses and
+      spaces before punctuation left by removed markup go (``(; born 1950)`` -> ``(born 1950)``),
+      lines with no letter or digit go, a line emptied by removed markup (a table, a template
+      on its own line) ends a paragraph, and paragraphs are separated by exactly one blank line.
+    """
+    text = _COMMENT.sub("", markup)
+    text = "\n".join(_drop_sections(text.split("\n")))
+    text = _REF_SELF_CLOSING.sub("", text)
+    text = _REF.sub("", text)
+    text = _DROPPED_ELEMENT.sub("", text)
+    text = _replace_innermost(_TEMPLATE, _render_template, text)
+    text = _replace_innermost(_TABLE, "", text)
+    text = _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
+    text = _replace_innermost(_WIKILINK, _render_link, text)
+    text = _TAG.sub(_render_tag, text)
+    text = _BOLD_ITALIC.sub("", text)
+    text = _MAGIC_WORD.sub("", text)
+    text = html.unescape(text)
+    text = _SPACES.sub(" ", text)
+    text = _PAREN_OPENING.sub("(", text)
+    text = _EMPTY_PARENS.sub("", text)
+    text = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", text)
+    paragraphs = "\n".join(_plain_lines(text)).split("\n\n")
+    return "\n\n".join(p.strip("\n") for p in paragraphs if p.strip())
+
+
+# --- The dump ---------------------------------------------------------------------------------
+
+
+def _local(tag: str) -> str:
+    """An XML tag without its ``{namespace}``."""
+    return tag.rpartition("}")[2]
+
+
+def _iter_pages(stream: IO[bytes]) -> Iterator[tuple[str, str]]:
+    """(title, markup) of each main-namespace page of a MediaWiki XML dump that is no redirect."""
+    for _, element in ET.iterparse(stream, events=("end",)):
+        if _local(element.tag) != "page":
+            continue
+        fields = {_local(child.tag): child for child in element}
+        text = next((node.text for node in element.iter() if _local(node.tag) == "text"), None) or ""
+        namespace = (fields["ns"].text or "").strip() if "ns" in fields else "0"
+        is_redirect = "redirect" in fields or text.lstrip().upper().startswith("#REDIRECT")
+        if namespace == "0" and not is_redirect and "title" in fields:
+            yield fields["title"].text or "", text
+        element.clear()
+
+
+def wikipedia_articles(
+    cache: str | os.PathLike | None = None, *, wheel: str | os.PathLike | None = None
+) -> list[tuple[str, str]]:
+    """(title, plain text) of every article in the Wikipedia dump in the gensim wheel, in dump order.
+
+    Redirects and pages outside the main namespace are skipped, and so are articles whose text
+    is empty after :func:`clean_wikitext`. The wheel is :func:`fetch_gensim_wheel` ``(cache)``
+    unless ``wheel`` names a file (any zip holding :data:`WIKIPEDIA_MEMBER`).
+
+    Raises:
+        CorpusError: the dump holds no article.
+    """
+    path = wheel if wheel is not None else fetch_gensim_wheel(cache)
+    with zipfile.ZipFile(path) as archive, archive.open(WIKIPEDIA_MEMBER) as member:
+        with bz2.open(member) as stream:
+            articles = [(title, clean_wikitext(markup)) for title, markup in _iter_pages(stream)]
+    articles = [(title, text) for title, text in articles if text]
+    if not articles:
+        raise CorpusError(f"{path}: {WIKIPEDIA_MEMBER} holds no article")
+    return articles
+
+
+def _corpus_path(cache: str | os.PathLike | None) -> Path:
+    # Keyed by this module's source, so a change to the cleaning rules never reads a stale text.
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return _root(cache) / "corpus" / f"enwiki-gensim-{GENSIM_VERSION}-{version}.txt"
+
+
+def corpus_text(cache: str | os.PathLike | None = None) -> str:
+    """All articles of :func:`wikipedia_articles` as one UTF-8 text, cached on disk.
+
+    Each article is its title on a line of its own, a blank line, then its paragraphs; articles
+    are separated by a blank line. The text is written atomically to ``<cache>/corpus/`` (the
+    file name carries the gensim version and a hash of this module's source), and later calls
+    read that file.
+    """
+    path = _corpus_path(cache)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        pass
+    text = "\n\n".join(f"{title}\n\n{body}" for title, body in wikipedia_articles(cache)) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return text
+
+
+def token_windows(token_ids: Sequence[int], window: int, count: int, stride: int | None = None) -> np.ndarray:
+    """``count`` windows of ``window`` consecutive tokens, taken from the start of ``token_ids``.
+
+    Window i is ``token_ids[i * stride : i * stride + window]``; ``stride`` defaults to
+    ``window`` (adjacent, non-overlapping windows). Deterministic: no sampling.
+
+    Returns:
+        int64 array of shape [count, window].
+
+    Raises:
+        ValueError: ``window``, ``count`` or ``stride`` is below 1, ``token_ids`` is not 1-D, or
+            it holds fewer than ``(count - 1) * stride + window`` tokens.
+    """
+    stride = window if stride is None else stride
+    for name, value in (("window", window), ("count", count), ("stride", stride)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {ids.shape}")
+    needed = (count - 1) * stride + window
+    if ids.size < needed:
+        raise ValueError(
+            f"the text is too short: {count} windows of {window} tokens at stride {stride} need "
+            f"{needed} tokens, it has {ids.size}"
+        )
+    starts = np.arange(count) * stride
+    return ids[starts[:, None] + np.arange(window)[None, :]]
