@@ -307,12 +307,26 @@ def test_multihead_cache_with_exact_first_and_last_layers():
     assert model.float_nbytes == 6 * 2 * HEADS * 12 * DIM * 4
 
 
-def test_layers_get_their_own_rotations():
-    model = MultiHeadKVCache(2, HEADS, DIM)
-    keys, values = _tokens(17, 4)
-    model.append(0, keys, values)
-    model.append(1, keys, values)
-    assert np.any(model[0].keys() != model[1].keys())
+@pytest.mark.parametrize(
+    "config", [CONFIGS["mse4"], CONFIGS["fractional"], CONFIGS["prod3"], CONFIGS["window"]]
+)
+def test_append_all_equals_appending_layer_by_layer(config):
+    """One decode step for all layers (one kernel call per stream) stores what per-layer appends store."""
+    overrides = exact_layers(4, first=1)
+    one_by_one = MultiHeadKVCache(4, HEADS, DIM, config, overrides)
+    together = MultiHeadKVCache(4, HEADS, DIM, config, overrides)
+    steps = [_tokens(30 + step, t) for step, t in enumerate([9, 1, 1, 3])]
+    for keys, values in steps:
+        layer_keys = [keys * (layer + 1) for layer in range(4)]
+        for layer in range(4):
+            one_by_one.append(layer, layer_keys[layer], values)
+        together.append_all(layer_keys, [values] * 4)
+    for layer in range(4):
+        np.testing.assert_allclose(together[layer].keys(), one_by_one[layer].keys(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(together[layer].values(), one_by_one[layer].values(), rtol=1e-5, atol=1e-5)
+    assert together.nbytes == one_by_one.nbytes
+    with pytest.raises(ValueError, match="need keys and values for all 4 layers, got 3 and 4"):
+        together.append_all(layer_keys[:3], [values] * 4)
 
 
 def test_overrides_outside_the_model_are_refused():

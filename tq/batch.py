@@ -9,6 +9,7 @@ inconsistency is named in a :class:`BatchFormatError`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -87,6 +88,14 @@ class BatchQuantizedMSE:
         for name, value in fields.items():
             object.__setattr__(batch, name, value)
         return batch
+
+    def rows(self, start: int, stop: int) -> BatchQuantizedMSE:
+        """The batch of vectors start..stop-1 (views of this batch's arrays)."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for name in ("codes", "norms", "signs", "gammas"):
+            if fields.get(name) is not None:
+                fields[name] = fields[name][start:stop]
+        return type(self).from_kernel(**fields)
 
     @property
     def code_bits(self) -> int:

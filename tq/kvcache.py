@@ -15,6 +15,7 @@ that the cache maintains as tokens arrive (a working buffer for the decode loop,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,7 +45,8 @@ class CacheConfig:
             into the quantized store.
         renormalize: rescale each reconstruction to its stored norm.
         norm_dtype: "float32" or "float16" (refused for a norm beyond the float16 range).
-        seed: base seed; layer L uses seed + 2L for keys and seed + 2L + 1 for values.
+        seed: seed of the keys' rotation (values use seed + 1); every layer shares them, so one
+            decode step quantizes all layers of a model in one kernel call per stream.
         rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes).
     """
 
@@ -109,6 +111,57 @@ def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
     return [(low + 1, round(outliers)), (low, head_dim - round(outliers))]
 
 
+@functools.cache
+def _shared_quantizer(
+    strategy: str, dim: int, bits: int, seed: int, rotation: str
+) -> TurboQuantMSE | TurboQuantProd:
+    """One quantizer per configuration, shared by every layer's cache that uses it."""
+    quantizer_type = TurboQuantProd if strategy == "prod" else TurboQuantMSE
+    return quantizer_type(dim, bits, seed=seed, normalize=True, rotation=rotation)
+
+
+def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
+    """Quantize the spans that leave the exact window of several stores.
+
+    Stores whose channel groups use the same quantizers (every layer of a model with one
+    configuration) are quantized together: one kernel call per channel group and decode step,
+    however many layers there are. Each store keeps its own slice of the packed batch.
+    """
+    buckets: dict[tuple, list[tuple[_Store, slice, np.ndarray]]] = {}
+    for store, span in pending:
+        tokens = np.ascontiguousarray(store.buffer[:, span])
+        if not store.groups:
+            store._make_groups(tokens)
+        key = (
+            tuple(id(g.quantizer) for g in store.groups),
+            store.config.norm_dtype,
+            store.config.renormalize,
+        )
+        buckets.setdefault(key, []).append((store, span, tokens))
+    for members in buckets.values():
+        lead = members[0][0]
+        outs = [np.empty_like(tokens) for _, _, tokens in members]
+        for index, group in enumerate(lead.groups):
+            parts = [
+                store._gather(store.groups[index], tokens).reshape(-1, group.channels.shape[1])
+                for store, _, tokens in members
+            ]
+            batch = lead._store_norms(
+                group.quantizer.quantize(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            )
+            reconstruction = lead._reconstruct(group, batch)
+            start = 0
+            for (store, _, tokens), part, out in zip(members, parts, outs, strict=True):
+                stop = start + len(part)
+                store.groups[index].batches.append(batch.rows(start, stop))
+                block = reconstruction[start:stop].reshape(store.kv_heads, tokens.shape[1], -1)
+                store._scatter(store.groups[index], block, out)
+                start = stop
+        for (store, span, _), out in zip(members, outs, strict=True):
+            store.buffer[:, span] = out
+            store.quantized = span.stop
+
+
 class _Store:
     """One stream (keys or values) of a layer: quantized store, exact window, reconstruction."""
 
@@ -139,24 +192,18 @@ class _Store:
         magnitude = np.mean(np.abs(tokens), axis=1)  # [kv_heads, head_dim]
         order = np.argsort(-magnitude, axis=1, kind="stable")
         start = 0
-        quantizer_type = TurboQuantProd if self.strategy == "prod" else TurboQuantMSE
         for index, (bits, size) in enumerate(self.widths):
             channels = np.sort(order[:, start : start + size], axis=1)
-            quantizer = quantizer_type(
-                size, bits, seed=self.seed + 1000 * index, normalize=True, rotation=self.config.rotation
+            quantizer = _shared_quantizer(
+                self.strategy, size, bits, self.seed + 1000 * index, self.config.rotation
             )
             self.groups.append(_Group(quantizer, channels))
             start += size
 
     def _store_norms(self, batch: BatchQuantizedMSE) -> BatchQuantizedMSE:
+        """Round the norms to the stored precision (the fp16 range is checked on append)."""
         if self.config.norm_dtype == "float32":
             return batch
-        too_large = batch.norms > _FLOAT16_MAX
-        if too_large.any():
-            raise ValueError(
-                f"a vector norm of {float(batch.norms[np.argmax(too_large)]):.6g} exceeds the float16 "
-                "range; use norm_dtype='float32'"
-            )
         return replace(batch, norms=batch.norms.astype(np.float16).astype(np.float32))
 
     def _reconstruct(self, group: _Group, batch: BatchQuantizedMSE) -> np.ndarray:
@@ -167,19 +214,6 @@ class _Store:
             scale = np.where(lengths > 0, batch.norms / np.where(lengths > 0, lengths, 1.0), 0.0)
             rows = (rows * scale[:, None]).astype(np.float32)
         return rows
-
-    def _quantize(self, tokens: np.ndarray) -> np.ndarray:
-        """Quantize tokens [kv_heads, t, head_dim] into the store; return their reconstruction."""
-        if not self.groups:
-            self._make_groups(tokens)
-        t = tokens.shape[1]
-        out = np.empty_like(tokens)
-        for group in self.groups:
-            rows = self._gather(group, tokens).reshape(self.kv_heads * t, -1)
-            batch = self._store_norms(group.quantizer.quantize(rows))
-            group.batches.append(batch)
-            self._scatter(group, self._reconstruct(group, batch).reshape(self.kv_heads, t, -1), out)
-        return out
 
     def _gather(self, group: _Group, tokens: np.ndarray) -> np.ndarray:
         """The group's channels of tokens [kv_heads, t, head_dim] -> [kv_heads, t, size]."""
@@ -196,20 +230,18 @@ class _Store:
         index = np.broadcast_to(group.channels[:, None, :], part.shape)
         np.put_along_axis(out, index, part, axis=2)
 
-    def append(self, tokens: np.ndarray, residual_length: int) -> None:
-        """Add tokens [kv_heads, t, head_dim]; quantize those that leave the exact window."""
+    def push(self, tokens: np.ndarray, residual_length: int) -> slice | None:
+        """Add tokens [kv_heads, t, head_dim]; return the span of positions that now leave the
+        exact window and must be quantized (None if none do)."""
         t = tokens.shape[1]
         self._ensure_capacity(self.length + t)
         self.buffer[:, self.length : self.length + t] = tokens
         self.length += t
         if self.strategy == "exact":
             self.quantized = self.length
-            return
+            return None
         leaving = self.length - residual_length - self.quantized
-        if leaving > 0:
-            span = slice(self.quantized, self.quantized + leaving)
-            self.buffer[:, span] = self._quantize(np.ascontiguousarray(self.buffer[:, span]))
-            self.quantized += leaving
+        return slice(self.quantized, self.quantized + leaving) if leaving > 0 else None
 
     def view(self) -> np.ndarray:
         out = self.buffer[:, : self.length]
@@ -259,7 +291,7 @@ class QuantizedKVCache:
         kv_heads: key/value heads of the layer (GQA heads are not repeated).
         head_dim: dimension of each head's vectors.
         config: bit widths, strategies and options (:class:`CacheConfig`).
-        layer: the layer's index (seeds the quantizers).
+        layer: the layer's index (reported in summaries).
     """
 
     def __init__(
@@ -271,7 +303,7 @@ class QuantizedKVCache:
         self.layer = layer
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        seed = self.config.seed + 2 * layer
+        seed = self.config.seed
         c = self.config
         self._keys = _Store(kv_heads, head_dim, c.key_bits, c.key_strategy, seed, c)
         self._values = _Store(kv_heads, head_dim, c.value_bits, c.value_strategy, seed + 1, c)
@@ -297,16 +329,36 @@ class QuantizedKVCache:
         if bad.any():
             head, token, _ = np.argwhere(bad)[0]
             raise ValueError(f"{name} contain NaN or inf (head {head}, new token {token})")
+        if self.config.norm_dtype == "float16":
+            norms = np.linalg.norm(tokens, axis=2)
+            if norms.max(initial=0.0) > _FLOAT16_MAX:
+                head, token = np.unravel_index(np.argmax(norms), norms.shape)
+                raise ValueError(
+                    f"{name}: a vector norm of {float(norms[head, token]):.6g} (head {head}, new token "
+                    f"{token}) exceeds the float16 range; use norm_dtype='float32'"
+                )
         return tokens
 
-    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Add new tokens: keys and values float [kv_heads, new_tokens, head_dim]."""
+    def check(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validate new tokens; return them as C-contiguous float32."""
         keys = self._check("keys", keys)
         values = self._check("values", values)
         if keys.shape[1] != values.shape[1]:
             raise ValueError(f"keys have {keys.shape[1]} new tokens but values have {values.shape[1]}")
-        self._keys.append(keys, self.config.residual_length)
-        self._values.append(values, self.config.residual_length)
+        return keys, values
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add new tokens: keys and values float [kv_heads, new_tokens, head_dim]."""
+        keys, values = self.check(keys, values)
+        _quantize_spans(self._push(keys, values))
+
+    def _push(self, keys: np.ndarray, values: np.ndarray) -> list[tuple[_Store, slice]]:
+        """Add checked tokens to both streams; return the spans waiting to be quantized."""
+        spans = [
+            (self._keys, self._keys.push(keys, self.config.residual_length)),
+            (self._values, self._values.push(values, self.config.residual_length)),
+        ]
+        return [(store, span) for store, span in spans if span is not None]
 
     def keys(self) -> np.ndarray:
         """Float32 [kv_heads, seq, head_dim]: reconstructed keys, then the exact window (read-only)."""
@@ -383,6 +435,20 @@ class MultiHeadKVCache:
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Add new tokens to one layer: keys, values [kv_heads, new_tokens, head_dim]."""
         self.layers[layer].append(keys, values)
+
+    def append_all(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        """Add new tokens to every layer at once (one decode step): keys[L], values[L] are
+        [kv_heads, new_tokens, head_dim]. Layers that share a configuration are quantized in
+        one kernel call per stream."""
+        if len(keys) != len(self.layers) or len(values) != len(self.layers):
+            raise ValueError(
+                f"need keys and values for all {len(self.layers)} layers, got {len(keys)} and {len(values)}"
+            )
+        checked = [layer.check(k, v) for layer, k, v in zip(self.layers, keys, values, strict=True)]
+        pending = []
+        for layer, (k, v) in zip(self.layers, checked, strict=True):
+            pending.extend(layer._push(k, v))
+        _quantize_spans(pending)
 
     @property
     def nbytes(self) -> int:
