@@ -3,6 +3,7 @@
 tq bench --workload synthetic --dim 128 --bits 4 --strategy mse --n 65536 --json out.json
 tq bench --workload trace --trace trace.safetensors --bits 3 --strategy mse --json out.json
 tq trace export --model-dir DIR --prompts prompts.txt --layers 0,15 --heads 0,1 --out traces/
+tq model prepare --preset smollm2-135m-instruct --out bundles/smollm2
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import argparse
 import json
 import sys
 
+from tq.bench.perplexity import run_perplexity
+from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
+from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
-from tq.bench.trace import DEFAULT_TOP_K, run_trace
+from tq.bench.trace import DEFAULT_TOP_K as TRACE_TOP_K
+from tq.bench.trace import run_trace
 from tq.kvcache import NORM_DTYPES, STRATEGIES, CacheConfig
+from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
 from tq.records import write_record
 from tq.rotation import ROTATION_KINDS
 from tq.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
@@ -24,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(commands)
     _add_trace_parser(commands)
+    _add_model_parser(commands)
     return parser
 
 
@@ -36,9 +43,18 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--residual-length, --top-k, --renormalize, --norm-dtype).",
     )
     bench.set_defaults(handler=_bench)
-    bench.add_argument("--workload", choices=["synthetic", "trace"], default="synthetic")
+    bench.add_argument(
+        "--workload", choices=["synthetic", "trace", "real-model", "perplexity"], default="synthetic"
+    )
     bench.add_argument("--bits", type=float, default=4, help="(key) bits per coordinate (default 4)")
-    bench.add_argument("--strategy", choices=STRATEGIES, default="mse", help="(key) strategy")
+    bench.add_argument(
+        "--strategy",
+        "--real-key-strategy",
+        dest="strategy",
+        choices=STRATEGIES,
+        default="mse",
+        help="(key) strategy",
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rotation", choices=ROTATION_KINDS, default="haar")
     bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
@@ -49,12 +65,36 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
     trace = bench.add_argument_group("trace workload")
     trace.add_argument("--trace", metavar="PATH", help="a KvTrace safetensors file")
-    trace.add_argument("--value-bits", type=float, help="value bits per coordinate (default: --bits)")
-    trace.add_argument("--value-strategy", choices=STRATEGIES, help="value strategy (default: --strategy)")
-    trace.add_argument("--residual-length", type=int, default=0, help="recent tokens kept exact")
-    trace.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="k of the top-k overlap")
-    trace.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
-    trace.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
+    cache = bench.add_argument_group("cache options (trace, real-model, perplexity)")
+    cache.add_argument("--value-bits", type=float, help="value bits per coordinate (default: --bits)")
+    cache.add_argument(
+        "--value-strategy",
+        "--real-value-strategy",
+        dest="value_strategy",
+        choices=STRATEGIES,
+        help="value strategy (default: --strategy)",
+    )
+    cache.add_argument("--residual-length", type=int, default=0, help="recent tokens kept exact")
+    cache.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
+    cache.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
+    cache.add_argument(
+        "--top-k",
+        type=int,
+        help=f"trace: top-k overlap (default {TRACE_TOP_K}); real-model: top-k agreement "
+        f"(default {REAL_TOP_K})",
+    )
+    real = bench.add_argument_group("real-model and perplexity workloads")
+    real.add_argument("--real-model-dir", metavar="DIR", help="a model bundle (tq model prepare)")
+    real.add_argument("--prompt", help="one prompt")
+    real.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one a line) or .jsonl (prompt field)")
+    real.add_argument("--real-eval-mode", choices=MODES, default="compare")
+    real.add_argument("--max-new-tokens", type=int, default=16)
+    real.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
+    real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
+    real.add_argument("--windows", type=int, default=8, help="perplexity: number of text windows")
+    real.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window")
+    real.add_argument("--context", type=int, default=512, help="perplexity: context tokens per window")
 
 
 def _summary(record: dict) -> str:
@@ -93,22 +133,57 @@ def _whole(bits: float) -> int | float:
     return int(bits) if float(bits).is_integer() else bits
 
 
+def _cache_config(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(
+        key_bits=_whole(args.bits),
+        key_strategy=args.strategy,
+        value_bits=_whole(args.bits if args.value_bits is None else args.value_bits),
+        value_strategy=args.value_strategy or args.strategy,
+        residual_length=args.residual_length,
+        renormalize=args.renormalize,
+        norm_dtype=args.norm_dtype,
+        seed=args.seed,
+        rotation=args.rotation,
+    )
+
+
+def _real_model_inputs(args: argparse.Namespace) -> dict:
+    if not args.real_model_dir:
+        raise ValueError(f"the {args.workload} workload needs --real-model-dir DIR (see tq model prepare)")
+    return {
+        "config": _cache_config(args),
+        "exact_first_layers": args.exact_first_layers,
+        "exact_last_layers": args.exact_last_layers,
+        "threads": args.threads,
+    }
+
+
 def _run_bench(args: argparse.Namespace) -> dict:
+    if args.workload == "real-model":
+        if (args.prompt is None) == (args.prompts is None):
+            raise ValueError("the real-model workload needs exactly one of --prompt TEXT or --prompts FILE")
+        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+        return run_real_model(
+            args.real_model_dir,
+            prompts,
+            mode=args.real_eval_mode,
+            max_new_tokens=args.max_new_tokens,
+            top_k=args.top_k or REAL_TOP_K,
+            **_real_model_inputs(args),
+        )
+    if args.workload == "perplexity":
+        return run_perplexity(
+            args.real_model_dir,
+            windows=args.windows,
+            window=args.window,
+            context=args.context,
+            **_real_model_inputs(args),
+        )
     if args.workload == "trace":
         if not args.trace:
             raise ValueError("the trace workload needs --trace PATH")
-        config = CacheConfig(
-            key_bits=_whole(args.bits),
-            key_strategy=args.strategy,
-            value_bits=_whole(args.bits if args.value_bits is None else args.value_bits),
-            value_strategy=args.value_strategy or args.strategy,
-            residual_length=args.residual_length,
-            renormalize=args.renormalize,
-            norm_dtype=args.norm_dtype,
-            seed=args.seed,
-            rotation=args.rotation,
-        )
-        return run_trace(args.trace, config, top_k=args.top_k)
+        config = _cache_config(args)
+        return run_trace(args.trace, config, top_k=args.top_k or TRACE_TOP_K)
     if not float(args.bits).is_integer():
         raise ValueError(f"the synthetic workload needs whole --bits, got {args.bits}")
     return run_synthetic(
@@ -187,6 +262,34 @@ def _trace_export(args: argparse.Namespace) -> int:
         return 2
     for path in paths:
         print(path)
+    return 0
+
+
+def _add_model_parser(commands: argparse._SubParsersAction) -> None:
+    model = commands.add_parser("model", help="real models: prepare ONNX bundles")
+    actions = model.add_subparsers(dest="model_command", required=True)
+    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+    prepare = actions.add_parser(
+        "prepare",
+        help="fetch or build a model, convert it to float32 and export an ONNX bundle",
+        description="Writes model.onnx (+ model.onnx_data), tokenizer.json, config.json, "
+        "generation_config.json and bundle.json into --out (default: $TQ_CACHE_DIR/bundles/PRESET). "
+        f"A bundle prepared from the same inputs is reused. Presets: {presets}.",
+    )
+    prepare.set_defaults(handler=_model_prepare)
+    prepare.add_argument("--preset", choices=list(PRESETS), help=f"a preset (default {DEFAULT_PRESET})")
+    prepare.add_argument("--model-dir", help="a local Hugging Face checkpoint directory")
+    prepare.add_argument("--out", help="bundle directory")
+    prepare.add_argument("--threads", type=int, help="torch and ONNX Runtime threads")
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    try:
+        path = prepare_bundle(args.preset, args.model_dir, args.out, threads=args.threads)
+    except (PrepareError, BundleError) as error:
+        print(f"tq model prepare: error: {error}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 

@@ -88,11 +88,13 @@ class _Group:
     """Channels of every head quantized by one TurboQuant instance.
 
     ``channels`` int64 [kv_heads, size]: the head_dim indices of the group in each head.
+    ``pieces``: one (batch, start, stop) per quantized span: rows start..stop-1 of a packed
+    batch, which several layers' stores may share (one kernel call per decode step).
     """
 
     quantizer: TurboQuantMSE | TurboQuantProd
     channels: np.ndarray
-    batches: list = field(default_factory=list)
+    pieces: list[tuple[BatchQuantizedMSE, int, int]] = field(default_factory=list)
 
 
 def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
@@ -153,7 +155,7 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
             start = 0
             for (store, _, tokens), part, out in zip(members, parts, outs, strict=True):
                 stop = start + len(part)
-                store.groups[index].batches.append(batch.rows(start, stop))
+                store.groups[index].pieces.append((batch, start, stop))
                 block = reconstruction[start:stop].reshape(store.kv_heads, tokens.shape[1], -1)
                 store._scatter(store.groups[index], block, out)
                 start = stop
@@ -254,13 +256,13 @@ class _Store:
         if self.strategy == "exact":
             out[:] = self.buffer[:, : self.quantized]
             return out
-        start = 0
-        for batches in zip(*(group.batches for group in self.groups), strict=True):  # one per append
-            t = len(batches[0]) // self.kv_heads
-            for group, batch in zip(self.groups, batches, strict=True):
-                block = self._reconstruct(group, batch).reshape(self.kv_heads, t, -1)
-                self._scatter(group, block, out[:, start : start + t])
-            start += t
+        position = 0
+        for pieces in zip(*(group.pieces for group in self.groups), strict=True):  # one per span
+            t = (pieces[0][2] - pieces[0][1]) // self.kv_heads
+            for group, (batch, start, stop) in zip(self.groups, pieces, strict=True):
+                block = self._reconstruct(group, batch.rows(start, stop)).reshape(self.kv_heads, t, -1)
+                self._scatter(group, block, out[:, position : position + t])
+            position += t
         return out
 
     @property
@@ -270,8 +272,9 @@ class _Store:
         total = exact_tokens * self.kv_heads * self.head_dim * 4
         norm_size = 2 if self.config.norm_dtype == "float16" else 4
         for group in self.groups:
-            for batch in group.batches:
-                total += batch.nbytes - batch.norms.nbytes + len(batch) * norm_size
+            for batch, start, stop in group.pieces:
+                total += (stop - start) * (batch.nbytes - batch.norms.nbytes) // len(batch)
+                total += (stop - start) * norm_size
             if len(self.groups) > 1:
                 total += group.channels.size * 2  # uint16 channel indices, once per head
         return total

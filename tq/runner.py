@@ -108,15 +108,24 @@ class RealModelRunner:
 
     @staticmethod
     def quantize_presents(cache: MultiHeadKVCache, presents: Past, past_len: int) -> Past:
-        """Append positions past_len.. of the presents to the cache (all layers in one step);
-        return the cache's reconstruction as the past for the next call."""
+        """Append positions past_len.. of the presents to the cache (all layers in one step) and
+        return the past for the next call: the cache's reconstruction.
+
+        The graph's presents are the past it was given followed by the new positions, so only
+        the positions that changed (the new ones, and any that just left the exact window) are
+        overwritten with their reconstruction, in place: no copy of the whole cache per step.
+        """
+        unchanged = [min(layer.quantized_tokens, past_len) for layer in cache.layers]
         cache.append_all(
             [key[0, :, past_len:] for key, _ in presents], [value[0, :, past_len:] for _, value in presents]
         )
-        return [
-            (np.ascontiguousarray(layer.keys()[None]), np.ascontiguousarray(layer.values()[None]))
-            for layer in cache.layers
-        ]
+        past = []
+        for layer, (key, value), start in zip(cache.layers, presents, unchanged, strict=True):
+            key, value = np.require(key, requirements="CW"), np.require(value, requirements="CW")
+            key[0, :, start:] = layer.keys()[:, start:]
+            value[0, :, start:] = layer.values()[:, start:]
+            past.append((key, value))
+        return past
 
     def prefill(
         self, prompt_ids: Sequence[int], cache: MultiHeadKVCache | None = None
