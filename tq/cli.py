@@ -99,6 +99,28 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def _summary(record: dict) -> str:
     config, metrics, timing = record["config"], record["metrics"], record["timing"]
+    if config["workload"] == "perplexity":
+        return (
+            f"source=real-model perplexity {config['model']} windows={config['windows']}x{config['window']}"
+            f"\n  perplexity exact {metrics['exact_perplexity']:.3f}  quantized "
+            f"{metrics['quantized_perplexity']:.3f}  ratio {metrics['perplexity_ratio']:.4f}"
+            f"  KL {metrics['kl_divergence']:.4g}  top-1 {metrics['top1_agreement']:.4f}"
+        )
+    if config["workload"] == "real-model":
+        lines = [f"source=real-model {config['model']} mode={config['mode']} prompts={config['prompts']}"]
+        for mode, speed in timing.items():
+            lines.append(
+                f"  {mode}: prefill {speed['prefill_seconds_mean'] * 1e3:.1f} ms, "
+                f"decode {speed['decode_tokens_per_s']:.1f} tokens/s"
+            )
+        if config["mode"] == "compare":
+            lines.append(
+                f"  logit RMSE {metrics['logit_rmse']:.4f}  top-1 {metrics['top1_agreement']:.4f}  "
+                f"top-{config['top_k']} {metrics['topk_agreement']:.4f}  KL {metrics['kl_divergence']:.4g}  "
+                f"token match {metrics['token_match_rate']:.3f}  "
+                f"KV {metrics['quantized_kv']['kv_compression_ratio']:.2f}x"
+            )
+        return "\n".join(lines)
     if record["source"] == "trace":
         cache = config["cache"]
         return "\n".join(
