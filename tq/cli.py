@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from tq.bench.perplexity import run_perplexity
+from tq.bench.perplexity import PROTOCOLS, run_perplexity
 from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
 from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
@@ -95,13 +95,20 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--windows", type=int, default=8, help="perplexity: number of text windows")
     real.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window")
     real.add_argument("--context", type=int, default=512, help="perplexity: context tokens per window")
+    real.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="window",
+        help="perplexity: score the continuation in one call (window) or token by token (decode)",
+    )
 
 
 def _summary(record: dict) -> str:
     config, metrics, timing = record["config"], record["metrics"], record["timing"]
     if config["workload"] == "perplexity":
         return (
-            f"source=real-model perplexity {config['model']} windows={config['windows']}x{config['window']}"
+            f"source=real-model perplexity {config['model']} windows={config['windows']}x{config['window']} "
+            f"context={config['context']} protocol={config['protocol']}"
             f"\n  perplexity exact {metrics['exact_perplexity']:.3f}  quantized "
             f"{metrics['quantized_perplexity']:.3f}  ratio {metrics['perplexity_ratio']:.4f}"
             f"  KL {metrics['kl_divergence']:.4g}  top-1 {metrics['top1_agreement']:.4f}"
@@ -199,6 +206,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
             windows=args.windows,
             window=args.window,
             context=args.context,
+            protocol=args.protocol,
             **_real_model_inputs(args),
         )
     if args.workload == "trace":

@@ -1,12 +1,18 @@
 """Perplexity on real text (the Wikipedia excerpt of :mod:`tq.corpus`), exact vs quantized cache.
 
 Each window of ``window`` tokens is split into a context of ``context`` tokens and a scored
-continuation. Tokens 0..context-2 are prefilled in one call (their attention is exact); their
-keys and values go into the cache, quantized or not. One more call feeds tokens
-context-1..window-2 against that cache and scores its logits on tokens context..window-1: every
-scored prediction reads the context through the (quantized) cache, and the scored tokens attend
-to each other's exact keys and values (the graph computes them within the call). Two calls per
-window and cache: the prefill is shared by the exact and the quantized scoring.
+continuation of window - context tokens. Two protocols:
+
+- ``window`` (default; two calls per window and cache): tokens 0..context-2 are prefilled in one
+  call (their attention is exact) and their keys and values go into the cache, quantized or not;
+  one more call feeds tokens context-1..window-2 against that cache and scores its logits on
+  tokens context..window-1. Every scored prediction reads the context through the (quantized)
+  cache, but the scored tokens attend to each other's exact keys and values (the graph computes
+  them within the call), so this measures a quantized *context* only.
+- ``decode`` (DESIGN.md section 10; window - context calls per window and cache): tokens
+  0..context-1 are prefilled, then the continuation is decoded one token at a time with teacher
+  forcing, every new token's keys and values quantized as they enter the cache: what a decoding
+  server with a quantized cache would see.
 
 Metrics: exact and quantized perplexity and their ratio, mean KL(exact || quantized) and top-1
 agreement over the scored tokens.
@@ -26,6 +32,7 @@ from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
 from tq.runner import RealModelRunner
 
+PROTOCOLS = ("window", "decode")
 # Characters of text encoded per token needed, with a wide margin (English BPE: about 4-5).
 _CHARS_PER_TOKEN = 8
 
@@ -40,11 +47,14 @@ def run_perplexity(
     context: int = 512,
     threads: int | None = None,
     cache: os.PathLike | None = None,
+    protocol: str = "window",
 ) -> dict[str, Any]:
     """Exact vs quantized perplexity over ``windows`` windows; return a ``real-model`` record."""
     from tq.corpus import corpus_text, token_windows
     from tq.models.bundle import ModelBundle
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not 2 <= context < window:
         raise ValueError(f"need 2 <= context < window, got context={context}, window={window}")
     config = config or CacheConfig()
@@ -62,12 +72,15 @@ def run_perplexity(
     start = time.perf_counter()
     for index, tokens in enumerate(batches):
         targets = tokens[context:]
-        _, presents = runner.prefill(tokens[: context - 1])
-        exact_logits, _ = runner.extend(tokens[context - 1 : -1], presents)
         kv = runner.new_cache(config, layer_configs)
-        quantized_logits, _ = runner.extend(
-            tokens[context - 1 : -1], runner.quantize_presents(kv, presents, 0)
-        )
+        if protocol == "window":
+            _, presents = runner.prefill(tokens[: context - 1])
+            exact_logits, _ = runner.extend(tokens[context - 1 : -1], presents)
+            quantized_past = runner.quantize_presents(kv, presents, 0)
+            quantized_logits, _ = runner.extend(tokens[context - 1 : -1], quantized_past)
+        else:
+            exact_logits = runner.generate(tokens[:context], 0, forced_tokens=targets).logits
+            quantized_logits = runner.generate(tokens[:context], 0, cache=kv, forced_tokens=targets).logits
         kv_nbytes += kv.nbytes
         kv_float += kv.float_nbytes
         exact_nll.append(metrics.cross_entropy(exact_logits, targets))
@@ -107,7 +120,6 @@ def run_perplexity(
         "threads": threads,
         "cache": config.describe(),
         "exact_layers": sorted(layer_configs),
-        "protocol": "context prefilled (exact attention) and cached (quantized); continuation scored "
-        "in one call",
+        "protocol": protocol,
     }
     return make_record("real-model", record_config, result, {"seconds": seconds}, threads or 0)
