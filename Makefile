@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export TQ_CACHE_DIR ?= $(CURDIR)/.cache/tq
+export TQ_CACHE_DIR ?= $(HOME)/.cache/tq
 
 .PHONY: install run test lint clean
 

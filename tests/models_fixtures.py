@@ -105,3 +105,12 @@ def tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 8) -> Path:
         initializer_range=INIT_STD,
     )
     return _save(Gemma3ForCausalLM(config), tokenizer, path)
+
+
+def tiny_bundle(base: Path, preset: str) -> Path:
+    """The bundle of the tiny preset ``preset`` (``tiny-llama``, ``tiny-gpt2``) under
+    ``base/tiny-bundles``: prepared on first use, reused after (``prepare_bundle`` is idempotent).
+    Shared by tests: copy it before changing it."""
+    from tq.models import prepare_bundle
+
+    return prepare_bundle(preset, out=base / "tiny-bundles" / preset)

@@ -1,0 +1,385 @@
+"""``ModelBundle``: a prepared model directory (DESIGN.md section 4), validated on load.
+
+A bundle holds ``model.onnx`` (a decoder exported with past key values, float32; its weights in
+the external data file ``model.onnx_data`` next to it, so the graph can be read without reading
+the weights), ``tokenizer.json``, ``config.json``, ``generation_config.json``, optionally
+``chat_template.jinja`` and the other Hugging Face tokenizer files, and ``bundle.json``, which
+records where the bundle came from and the facts a decode loop needs.
+
+Graph contract (checked by :meth:`ModelBundle.load`):
+
+- inputs ``input_ids`` int64 [batch, seq] and, for every layer N < ``num_layers``,
+  ``past_key_values.N.key`` / ``.value`` float32 [batch, kv_heads, past_seq, head_dim];
+  optional inputs ``attention_mask`` [batch, past_seq + seq], ``position_ids`` [batch, seq],
+  ``cache_position`` [seq] and ``use_cache_branch`` [1]; no other input;
+- outputs ``logits`` float32 [batch, seq, vocab_size] and ``present.N.key`` / ``.value``
+  float32 [batch, kv_heads, past_seq + seq, head_dim]. With grouped-query attention the KV heads
+  are not repeated: kv_heads is the model's number of KV heads.
+
+Graph inputs differ by model family and order: feed them by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import tokenizers
+
+BUNDLE_SCHEMA = "tq.bundle/1"
+BUNDLE_JSON = "bundle.json"
+MODEL_ONNX = "model.onnx"
+MODEL_ONNX_DATA = "model.onnx_data"
+TOKENIZER_JSON = "tokenizer.json"
+CONFIG_JSON = "config.json"
+GENERATION_CONFIG_JSON = "generation_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+REQUIRED_FILES = (BUNDLE_JSON, MODEL_ONNX, TOKENIZER_JSON, CONFIG_JSON, GENERATION_CONFIG_JSON)
+
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+OPTIONAL_INPUTS = ("attention_mask", "position_ids", "cache_position", "use_cache_branch")
+
+# bundle.json fields every bundle has, with their JSON types.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema": str,
+    "preset": (str, type(None)),
+    "source": dict,
+    "weights_sha256": str,
+    "fingerprint": str,
+    "num_layers": int,
+    "kv_heads": int,
+    "head_dim": int,
+    "vocab_size": int,
+    "input_names": list,
+    "output_names": list,
+    "eos_token_ids": list,
+}
+_POSITIVE_FIELDS = ("num_layers", "kv_heads", "head_dim", "vocab_size")
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, corrupt or not what the decode loop expects."""
+
+
+def past_name(layer: int, kind: str) -> str:
+    """Graph input holding layer ``layer``'s past keys (``kind="key"``) or values (``"value"``)."""
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """Graph output holding layer ``layer``'s keys or values, past and new: ``present.N.kind``."""
+    return f"present.{layer}.{kind}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, element type (``"float32"``, ``"int64"``, ...) and shape,
+    each dimension an int (fixed) or a str (symbolic, ``"?"`` if unnamed)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+def _tensor_spec(value_info: Any) -> TensorSpec:
+    import onnx
+
+    tensor_type = value_info.type.tensor_type
+    dims = tuple(
+        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "?")
+        for dim in tensor_type.shape.dim
+    )
+    elem_type = tensor_type.elem_type
+    dtype = str(onnx.helper.tensor_dtype_to_np_dtype(elem_type)) if elem_type else "not a tensor"
+    return TensorSpec(value_info.name, dtype, dims)
+
+
+def _check_external_data(graph: Any, directory: Path) -> None:
+    """Every initializer stored outside model.onnx must lie inside an existing file."""
+    import onnx
+
+    sizes: dict[str, int] = {}
+    for tensor in graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        if location not in sizes:
+            file = directory / location
+            if not location or not file.is_file():
+                raise BundleError(f"{directory}: missing external data file {location!r} of {MODEL_ONNX}")
+            sizes[location] = file.stat().st_size
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        if end > sizes[location]:
+            raise BundleError(
+                f"{directory / location}: truncated ({sizes[location]} bytes, tensor {tensor.name} "
+                f"needs {end})"
+            )
+
+
+def read_graph(path: str | os.PathLike) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph inputs and outputs of an ONNX file, in graph order, without reading the weights
+    held in external data files (their presence and sizes are checked).
+
+    Raises:
+        BundleError: the file is missing or not a readable ONNX model, or an external data file
+            is missing or too short.
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: not found") from None
+    except Exception as error:  # onnx raises protobuf's DecodeError and others
+        raise BundleError(f"{path}: not a readable ONNX model ({error})") from None
+    _check_external_data(model.graph, path.parent)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = tuple(_tensor_spec(info) for info in model.graph.input if info.name not in initializers)
+    return inputs, tuple(_tensor_spec(info) for info in model.graph.output)
+
+
+def graph_facts(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> dict[str, int]:
+    """``num_layers``, ``kv_heads``, ``head_dim`` and ``vocab_size`` read off an exported graph:
+    the number of ``past_key_values.N.key`` inputs (numbered from 0, without a gap), the fixed
+    dimensions 1 and 3 of layer 0's past keys, and the fixed last dimension of the logits.
+
+    Raises:
+        BundleError: the graph has no layer-0 past keys or logits, or those dimensions are not
+            fixed.
+    """
+    by_name = {spec.name: spec for spec in (*inputs, *outputs)}
+    num_layers = 0
+    while past_name(num_layers, "key") in by_name:
+        num_layers += 1
+    past, logits = by_name.get(past_name(0, "key")), by_name.get(LOGITS)
+    if past is None or logits is None or len(past.shape) != 4 or not logits.shape:
+        raise BundleError(f"the graph has no {past_name(0, 'key')} [batch, heads, seq, dim] or no {LOGITS}")
+    facts = {
+        "num_layers": num_layers,
+        "kv_heads": past.shape[1],
+        "head_dim": past.shape[3],
+        "vocab_size": logits.shape[-1],
+    }
+    for key, value in facts.items():
+        if not isinstance(value, int):
+            raise BundleError(f"the graph does not fix {key} (found {value!r})")
+    return facts
+
+
+def _check_cache_tensor(spec: TensorSpec, kv_heads: int, head_dim: int) -> str | None:
+    if spec.dtype != "float32":
+        return f"{spec.name} is {spec.dtype}, expected float32"
+    if len(spec.shape) != 4:
+        return f"{spec.name} has shape {list(spec.shape)}, expected [batch, kv_heads, seq, head_dim]"
+    for axis, expected, what in ((1, kv_heads, "kv_heads"), (3, head_dim, "head_dim")):
+        if isinstance(spec.shape[axis], int) and spec.shape[axis] != expected:
+            return f"{spec.name} has {spec.shape[axis]} at axis {axis}, bundle.json says {what} {expected}"
+    return None
+
+
+def _missing(kind: str, names: list[str]) -> str:
+    return f"{MODEL_ONNX} has no {kind}{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+def check_graph(
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    vocab_size: int,
+) -> None:
+    """Check a graph against the contract in this module's docstring.
+
+    Raises:
+        BundleError: naming the missing inputs or outputs, an input the decode loop does not
+            know, or a tensor of the wrong type or shape.
+    """
+    kinds = ("key", "value")
+    past = [past_name(layer, kind) for layer in range(num_layers) for kind in kinds]
+    present = [present_name(layer, kind) for layer in range(num_layers) for kind in kinds]
+    in_specs = {spec.name: spec for spec in inputs}
+    out_specs = {spec.name: spec for spec in outputs}
+    missing_in = [name for name in (INPUT_IDS, *past) if name not in in_specs]
+    if missing_in:
+        raise BundleError(_missing("input", missing_in))
+    missing_out = [name for name in (LOGITS, *present) if name not in out_specs]
+    if missing_out:
+        raise BundleError(_missing("output", missing_out))
+    unknown = [name for name in in_specs if name not in {INPUT_IDS, *past, *OPTIONAL_INPUTS}]
+    if unknown:
+        raise BundleError(f"{MODEL_ONNX} has inputs a decode loop cannot feed: {', '.join(unknown)}")
+    problems = [_check_cache_tensor(in_specs[name], kv_heads, head_dim) for name in past]
+    problems += [_check_cache_tensor(out_specs[name], kv_heads, head_dim) for name in present]
+    ids, logits = in_specs[INPUT_IDS], out_specs[LOGITS]
+    if ids.dtype != "int64" or len(ids.shape) != 2:
+        problems.append(f"{INPUT_IDS} is {ids.dtype} {list(ids.shape)}, expected int64 [batch, seq]")
+    if logits.dtype != "float32" or len(logits.shape) != 3:
+        problems.append(
+            f"{LOGITS} is {logits.dtype} {list(logits.shape)}, expected float32 [batch, seq, vocab]"
+        )
+    elif isinstance(logits.shape[2], int) and logits.shape[2] != vocab_size:
+        problems.append(f"{LOGITS} has {logits.shape[2]} entries per token, bundle.json says {vocab_size}")
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise BundleError(f"{MODEL_ONNX}: {problems[0]}")
+
+
+def _read_info(path: Path) -> dict:
+    file = path / BUNDLE_JSON
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path}: no {BUNDLE_JSON} (not a prepared bundle, or an interrupted one)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"{file}: corrupt ({error})") from None
+    if not isinstance(info, dict):
+        raise BundleError(f"{file}: expected a JSON object, found {type(info).__name__}")
+    missing = [key for key in _FIELDS if key not in info]
+    if missing:
+        raise BundleError(f"{file}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    for key, kind in _FIELDS.items():
+        value = info[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BundleError(f"{file}: field {key} has the wrong type ({type(value).__name__})")
+    if info["schema"] != BUNDLE_SCHEMA:
+        raise BundleError(f"{file}: schema {info['schema']!r}, expected {BUNDLE_SCHEMA!r}")
+    for key in _POSITIVE_FIELDS:
+        if info[key] <= 0:
+            raise BundleError(f"{file}: field {key} must be positive, found {info[key]}")
+    if not all(isinstance(token, int) and token >= 0 for token in info["eos_token_ids"]):
+        raise BundleError(f"{file}: eos_token_ids must be non-negative integers")
+    return info
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A validated model bundle. Build it with :meth:`load`.
+
+    Attributes:
+        path: the bundle directory (absolute).
+        info: the parsed ``bundle.json``.
+        num_layers, kv_heads, head_dim, vocab_size: the cache geometry: each layer's past is
+            [batch, kv_heads, seq, head_dim] keys and the same for values; logits have
+            vocab_size entries per token.
+        input_names, output_names: the graph's inputs and outputs, in graph order.
+        eos_token_ids: the tokens that end generation.
+    """
+
+    path: Path
+    info: dict
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelBundle:
+        """Read and validate the bundle in directory ``path``: ``bundle.json`` (fields and
+        types), the presence of every required file, and the ONNX graph's inputs and outputs
+        (module docstring), which must also be the names ``bundle.json`` lists. The weights are
+        not read.
+
+        Raises:
+            BundleError: naming what is missing, corrupt or inconsistent.
+        """
+        path = Path(path).absolute()
+        if not path.is_dir():
+            raise BundleError(f"{path}: no such bundle directory")
+        info = _read_info(path)
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        if missing:
+            raise BundleError(f"{path}: missing {', '.join(missing)}")
+        inputs, outputs = read_graph(path / MODEL_ONNX)
+        check_graph(inputs, outputs, *(info[key] for key in _POSITIVE_FIELDS))
+        input_names = tuple(spec.name for spec in inputs)
+        output_names = tuple(spec.name for spec in outputs)
+        if list(input_names) != info["input_names"] or list(output_names) != info["output_names"]:
+            raise BundleError(
+                f"{path}: the input/output names in {BUNDLE_JSON} are not those of {MODEL_ONNX} "
+                "(a stale or edited bundle: prepare it again)"
+            )
+        return cls(
+            path=path,
+            info=info,
+            num_layers=info["num_layers"],
+            kv_heads=info["kv_heads"],
+            head_dim=info["head_dim"],
+            vocab_size=info["vocab_size"],
+            input_names=input_names,
+            output_names=output_names,
+            eos_token_ids=tuple(info["eos_token_ids"]),
+        )
+
+    @property
+    def has_position_ids(self) -> bool:
+        """Whether the graph takes ``position_ids`` [batch, seq] (past length + arange(seq))."""
+        return "position_ids" in self.input_names
+
+    @property
+    def has_attention_mask(self) -> bool:
+        """Whether the graph takes ``attention_mask`` [batch, past + seq] (ones, unpadded)."""
+        return "attention_mask" in self.input_names
+
+    @property
+    def has_cache_position(self) -> bool:
+        """Whether the graph takes ``cache_position`` [seq] (past length + arange(seq))."""
+        return "cache_position" in self.input_names
+
+    @property
+    def has_use_cache_branch(self) -> bool:
+        """Whether the graph takes ``use_cache_branch`` (a merged decoder's bool [1])."""
+        return "use_cache_branch" in self.input_names
+
+    @cached_property
+    def _tokenizer(self) -> tokenizers.Tokenizer:
+        from tokenizers import Tokenizer
+
+        file = self.path / TOKENIZER_JSON
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception as error:  # tokenizers raises plain Exception on a bad file
+            raise BundleError(f"{file}: not a readable tokenizer ({error})") from None
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """The bundle's tokenizer (``tokenizer.json``), loaded once per bundle object."""
+        return self._tokenizer
+
+    def session(self, threads: int | None = None) -> onnxruntime.InferenceSession:
+        """A new ONNX Runtime session on the CPU execution provider, with ``threads`` intra-op
+        threads (``None``: ONNX Runtime's default, one per core) and one inter-op thread."""
+        import onnxruntime
+
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        return onnxruntime.InferenceSession(
+            str(self.path / MODEL_ONNX), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with the special tokens the model expects (Gemma's BOS; none
+        for SmolLM2)."""
+        return self.tokenizer().encode(text).ids
+
+    def decode(self, ids: Any) -> str:
+        """Text of token ids (any iterable of ints), special tokens included."""
+        return self.tokenizer().decode([int(token) for token in ids], skip_special_tokens=False)

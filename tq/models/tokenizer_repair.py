@@ -1,0 +1,119 @@
+"""Repairs of the tokenizers transformers converts from GGUF files (DESIGN.md section 5).
+
+- SmolLM2: the converted tokenizer adds ``<|im_start|>`` as a BOS token to every text and names
+  it as the EOS token, while the GGUF says ``add_bos_token = false`` and EOS ``<|im_end|>`` (id
+  2). The repaired tokenizer adds nothing, has EOS = pad = ``<|im_end|>``, and decodes with the
+  plain byte-level decoder the GGUF's ``gpt2`` tokenizer model implies.
+- Gemma 3: transformers converts the GGUF's SentencePiece vocabulary to a Unigram model, whose
+  segmentation differs from Gemma's byte-fallback BPE ("The capital of France is" ->
+  ``[2, 818, 505, 670, ...]`` instead of ``[2, 818, 5279, 529, 7001, 563]``). The tokenizer is
+  rebuilt from the GGUF's tokens, scores and token types as byte-fallback BPE, the way
+  transformers' ``GemmaConverter`` builds it from the SentencePiece model: merges ranked by the
+  score of the merged piece, spaces normalized to ``▁``, control tokens special, user-defined
+  tokens matched verbatim, ``<bos>`` added in front.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_BOS = "<|im_start|>"
+SMOLLM2_EOS = "<|im_end|>"
+SMOLLM2_UNK = "<|endoftext|>"
+
+# GGUF token types (gguf.TokenType).
+_CONTROL = 3
+_USER_DEFINED = 4
+
+
+def repair_smollm2(converted: Any) -> Any:
+    """The SmolLM2 tokenizer, fixed: no BOS added, EOS and pad ``<|im_end|>``.
+
+    Args:
+        converted: the ``PreTrainedTokenizerFast`` that ``AutoTokenizer.from_pretrained(dir,
+            gguf_file=...)`` returns for the SmolLM2 GGUF.
+
+    Returns:
+        A new ``PreTrainedTokenizerFast`` with the same vocabulary, merges, added tokens and
+        chat template.
+    """
+    from tokenizers import Tokenizer, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(converted.backend_tokenizer.to_str())
+    backend.post_processor = None
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=SMOLLM2_BOS,
+        eos_token=SMOLLM2_EOS,
+        pad_token=SMOLLM2_EOS,
+        unk_token=SMOLLM2_UNK,
+        chat_template=converted.chat_template,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _gguf_array(field: Any) -> list:
+    """The items of a GGUF array field (strings decoded as UTF-8), without gguf's slow
+    per-item ``contents()``."""
+    items = [field.parts[index] for index in field.data]
+    if field.types[-1].name == "STRING":
+        return [bytes(item).decode("utf-8") for item in items]
+    return [item.item() for item in items]
+
+
+def _gguf_token(fields: Any, tokens: list[str], role: str) -> str:
+    """The token the GGUF names for ``role`` (``"bos"``, ``"eos"``, ``"unknown"``, ``"padding"``)."""
+    field = fields[f"tokenizer.ggml.{role}_token_id"]
+    return tokens[int(field.parts[field.data[0]][0])]
+
+
+def gemma3_tokenizer(gguf_path: str | os.PathLike) -> Any:
+    """Gemma 3's tokenizer, rebuilt from a GGUF file as byte-fallback BPE (module docstring).
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` that adds the BOS token (``<bos>``, id 2) in front of every
+        text, with the BOS, EOS, unknown and padding tokens the GGUF names.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    fields = GGUFReader(Path(gguf_path)).fields
+    tokens = _gguf_array(fields["tokenizer.ggml.tokens"])
+    scores = _gguf_array(fields["tokenizer.ggml.scores"])
+    types = _gguf_array(fields["tokenizer.ggml.token_type"])
+    vocab = {token: index for index, token in enumerate(tokens)}
+    bos, eos, unk, pad = (_gguf_token(fields, tokens, role) for role in ("bos", "eos", "unknown", "padding"))
+    merges = generate_merges(vocab, list(zip(tokens, scores, strict=True)))
+    backend = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.add_tokens(
+        [
+            AddedToken(token, normalized=False, special=kind == _CONTROL)
+            for token, kind in zip(tokens, types, strict=True)
+            if kind in (_CONTROL, _USER_DEFINED)
+        ]
+    )
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos}:1 $B:1",
+        special_tokens=[(bos, vocab[bos])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        clean_up_tokenization_spaces=False,
+    )
