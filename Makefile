@@ -10,7 +10,7 @@ export TQ_CACHE_DIR ?= $(HOME)/.cache/tq
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,models]'
+	$(BIN)/pip install --quiet -e '.[test,models,pipeline]'
 	touch $(STAMP)
 
 install: $(STAMP)
