@@ -1,0 +1,403 @@
+"""The report: records in, one flat table, a CSV that round-trips, markdown with valid PNG plots."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tq.bench.synthetic import run_synthetic
+from tq.bench.trace import run_trace
+from tq.fileio import write_json
+from tq.kvcache import CacheConfig
+from tq.records import make_record
+from tq.report import (
+    COORDINATES,
+    RecordError,
+    load_records,
+    markdown_table,
+    read_summary,
+    summary_table,
+    write_report,
+    write_summary,
+)
+from tq.trace import KvTrace
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SECTIONS = (
+    "## Headline",
+    "## 1. Distortion vs bits",
+    "## 2a. Attention quality vs bits",
+    "## 2b. Next-token quality vs bits",
+    "## 3. Perplexity and KV memory vs bits",
+    "## 4. Throughput",
+    "## What these numbers mean",
+)
+PLOTS = (
+    "distortion_vs_bits.png",
+    "quality_trace.png",
+    "quality_compare.png",
+    "perplexity_vs_bits.png",
+    "throughput.png",
+)
+
+
+def _trace(layer: int) -> KvTrace:
+    rng = np.random.default_rng(layer)
+    keys = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    values = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    positions = np.sort(rng.choice(np.arange(4, 40), size=(2, 4), replace=False), axis=1).astype(np.int64)
+    queries = np.take_along_axis(keys, positions[:, :, None], axis=1) + rng.standard_normal((2, 4, 32))
+    return KvTrace(keys, values, queries.astype(np.float32), positions, "tiny-test", layer, 0, "none")
+
+
+def _compare_record(bits: float, strategy: str = "mse", agreement: float = 0.9) -> dict:
+    """A real-model compare record with the fields tq.bench.real_model writes."""
+    cache = CacheConfig(key_bits=bits, value_bits=bits, key_strategy=strategy)
+    config = {
+        "workload": "real-model",
+        "bundle": "/bundles/tiny",
+        "model": "tiny-llama",
+        "mode": "compare",
+        "prompts": 2,
+        "max_new_tokens": 8,
+        "top_k": 5,
+        "threads": 2,
+        "cache": cache.describe(),
+        "exact_layers": [0, 3],
+        "note": "float attention",
+    }
+    metrics = {
+        "exact_kv": {"kv_nbytes": 4096, "kv_float_nbytes": 4096, "kv_compression_ratio": 1.0},
+        "quantized_kv": {"kv_nbytes": 1024, "kv_float_nbytes": 4096, "kv_compression_ratio": 32 / bits},
+        "logit_rmse": 0.5 / bits,
+        "topk_agreement": agreement,
+        "top1_agreement": agreement,
+        "kl_divergence": 0.2 / bits,
+        "cross_entropy": 1.1,
+        "perplexity": 3.0,
+        "exact_cross_entropy": 1.0,
+        "token_match_rate": agreement,
+        "divergence_rate": 0.5,
+        "first_divergence_steps": [3, None],
+        "teacher_forced_steps": 16,
+        "decode_speed_ratio": 0.9,
+        "per_prompt": [{"prompt_tokens": 4, "exact_text": "a", "quantized_text": "b"}],
+    }
+    side = {"prefill_seconds_mean": 0.05, "decode_tokens_per_s": 100.0, "generated_tokens": 16}
+    return make_record("real-model", config, metrics, {"exact": side, "quantized": side}, 2)
+
+
+def _exact_record() -> dict:
+    """A real-model exact-mode record: no cache configuration, exact KV memory only."""
+    config = {
+        "workload": "real-model",
+        "bundle": "/bundles/tiny",
+        "model": "tiny-llama",
+        "mode": "exact",
+        "prompts": 1,
+        "max_new_tokens": 4,
+        "top_k": 5,
+        "threads": 2,
+        "cache": None,
+        "exact_layers": [],
+    }
+    metrics = {
+        "exact_kv": {"kv_nbytes": 4096, "kv_float_nbytes": 4096, "kv_compression_ratio": 1.0},
+        "per_prompt": [{"prompt_tokens": 4, "exact_text": "a"}],
+    }
+    timing = {"exact": {"prefill_seconds_mean": 0.04, "decode_tokens_per_s": 120.0, "generated_tokens": 4}}
+    return make_record("real-model", config, metrics, timing, 2)
+
+
+def _perplexity_record(bits: float, ratio: float, protocol: str = "decode") -> dict:
+    """A perplexity record with the fields tq.bench.perplexity writes."""
+    config = {
+        "workload": "perplexity",
+        "bundle": "/bundles/tiny",
+        "model": "tiny-llama",
+        "text": "Wikipedia excerpt",
+        "windows": 2,
+        "window": 64,
+        "context": 32,
+        "threads": 2,
+        "cache": CacheConfig(key_bits=bits, value_bits=bits).describe(),
+        "exact_layers": [],
+        "protocol": protocol,
+    }
+    metrics = {
+        "exact_perplexity": 18.0,
+        "quantized_perplexity": 18.0 * ratio,
+        "perplexity_ratio": ratio,
+        "kl_divergence": 0.1 * ratio,
+        "top1_agreement": 1 / ratio,
+        "scored_tokens": 64,
+        "context_kv_nbytes": 1000,
+        "context_kv_float_nbytes": 7000,
+        "kv_compression_ratio": 7.0,
+        "window_perplexities": {"exact": [17.0, 19.0], "quantized": [17.5, 19.5]},
+    }
+    return make_record("real-model", config, metrics, {"seconds": 3.0}, 2)
+
+
+@pytest.fixture(scope="module")
+def synthetic_records():
+    runs = [(32, bits, "mse") for bits in (1, 2)] + [(32, bits, "prod") for bits in (2, 3)]
+    return [
+        run_synthetic(dim=dim, bits=bits, strategy=strategy, n=256, quick=True)
+        for dim, bits, strategy in runs
+    ]
+
+
+@pytest.fixture(scope="module")
+def trace_records(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("traces")
+    records = []
+    for layer in (0, 1):
+        path = folder / f"layer{layer}.safetensors"
+        _trace(layer).save(path)
+        for config in (
+            CacheConfig(key_bits=2, value_bits=2),
+            CacheConfig(key_bits=4, value_bits=4),
+            CacheConfig(key_bits=3, value_bits=3, key_strategy="prod"),
+            CacheConfig(key_strategy="exact", value_strategy="exact"),
+        ):
+            records.append(run_trace(path, config))
+    return records
+
+
+@pytest.fixture(scope="module")
+def real_records():
+    return [
+        _compare_record(2, agreement=0.625),
+        _compare_record(4, agreement=0.875),
+        _compare_record(3, strategy="prod", agreement=0.5),
+        _exact_record(),
+        _perplexity_record(2, 1.375),
+        _perplexity_record(4, 1.0625),
+        _perplexity_record(4, 1.03125, protocol="window"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def records(synthetic_records, trace_records, real_records):
+    return [*synthetic_records, *trace_records, *real_records]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, records):
+    """The report of every record, written once for the tests that read it."""
+    return write_report(summary_table(records), tmp_path_factory.mktemp("report") / "report")
+
+
+def _images(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def _section(markdown: str, heading: str) -> str:
+    start = markdown.index(heading)
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start : end if end >= 0 else None]
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def test_load_records_reads_files_in_order(tmp_path, records):
+    paths = []
+    for index, record in enumerate(records):
+        paths.append(tmp_path / f"{index:02d}.json")
+        write_json(paths[-1], record)
+    assert load_records(paths) == json.loads(json.dumps(records))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "a record is a JSON object"),
+        (json.dumps({"schema": "tq.result/0", "source": "synthetic"}), "schema must be"),
+        (json.dumps({"schema": "tq.result/1", "source": "magic"}), "source must be one of"),
+        (
+            json.dumps(
+                {"schema": "tq.result/1", "source": "trace", "config": {}, "metrics": [], "timing": {}}
+            ),
+            "'metrics' must be a JSON object",
+        ),
+    ],
+)
+def test_bad_record_file_is_rejected_naming_it(tmp_path, records, content, message):
+    good = tmp_path / "good.json"
+    write_json(good, records[0])
+    bad = tmp_path / "bad-record.json"
+    bad.write_text(content)
+    with pytest.raises(RecordError, match=message) as error:
+        load_records([good, bad])
+    assert str(bad) in str(error.value)
+
+
+def test_missing_record_file_is_named(tmp_path):
+    missing = tmp_path / "absent.json"
+    with pytest.raises(RecordError, match="cannot read") as error:
+        load_records([missing])
+    assert str(missing) in str(error.value)
+
+
+# --------------------------------------------------------------------------------- table
+
+
+def test_summary_table_has_one_flat_row_per_record(records):
+    table = summary_table(records)
+    assert len(table) == len(records)
+    assert list(table.columns[: len(COORDINATES)]) == list(COORDINATES)
+    assert list(table.columns[-2:]) == ["tq_version", "created"]
+    assert table.columns.is_unique
+    # Lists (per_prompt, first_divergence_steps, window perplexities) and text are left out.
+    for dropped in ("per_prompt", "first_divergence_steps", "window_perplexities.exact", "note", "text"):
+        assert not any(column.startswith(dropped) for column in table.columns), dropped
+    for nested in (
+        "quantized_kv.kv_compression_ratio",
+        "timing.seconds.quantize",
+        "timing.exact.decode_tokens_per_s",
+        "timing.quantize_vectors_per_s",
+    ):
+        assert nested in table.columns, nested
+    assert table["workload"].value_counts().to_dict() == {
+        "synthetic": 4,
+        "trace": 8,
+        "real-model": 4,
+        "perplexity": 3,
+    }
+
+
+def test_summary_table_values_come_from_the_records(records, synthetic_records, trace_records):
+    table = summary_table(records)
+    first = synthetic_records[1]
+    row = table[(table["workload"] == "synthetic") & (table["bits"] == 2) & (table["strategy"] == "mse")]
+    assert len(row) == 1
+    assert row["d_mse"].item() == first["metrics"]["d_mse"]
+    assert row["timing.seconds.quantize"].item() == first["timing"]["seconds"]["quantize"]
+    assert np.isnan(table.loc[table["strategy"] == "prod", "d_mse_expected"]).all()
+
+    compare = table[(table["mode"] == "compare") & (table["key_strategy"] == "prod")]
+    assert compare["bits"].item() == 3 and compare["key_bits"].item() == 3
+    assert compare["quantized_kv.kv_compression_ratio"].item() == 32 / 3
+    assert compare["exact_layers"].item() == "0,3"
+    exact = table[table["mode"] == "exact"]
+    assert exact["exact_layers"].item() == "none"
+    assert exact[["bits", "key_bits", "key_strategy"]].isna().all(axis=None)
+
+    trace = table[(table["workload"] == "trace") & (table["layer"] == 1) & (table["key_strategy"] == "prod")]
+    # The trace metric key_bits would collide with the cache's key_bits coordinate.
+    assert trace["metrics.key_bits"].item() == trace_records[6]["metrics"]["key_bits"]
+    assert trace["softmax_kl"].item() == trace_records[6]["metrics"]["softmax_kl"]
+    assert trace["value_bits"].item() == 3 and trace["bits"].item() == 3
+    both_exact = table[(table["workload"] == "trace") & (table["key_strategy"] == "exact")]
+    assert both_exact["bits"].isna().all()
+    assert table.loc[table["protocol"] == "window", "perplexity_ratio"].item() == 1.03125
+
+
+def test_summary_table_does_not_depend_on_record_order(records):
+    shuffled = list(records)
+    random.Random(3).shuffle(shuffled)
+    pd.testing.assert_frame_equal(summary_table(records), summary_table(shuffled))
+
+
+def test_summary_table_rejects_a_bad_record(records):
+    with pytest.raises(RecordError, match="record 1: source must be"):
+        summary_table([records[0], {**records[0], "source": "magic"}])
+
+
+def test_csv_round_trips(tmp_path, records):
+    table = summary_table(records)
+    path = tmp_path / "out" / "summary.csv"
+    write_summary(table, path)
+    assert [p.name for p in path.parent.iterdir()] == ["summary.csv"]  # no temporary file left
+    pd.testing.assert_frame_equal(read_summary(path), table)
+
+
+def test_empty_table_keeps_its_columns(tmp_path):
+    table = summary_table([])
+    assert table.empty and list(table.columns) == [*COORDINATES, "tq_version", "created"]
+    write_summary(table, tmp_path / "empty.csv")
+    pd.testing.assert_frame_equal(read_summary(tmp_path / "empty.csv"), table)
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def test_report_has_every_section_and_valid_plots(report):
+    path = report
+    assert path.name == "report.md" and path.parent.name == "report"
+    markdown = path.read_text()
+    positions = [markdown.index(heading) for heading in SECTIONS]
+    assert positions == sorted(positions)
+    assert "omitted" not in markdown
+    assert sorted(_images(markdown)) == sorted(PLOTS)
+    for name in PLOTS:
+        data = (path.parent / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([*PLOTS, "report.md"])
+
+
+def test_report_tables_are_generated_from_the_records(report, synthetic_records):
+    markdown = report.read_text()
+    headline = _section(markdown, "## Headline")
+    assert "1.375" in headline and "1.062" in headline and "1.031" in headline
+    assert "perplexity (decode)" in headline and "perplexity (window)" in headline
+    assert "compare (teacher-forced)" in headline and "0.625" in headline and "0.875" in headline
+    distortion = _section(markdown, "## 1. Distortion")
+    for record in synthetic_records:
+        assert f"{record['metrics']['d_mse']:.4g}" in distortion
+    trace = _section(markdown, "## 2a.")
+    assert "| prod 3 |" in trace and "| exact |" in trace
+    notes = _section(markdown, "## What these numbers mean")
+    assert "ONNX Runtime" in notes and "`decode`" in notes and "`window`" in notes
+
+
+def test_report_is_deterministic(tmp_path, records, report):
+    again = write_report(summary_table(records), tmp_path)
+    for name in [*PLOTS, "report.md"]:
+        assert (again.parent / name).read_bytes() == (report.parent / name).read_bytes(), name
+
+
+def test_empty_record_set_still_gives_a_report(tmp_path):
+    path = write_report(summary_table([]), tmp_path / "custom.md")
+    assert path == tmp_path / "custom.md"
+    markdown = path.read_text()
+    assert "Generated from 0 result records." in markdown
+    assert all(heading in markdown for heading in SECTIONS)
+    assert markdown.count("omitted") == 7  # headline, 1, 2a, 2b, 3, and two throughput parts
+    assert _images(markdown) == []
+    assert "No perplexity records, so no perplexity protocol was used." in markdown
+    assert [p.name for p in tmp_path.iterdir()] == ["custom.md"]
+
+
+def test_partial_record_set_reports_what_it_has(tmp_path, trace_records, real_records):
+    table = summary_table([*trace_records, real_records[-1]])
+    markdown = write_report(_through_csv(table, tmp_path), tmp_path).read_text()
+    assert sorted(_images(markdown)) == ["perplexity_vs_bits.png", "quality_trace.png"]
+    assert "No synthetic records: section omitted." in markdown
+    assert "No real-model compare records: section omitted." in markdown
+    assert "`window`" in markdown and "`decode`" not in markdown
+
+
+def _through_csv(table: pd.DataFrame, folder) -> pd.DataFrame:
+    """The table as the report rule sees it: written by aggregate, read back from CSV."""
+    write_summary(table, folder / "summary.csv")
+    return read_summary(folder / "summary.csv")
+
+
+def test_markdown_table_formats_cells():
+    table = pd.DataFrame({"a": [1.0, np.nan, 123456.789], "b": ["x|y", None, "z"]})
+    assert markdown_table(table, {"a": "A", "b": "B"}).splitlines() == [
+        "| A | B |",
+        "|---|---|",
+        "| 1 | x\\|y |",
+        "| - | - |",
+        "| 1.235e+05 | z |",
+    ]

@@ -1,0 +1,808 @@
+"""Turning result records (DESIGN.md section 4) into one summary table and a markdown report.
+
+The pipeline's ``aggregate`` rule reads result JSON files with :func:`load_records`, flattens
+them with :func:`summary_table` and writes the CSV with :func:`write_summary`; the ``report``
+rule reads it back with :func:`read_summary` and writes ``report.md`` and its PNG plots with
+:func:`write_report`. Every number in the report comes from the table: nothing is hard-coded,
+and a section without records is replaced by a one-line note.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tq.fileio import atomic_write_bytes
+from tq.records import SCHEMA, SOURCES
+
+REPORT_NAME = "report.md"
+
+# The sweep coordinates, always present in this order (empty where a record has none).
+# ``bits`` is the synthetic quantizer's width; for a KV cache it is the mean code width of the
+# quantized streams (keys and values; an exact stream does not count), empty when both are exact.
+COORDINATES = (
+    "source",
+    "workload",
+    "model",
+    "mode",
+    "protocol",
+    "dim",
+    "bits",
+    "strategy",
+    "key_bits",
+    "value_bits",
+    "key_strategy",
+    "value_strategy",
+    "residual_length",
+    "exact_layers",
+    "renormalize",
+    "norm_dtype",
+    "rotation",
+    "seed",
+    "layer",
+    "head",
+    "rope",
+    "head_dim",
+    "n",
+    "samples",
+    "seq_len",
+    "prompts",
+    "max_new_tokens",
+    "top_k",
+    "windows",
+    "window",
+    "context",
+    "threads",
+    "quick",
+    "kernels",
+    "trace",
+    "bundle",
+)
+PROVENANCE = ("tq_version", "created")
+# Coordinates that are text in the CSV whatever they look like ("0,29" or "4" stay strings).
+_TEXT_COLUMNS = (
+    "source",
+    "workload",
+    "model",
+    "mode",
+    "protocol",
+    "strategy",
+    "key_strategy",
+    "value_strategy",
+    "exact_layers",
+    "norm_dtype",
+    "rotation",
+    "rope",
+    "kernels",
+    "trace",
+    "bundle",
+    "tq_version",
+    "created",
+)
+_BOOL_COLUMNS = ("renormalize", "quick")
+_CACHE_FIELDS = (
+    "key_bits",
+    "value_bits",
+    "key_strategy",
+    "value_strategy",
+    "residual_length",
+    "renormalize",
+    "norm_dtype",
+    "seed",
+    "rotation",
+)
+# Cache settings other than the strategies that tell two lines of a quality plot apart.
+_LINE_SETTINGS = ("residual_length", "exact_layers", "renormalize", "norm_dtype", "rotation")
+
+HONEST_NOTE = """\
+- **Attention is still float.** In the real-model runs ONNX Runtime computes ordinary float
+  attention over the *reconstruction* of the quantized cache. What is quantized is what the
+  cache stores between calls; there is no quantized attention kernel, so decode speed here says
+  nothing about a fused kernel's speed.
+- **The current call's own keys and values are exact.** The graph computes them within the call
+  and uses them for that call's attention; they are quantized as they enter the cache and only
+  later calls see the quantized versions. A long prefill therefore attends to itself exactly.
+- **Stored bits count everything.** Compression ratios divide fp32 bytes by every byte the cache
+  keeps: codes, per-vector norms (and Prod's residual norms and sign bits), and any tokens or
+  layers kept exact. The nominal code width (`bits`) is not the storage cost.
+- **Teacher-forced cross-entropy is a drift measure.** In compare mode the quantized run is scored
+  on the exact run's own greedy tokens: its "perplexity" measures how far the quantized model
+  drifts from the exact one, not how well either predicts a dataset. Only the perplexity section
+  scores real text."""
+
+PROTOCOL_NOTES = {
+    "window": "`window`: the context is prefilled in one call and stored in the cache (quantized "
+    "or not); the scored continuation is fed in one more call, so it reads the context through the "
+    "cache but attends to its own tokens exactly. It measures a quantized context only.",
+    "decode": "`decode` (DESIGN.md section 10): the context is prefilled, then the continuation is "
+    "decoded one token at a time with teacher forcing, every new token's keys and values quantized "
+    "as they enter the cache, as a decoding server with a quantized cache would see it.",
+}
+
+
+class RecordError(ValueError):
+    """A result file is unreadable or not a ``tq.result/1`` record; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------- records
+
+
+def _check_record(record: Any) -> str | None:
+    """What is wrong with a parsed record, or None when its envelope is valid."""
+    if not isinstance(record, dict):
+        return f"a record is a JSON object, got {type(record).__name__}"
+    if record.get("schema") != SCHEMA:
+        return f"schema must be {SCHEMA!r}, got {record.get('schema')!r}"
+    if record.get("source") not in SOURCES:
+        return f"source must be one of {SOURCES}, got {record.get('source')!r}"
+    for part in ("config", "metrics", "timing"):
+        if not isinstance(record.get(part), dict):
+            return f"{part!r} must be a JSON object, got {type(record.get(part)).__name__}"
+    return None
+
+
+def load_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Read result JSON files, in the order given, and validate each envelope.
+
+    Raises:
+        RecordError: a file cannot be read, is not JSON, or is not a ``tq.result/1`` record of
+            a known source; the message names the file and the problem.
+    """
+    records = []
+    for path in paths:
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except OSError as error:
+            raise RecordError(f"{path}: cannot read ({error.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RecordError(f"{path}: not valid JSON ({error})") from None
+        problem = _check_record(record)
+        if problem:
+            raise RecordError(f"{path}: not a result record: {problem}")
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------------- table
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict under dotted names; None becomes NaN, lists and text are
+    skipped."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif value is None:
+            flat[name] = math.nan
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _cache_bits(cache: dict[str, Any]) -> float | None:
+    widths = [cache[f"{part}_bits"] for part in ("key", "value") if cache[f"{part}_strategy"] != "exact"]
+    return float(np.mean(widths)) if widths else None
+
+
+def _coordinates(record: dict[str, Any]) -> dict[str, Any]:
+    config = record["config"]
+    row: dict[str, Any] = {name: config.get(name) for name in COORDINATES if name in config}
+    row["source"] = record["source"]
+    row["workload"] = config.get("workload", record["source"])
+    cache = config.get("cache")
+    if isinstance(cache, dict):
+        row.update({name: cache[name] for name in _CACHE_FIELDS if name in cache})
+        if "key_strategy" in cache and "value_strategy" in cache:
+            row["bits"] = _cache_bits(cache)
+    if isinstance(row.get("exact_layers"), list):
+        row["exact_layers"] = ",".join(str(layer) for layer in row["exact_layers"]) or "none"
+    row["tq_version"] = record.get("env", {}).get("tq") if isinstance(record.get("env"), dict) else None
+    row["created"] = record.get("created")
+    return row
+
+
+def summary_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per record: the sweep coordinates (:data:`COORDINATES`), every numeric metric
+    (nested ones as dotted names such as ``quantized_kv.kv_compression_ratio``; lists such as
+    ``per_prompt`` are left out), the timing figures as ``timing.<name>``, then ``tq_version``
+    and ``created``.
+
+    Columns: the coordinates in their fixed order, metrics and timings each in name order, so
+    the same records always give the same columns; a metric whose name is also a coordinate
+    (the trace workload's ``key_bits``) is ``metrics.<name>``. Rows are sorted by the
+    coordinates, so the order of the records does not matter.
+    """
+    rows, metric_names, timing_names = [], set(), set()
+    for record in records:
+        problem = _check_record(record)
+        if problem:
+            raise RecordError(f"record {len(rows)}: {problem}")
+        row = _coordinates(record)
+        metrics = {
+            (f"metrics.{name}" if name in COORDINATES else name): value
+            for name, value in _flatten(record["metrics"]).items()
+        }
+        timing = _flatten(record["timing"], "timing.")
+        metric_names.update(metrics)
+        timing_names.update(timing)
+        rows.append(row | metrics | timing)
+    columns = [*COORDINATES, *sorted(metric_names), *sorted(timing_names), *PROVENANCE]
+    table = pd.DataFrame.from_records(rows, columns=columns)
+    return _typed(table).sort_values(columns, kind="stable", na_position="last").reset_index(drop=True)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as strings, flags as nullable booleans, everything else as float."""
+    table = table.copy()
+    for name in table.columns:
+        if name in _TEXT_COLUMNS:
+            table[name] = table[name].astype("string")
+        elif name in _BOOL_COLUMNS:
+            table[name] = table[name].astype("boolean")
+        else:
+            table[name] = pd.to_numeric(table[name]).astype("float64")
+    return table
+
+
+def write_summary(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write the summary table as CSV, atomically."""
+    atomic_write_bytes(path, table.to_csv(index=False).encode())
+
+
+def read_summary(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV written by :func:`write_summary` back with the same columns and types."""
+    table = pd.read_csv(path, dtype={name: "string" for name in _TEXT_COLUMNS})
+    return _typed(table)
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def _format(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        if float(value).is_integer() and abs(value) < 1e6:
+            return str(int(value))
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(table: pd.DataFrame, headers: dict[str, str]) -> str:
+    """A GitHub markdown table of the columns named in ``headers`` (column -> header text);
+    numbers to 4 significant digits, missing values as "-"."""
+    lines = ["| " + " | ".join(headers.values()) + " |", "|" + "---|" * len(headers)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_format(row[name]) for name in headers) + " |")
+    return "\n".join(lines)
+
+
+def _strategy(row: pd.Series, part: str) -> str:
+    strategy = row[f"{part}_strategy"]
+    return "exact" if strategy == "exact" else f"{strategy} {_format(row[f'{part}_bits'])}"
+
+
+def _line_label(row: pd.Series, settings: Sequence[str]) -> str:
+    label = f"K {row['key_strategy']} / V {row['value_strategy']}"
+    extras = [f"{name}={_format(row[name])}" for name in settings]
+    return ", ".join([label, *extras])
+
+
+def _column(table: pd.DataFrame, name: str) -> pd.Series:
+    """A column, or NaN where the table has no such column."""
+    return table[name] if name in table else pd.Series(math.nan, index=table.index)
+
+
+def _varying(table: pd.DataFrame, names: Iterable[str]) -> list[str]:
+    """The columns among ``names`` that take more than one value in ``table``."""
+    return [name for name in names if table[name].nunique(dropna=False) > 1]
+
+
+def _mean_by(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    """Mean of ``values`` per group of ``keys`` (missing keys form their own group), with a count."""
+    table = table.assign(**{name: math.nan for name in values if name not in table})
+    grouped = table.groupby(keys, dropna=False, sort=True)
+    result = grouped[values].mean()
+    result["records"] = grouped.size()
+    return result.reset_index()
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def _save(figure: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _figure(panels: int) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    width = 5.2 * panels  # inches; fixed margins (a layout engine would double the drawing time)
+    figure = Figure(figsize=(width, 4.2))
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    figure.subplots_adjust(left=1.3 / width, right=1 - 0.15 / width, bottom=0.13, top=0.9, wspace=0.5)
+    return figure, list(axes)
+
+
+def _plot_lines(
+    axis: Any,
+    table: pd.DataFrame,
+    line_keys: list[str],
+    y: str,
+    label: Callable[[pd.Series], str],
+    **style: Any,
+) -> None:
+    """One line per group of ``line_keys``: ``y`` against ``bits``, points without a value left out."""
+    for _, line in table.groupby(line_keys, dropna=False, sort=True):
+        line = line.dropna(subset=["bits", y]).sort_values("bits")
+        if len(line):
+            axis.plot(line["bits"], line[y], marker="o", label=label(line.iloc[0]), **style)
+
+
+def _finish(axis: Any, title: str, ylabel: str, bits: pd.Series, log: bool = False) -> None:
+    """Titles, the measured bit widths as x ticks, an optional log y axis, grid and legend."""
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("bits per coordinate")
+    axis.set_xticks(sorted(bits.dropna().unique()))
+    axis.set_ylabel(ylabel)
+    if log:
+        axis.set_yscale("log")
+    axis.grid(True, alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7)
+
+
+# -------------------------------------------------------------------------------- sections
+
+
+def _synthetic(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["workload"] == "synthetic"]
+
+
+def _section_distortion(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    rows = _synthetic(table)
+    lines = ["## 1. Distortion vs bits (synthetic unit vectors)", ""]
+    if rows.empty:
+        return [*lines, "No synthetic records: section omitted.", ""]
+    metrics = [
+        "d_mse",
+        "d_mse_expected",
+        "d_mse_upper_bound",
+        "d_mse_lower_bound",
+        "ip_mse",
+        "ip_bias",
+        "d_prod_upper_bound",
+        "compression_ratio",
+    ]
+    means = _mean_by(rows, ["dim", "strategy", "bits"], metrics)
+    prod = means[means["strategy"] == "prod"]
+    figure, axes = _figure(2 if len(prod) else 1)
+    bounds = means.groupby("bits")[["d_mse_upper_bound", "d_mse_lower_bound"]].mean().reset_index()
+    axis = axes[0]
+    axis.plot(bounds["bits"], bounds["d_mse_upper_bound"], "k--", label="upper bound (√3π/2)·4^-b")
+    axis.plot(bounds["bits"], bounds["d_mse_lower_bound"], "k:", label="lower bound 4^-b")
+    _plot_lines(
+        axis,
+        means,
+        ["dim", "strategy"],
+        "d_mse",
+        lambda row: f"d={_format(row['dim'])} {row['strategy']} measured",
+    )
+    _finish(axis, "D_mse = E||x - x~||² (unit x)", "D_mse", means["bits"], log=True)
+    if len(prod):
+        axis = axes[1]
+        _plot_lines(axis, prod, ["dim"], "ip_mse", lambda row: f"d={_format(row['dim'])} prod measured")
+        _plot_lines(
+            axis,
+            prod,
+            ["dim"],
+            "d_prod_upper_bound",
+            lambda row: f"d={_format(row['dim'])} upper bound √3π²/d·4^-b",
+            linestyle="--",
+        )
+        _finish(axis, "D_prod = E(<q,x> - <q,x~>)² (Prod)", "D_prod", prod["bits"], log=True)
+    _save(figure, out_dir / "distortion_vs_bits.png")
+    headers = {
+        "dim": "d",
+        "strategy": "strategy",
+        "bits": "bits",
+        "d_mse": "D_mse",
+        "d_mse_expected": "D_mse Lloyd-Max",
+        "d_mse_lower_bound": "lower 4^-b",
+        "d_mse_upper_bound": "upper",
+        "ip_mse": "D_prod (ip MSE)",
+        "d_prod_upper_bound": "D_prod upper",
+        "ip_bias": "ip bias",
+        "compression_ratio": "compression",
+        "records": "records",
+    }
+    return [
+        *lines,
+        "Measured distortion of unit vectors against the paper's bounds (log scale). "
+        "For Prod, D_mse is that of its reconstruction; D_prod is the inner-product error.",
+        "",
+        "![distortion vs bits](distortion_vs_bits.png)",
+        "",
+        markdown_table(means, headers),
+        "",
+    ]
+
+
+def _quality_section(
+    rows: pd.DataFrame,
+    title: str,
+    empty: str,
+    plot: str,
+    metrics: list[tuple[str, str, bool]],
+    extra: dict[str, str],
+    out_dir: Path,
+    note: str,
+) -> list[str]:
+    """A quality-vs-bits figure (one panel per metric, one line per key/value strategy pair and
+    any other cache setting that varies) and its table, averaged over layers, heads and runs."""
+    lines = [title, ""]
+    if rows.empty:
+        return [*lines, empty, ""]
+    settings = _varying(rows, ["model", *_LINE_SETTINGS])
+    keys = ["model", "key_strategy", "value_strategy", "key_bits", "value_bits", "bits", *_LINE_SETTINGS]
+    means = _mean_by(rows, keys, [*(name for name, _, _ in metrics), *extra])
+    quantized = means[~((means["key_strategy"] == "exact") & (means["value_strategy"] == "exact"))]
+    figure, axes = _figure(len(metrics))
+    for axis, (name, label, log) in zip(axes, metrics, strict=True):
+        data = quantized[quantized[name] > 0] if log else quantized
+        _plot_lines(
+            axis,
+            data,
+            ["key_strategy", "value_strategy", *settings],
+            name,
+            lambda row: _line_label(row, settings),
+        )
+        _finish(axis, label, label, quantized["bits"], log=log)
+    _save(figure, out_dir / plot)
+    means = means.assign(
+        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
+    )
+    headers = {
+        "model": "model",
+        "keys": "keys",
+        "values": "values",
+        "residual_length": "residual",
+        "exact_layers": "exact layers",
+    }
+    headers |= {name: label for name, label, _ in metrics} | extra | {"records": "records"}
+    return [*lines, note, "", f"![{plot}]({plot})", "", markdown_table(means, headers), ""]
+
+
+def _section_trace(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    return _quality_section(
+        table[table["workload"] == "trace"],
+        "## 2a. Attention quality vs bits (KV traces)",
+        "No trace records: section omitted.",
+        "quality_trace.png",
+        [
+            ("softmax_kl", "softmax KL (nats)", True),
+            ("score_rmse", "score RMSE", True),
+            ("output_relative_error", "output relative error", True),
+            ("topk_overlap", "top-k overlap", False),
+        ],
+        {"compression_ratio": "compression", "stored_bits_per_coordinate": "stored bits/coord"},
+        out_dir,
+        "Attention of recorded queries over the exact and the quantized cache of one head, averaged "
+        "over the traced layers and heads. `bits` is the mean code width of the quantized streams; "
+        "caches with both streams exact are in the table only.",
+    )
+
+
+def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    rows = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
+    return _quality_section(
+        rows,
+        "## 2b. Next-token quality vs bits (real model, compare mode)",
+        "No real-model compare records: section omitted.",
+        "quality_compare.png",
+        [
+            ("top1_agreement", "top-1 agreement", False),
+            ("kl_divergence", "KL(exact || quantized)", True),
+            ("logit_rmse", "logit RMSE", True),
+        ],
+        {
+            "token_match_rate": "free-run token match",
+            "divergence_rate": "prompts diverged",
+            "quantized_kv.kv_compression_ratio": "KV compression",
+        },
+        out_dir,
+        "Teacher-forced comparison of the quantized cache with the exact one on the exact run's "
+        "greedy tokens (a drift measure); free-running columns decode on their own.",
+    )
+
+
+def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    rows = table[table["workload"] == "perplexity"]
+    lines = ["## 3. Perplexity and KV memory vs bits (real text)", ""]
+    if rows.empty:
+        return [*lines, "No perplexity records: section omitted.", ""]
+    settings = _varying(rows, ["model", "protocol", *_LINE_SETTINGS])
+    keys = [
+        "model",
+        "protocol",
+        "key_strategy",
+        "value_strategy",
+        "key_bits",
+        "value_bits",
+        "bits",
+        *_LINE_SETTINGS,
+    ]
+    metrics = [
+        "exact_perplexity",
+        "quantized_perplexity",
+        "perplexity_ratio",
+        "kl_divergence",
+        "top1_agreement",
+        "kv_compression_ratio",
+        "scored_tokens",
+    ]
+    means = _mean_by(rows, keys, metrics)
+    line_keys = ["key_strategy", "value_strategy", *settings]
+    figure, axes = _figure(3)
+    _plot_lines(axes[0], means, line_keys, "quantized_perplexity", lambda row: _line_label(row, settings))
+    for (model, protocol), exact in means.groupby(["model", "protocol"], dropna=False):
+        axes[0].axhline(
+            exact["exact_perplexity"].mean(),
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label=f"exact {_format(model)} ({_format(protocol)})",
+        )
+    _finish(axes[0], "perplexity (dashed: exact cache)", "perplexity", means["bits"], log=True)
+    _plot_lines(axes[1], means, line_keys, "perplexity_ratio", lambda row: _line_label(row, settings))
+    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"])
+    _plot_lines(axes[2], means, line_keys, "kv_compression_ratio", lambda row: _line_label(row, settings))
+    _finish(axes[2], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
+    _save(figure, out_dir / "perplexity_vs_bits.png")
+    means = means.assign(
+        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
+    )
+    headers = {
+        "model": "model",
+        "protocol": "protocol",
+        "keys": "keys",
+        "values": "values",
+        "residual_length": "residual",
+        "exact_layers": "exact layers",
+        "exact_perplexity": "ppl exact",
+        "quantized_perplexity": "ppl quantized",
+        "perplexity_ratio": "ratio",
+        "kl_divergence": "KL",
+        "top1_agreement": "top-1",
+        "kv_compression_ratio": "KV compression",
+        "scored_tokens": "scored tokens",
+        "records": "records",
+    }
+    return [
+        *lines,
+        "Cross-entropy of real text with the exact and the quantized cache "
+        "(see the protocols in the notes below).",
+        "",
+        "![perplexity vs bits](perplexity_vs_bits.png)",
+        "",
+        markdown_table(means, headers),
+        "",
+    ]
+
+
+def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    lines = ["## 4. Throughput", ""]
+    rows = _synthetic(table)
+    if rows.empty:
+        lines += ["No synthetic records: quantizer throughput omitted.", ""]
+    else:
+        speeds = [
+            "timing.quantize_vectors_per_s",
+            "timing.dequantize_vectors_per_s",
+            "timing.inner_product_pairs_per_s",
+        ]
+        means = _mean_by(rows, ["dim", "strategy", "kernels", "bits"], speeds)
+        figure, axes = _figure(2)
+        for axis, name, title in zip(axes, speeds[:2], ("quantize", "dequantize"), strict=True):
+            _plot_lines(
+                axis,
+                means,
+                ["dim", "strategy", "kernels"],
+                name,
+                lambda row: f"d={_format(row['dim'])} {row['strategy']} ({row['kernels']})",
+            )
+            _finish(axis, f"{title} (median, vectors/s)", "vectors / s", means["bits"], log=True)
+        _save(figure, out_dir / "throughput.png")
+        headers = {
+            "dim": "d",
+            "strategy": "strategy",
+            "kernels": "kernels",
+            "bits": "bits",
+            "timing.quantize_vectors_per_s": "quantize vec/s",
+            "timing.dequantize_vectors_per_s": "dequantize vec/s",
+            "timing.inner_product_pairs_per_s": "inner products pairs/s",
+            "records": "records",
+        }
+        lines += [
+            "Quantizer speed on random unit vectors (median of repeats after a warm-up).",
+            "",
+            "![throughput](throughput.png)",
+            "",
+            markdown_table(means, headers),
+            "",
+        ]
+    real = table[table["workload"] == "real-model"]
+    if real.empty:
+        return [*lines, "No real-model records: decode speed omitted.", ""]
+    keys = [
+        "model",
+        "mode",
+        "key_strategy",
+        "value_strategy",
+        "key_bits",
+        "value_bits",
+        "residual_length",
+        "exact_layers",
+        "threads",
+    ]
+    speeds = [
+        "timing.exact.decode_tokens_per_s",
+        "timing.quantized.decode_tokens_per_s",
+        "timing.exact.prefill_seconds_mean",
+        "timing.quantized.prefill_seconds_mean",
+    ]
+    means = _mean_by(real, keys, speeds)
+    means = means.assign(
+        cache=[
+            "-"
+            if pd.isna(row["key_strategy"])
+            else f"K {_strategy(row, 'key')} / V {_strategy(row, 'value')}"
+            for _, row in means.iterrows()
+        ]
+    )
+    headers = {
+        "model": "model",
+        "mode": "mode",
+        "cache": "cache",
+        "threads": "threads",
+        "timing.exact.decode_tokens_per_s": "exact tok/s",
+        "timing.quantized.decode_tokens_per_s": "quantized tok/s",
+        "timing.exact.prefill_seconds_mean": "exact prefill s",
+        "timing.quantized.prefill_seconds_mean": "quantized prefill s",
+        "records": "records",
+    }
+    return [
+        *lines,
+        "Real-model decode speed (ONNX Runtime float attention over the reconstruction; see the notes).",
+        "",
+        markdown_table(means, headers),
+        "",
+    ]
+
+
+def _headline(table: pd.DataFrame) -> list[str]:
+    lines = ["## Headline", ""]
+    kinds = []
+    perplexity = table[table["workload"] == "perplexity"]
+    if not perplexity.empty:
+        kinds.append(
+            perplexity.assign(
+                measure="perplexity (" + perplexity["protocol"].fillna("?") + ")",
+                kv=_column(perplexity, "kv_compression_ratio"),
+            )
+        )
+    compare = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
+    if not compare.empty:
+        kinds.append(
+            compare.assign(
+                measure="compare (teacher-forced)", kv=_column(compare, "quantized_kv.kv_compression_ratio")
+            )
+        )
+    if not kinds:
+        return [*lines, "No perplexity or real-model compare records: headline omitted.", ""]
+    rows = pd.concat(kinds, ignore_index=True)
+    keys = [
+        "model",
+        "bits",
+        "key_strategy",
+        "value_strategy",
+        "key_bits",
+        "value_bits",
+        "residual_length",
+        "exact_layers",
+        "measure",
+    ]
+    means = _mean_by(rows, keys, ["perplexity_ratio", "top1_agreement", "kl_divergence", "kv"])
+    means = means.assign(
+        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
+    )
+    headers = {
+        "model": "model",
+        "bits": "bits",
+        "keys": "keys",
+        "values": "values",
+        "residual_length": "residual",
+        "exact_layers": "exact layers",
+        "measure": "measured by",
+        "perplexity_ratio": "perplexity ratio",
+        "top1_agreement": "top-1 agreement",
+        "kl_divergence": "KL",
+        "kv": "KV compression",
+        "records": "records",
+    }
+    return [
+        *lines,
+        "Per model and bit width: perplexity ratio (quantized / exact), top-1 agreement "
+        "and KL(exact || quantized) of the next-token distribution, and KV-cache compression "
+        "against fp32 (all stored bytes counted).",
+        "",
+        markdown_table(means, headers),
+        "",
+    ]
+
+
+def _notes(table: pd.DataFrame) -> list[str]:
+    lines = ["## What these numbers mean (and do not)", "", HONEST_NOTE, ""]
+    protocols = sorted(table.loc[table["workload"] == "perplexity", "protocol"].dropna().unique())
+    if protocols:
+        lines.append(f"Perplexity protocol{'s' if len(protocols) > 1 else ''} used in this report:")
+        lines += [f"- {PROTOCOL_NOTES.get(protocol, f'`{protocol}`')}" for protocol in protocols]
+    else:
+        lines.append("No perplexity records, so no perplexity protocol was used.")
+    return [*lines, ""]
+
+
+def write_report(
+    table: pd.DataFrame, out: str | os.PathLike, title: str = "TurboQuant KV-cache evaluation"
+) -> Path:
+    """Write the markdown report and its PNG plots; return the report's path.
+
+    ``out`` is the report file (``*.md``) or a directory for ``report.md``; plots go next to the
+    report under fixed names (``distortion_vs_bits.png``, ``quality_trace.png``,
+    ``quality_compare.png``, ``perplexity_vs_bits.png``, ``throughput.png``), each written only
+    when its section has records. Sections: headline table, distortion, attention quality on
+    traces, real-model compare, perplexity and KV memory, throughput, and what the numbers mean.
+    Everything is written atomically.
+    """
+    out = Path(out)
+    path = out if out.suffix == ".md" else out / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = _typed(table.reindex(columns=[*COORDINATES, *table.columns.difference(COORDINATES, sort=False)]))
+    counts = table.groupby(["source", "workload"], dropna=False).size()
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated from {len(table)} result record{'s' if len(table) != 1 else ''}"
+        + (
+            ": " + ", ".join(f"{count} {workload}" for (_, workload), count in counts.items())
+            if len(table)
+            else ""
+        )
+        + ".",
+        "",
+    ]
+    for section in (
+        _headline(table),
+        _section_distortion(table, path.parent),
+        _section_trace(table, path.parent),
+        _section_compare(table, path.parent),
+        _section_perplexity(table, path.parent),
+        _section_throughput(table, path.parent),
+        _notes(table),
+    ):
+        lines += section
+    atomic_write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")
+    return path
