@@ -15,14 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: for now the synthetic benchmark (d=128, b=4, MSE and Prod).
+# The main job: the default sweep of config.yaml (Snakefile) into results/, ending in results/report.md.
 run: $(STAMP)
-	mkdir -p results
-	$(BIN)/tq bench --workload synthetic --dim 128 --bits 4 --strategy mse --n 65536 --json results/synthetic-d128-b4-mse.json
-	$(BIN)/tq bench --workload synthetic --dim 128 --bits 4 --strategy prod --n 65536 --json results/synthetic-d128-b4-prod.json
+	$(BIN)/snakemake --cores all
 
 test: $(STAMP)
-	$(BIN)/ruff check tq tests
+	$(BIN)/ruff check tq tests workflow
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,0 +1,27 @@
+# tq: the TurboQuant KV-cache evaluation sweep (DESIGN.md section 8).
+#   snakemake --cores all                               # the default sweep (config.yaml)
+#   snakemake --cores all --configfile config/quick.yaml   # tiny models, about a minute
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/corpus.smk"
+include: "workflow/rules/traces.smk"
+include: "workflow/rules/synthetic.smk"
+include: "workflow/rules/evals.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report.md",
+    default_target: True

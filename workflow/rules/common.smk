@@ -1,0 +1,147 @@
+# Helpers shared by the rules: sweep coordinates from the config, and source hashes.
+import ast
+import hashlib
+from pathlib import Path
+
+TQ_ROOT = Path(workflow.basedir) / "tq"
+CONDA_ENV = "../../envs/tq.yaml"
+MODELS = {model["preset"]: model for model in config["models"]}
+STRATEGY = "mse|prod"
+BITS = r"\d(\.\d\d?)?"  # 1 .. 8, optionally fractional: 3.5, 2.25
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    layer=r"\d\d",
+    head=r"\d\d",
+    strategy=STRATEGY,
+    key_strategy=STRATEGY,
+    value_strategy=STRATEGY,
+    key_bits=BITS,
+    value_bits=BITS,
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a tq module (a package's __init__.py), or None outside tq."""
+    if name != "tq" and not name.startswith("tq."):
+        return None
+    path = TQ_ROOT.parent.joinpath(*name.split("."))
+    if path.is_dir():
+        return path / "__init__.py"
+    path = path.with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The modules that module ``name`` imports (at any depth of its code), its parent packages included."""
+    found = {".".join(name.split(".")[:n]) for n in range(1, name.count(".") + 1)}
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def tq_sources_hash(*modules: str) -> str:
+    """SHA-256 over the sources of ``modules`` and every tq module they import, transitively.
+
+    Goes into each rule's params: Snakemake does not track code a script imports, so an edit
+    to the library re-runs exactly the jobs whose code changed.
+    """
+    files: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        path = _module_file(name)
+        if path is None or name in files or path in files.values():
+            continue
+        files[name] = path
+        pending.extend(_imports(name, path))
+    digest = hashlib.sha256()
+    for path in sorted(set(files.values())):
+        digest.update(f"{path.relative_to(TQ_ROOT.parent)}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def bits_label(bits: float) -> str:
+    """3 -> "3", 3.5 -> "3.5": how a bit width appears in a file name."""
+    return f"{bits:g}"
+
+
+def cache_label(cache: dict) -> str:
+    """A cache setting as a file name: ``k3.5mse-v3mse``."""
+    return (
+        f"k{bits_label(cache['key_bits'])}{cache['key_strategy']}"
+        f"-v{bits_label(cache['value_bits'])}{cache['value_strategy']}"
+    )
+
+
+CACHES = [cache_label(cache) for cache in config["kv_caches"]]
+CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}"
+CACHE_OPTIONS = config["cache_options"]
+
+
+def trace_names(model: str) -> list[str]:
+    """``layer00-head00`` ... for the traces of ``model`` (tq.trace_export.trace_filename)."""
+    spec = MODELS[model]
+    return [f"layer{layer:02d}-head{head:02d}" for layer in spec["trace_layers"] for head in spec["trace_heads"]]
+
+
+def _bits(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+def cache_params(wildcards) -> dict:
+    """A job's tq.kvcache.CacheConfig fields: its wildcards' bits and strategies, and the shared
+    options (exact layers apart: they are not a CacheConfig field)."""
+    return {
+        "key_bits": _bits(wildcards.key_bits),
+        "key_strategy": wildcards.key_strategy,
+        "value_bits": _bits(wildcards.value_bits),
+        "value_strategy": wildcards.value_strategy,
+        **{k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+    }
+
+
+EXACT_LAYERS = {k: v for k, v in CACHE_OPTIONS.items() if k.startswith("exact_")}
+
+
+PROMPTS = config["prompts"]
+SUITE = Path(PROMPTS["file"]).stem
+
+
+FIGURES = {
+    "distortion_vs_bits": "Distortion",
+    "quality_trace": "Attention quality (traces)",
+    "quality_compare": "Next-token quality (compare)",
+    "perplexity_vs_bits": "Perplexity",
+    "throughput": "Throughput",
+}
+
+
+def all_records(wildcards) -> list[str]:
+    """Every result record of the sweep."""
+    synthetic = config["synthetic"]
+    records = [
+        f"results/synthetic/d{dim}-b{bits}-{strategy}.json"
+        for dim in synthetic["dims"]
+        for bits in synthetic["bits"]
+        for strategy in synthetic["strategies"]
+        if not (strategy == "prod" and bits < 2)  # Prod spends one bit on QJL signs
+    ]
+    for model in MODELS:
+        records += expand(
+            "results/trace_eval/{model}/{trace}/{cache}.json", model=model, trace=trace_names(model), cache=CACHES
+        )
+        records.append(f"results/baseline/{model}/{SUITE}.json")
+        records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=CACHES)
+        records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=CACHES)
+    return records

@@ -1,0 +1,21 @@
+# Corpus: the Wikipedia excerpt of the gensim wheel as plain text (tq.corpus), for traces and
+# perplexity.
+
+
+rule corpus:
+    output:
+        "results/corpus/wikipedia.txt",
+    params:
+        source_hash=tq_sources_hash("tq.corpus"),
+    log:
+        "results/logs/corpus.log",
+    benchmark:
+        "results/benchmarks/corpus.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    threads: 1
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/corpus.py"

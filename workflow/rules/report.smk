@@ -1,0 +1,55 @@
+# Aggregate every result record into one table, then the markdown report and its plots.
+
+localrules:
+    aggregate,
+    report,
+
+
+rule aggregate:
+    input:
+        all_records,
+    output:
+        "results/summary.csv",
+    params:
+        source_hash=tq_sources_hash("tq.report"),
+    log:
+        "results/logs/aggregate.log",
+    benchmark:
+        "results/benchmarks/aggregate.tsv"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    threads: 1
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/aggregate.py"
+
+
+rule report:
+    input:
+        rules.aggregate.output[0],
+    output:
+        report(
+            "results/report.md",
+            caption="../report/report.rst",
+            category="Report",
+        ),
+        *(
+            report(f"results/{name}.png", caption=f"../report/{name}.rst", category=category)
+            for name, category in FIGURES.items()
+        ),
+    params:
+        source_hash=tq_sources_hash("tq.report"),
+    log:
+        "results/logs/report.log",
+    benchmark:
+        "results/benchmarks/report.tsv"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    threads: 1
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/report.py"

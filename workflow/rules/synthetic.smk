@@ -1,0 +1,27 @@
+# Synthetic: quality and speed of one quantizer on random unit vectors, d x b x strategy.
+
+
+rule synthetic:
+    output:
+        "results/synthetic/d{dim}-b{bits}-{strategy}.json",
+    wildcard_constraints:
+        dim=r"\d+",
+        bits=r"\d",
+    params:
+        n=config["synthetic"]["n"],
+        repeats=config["synthetic"]["repeats"],
+        seed=config["synthetic"]["seed"],
+        rotation=config["synthetic"]["rotation"],
+        source_hash=tq_sources_hash("tq.bench.synthetic"),
+    log:
+        "results/logs/synthetic/d{dim}-b{bits}-{strategy}.log",
+    benchmark:
+        "results/benchmarks/synthetic/d{dim}-b{bits}-{strategy}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    threads: 1
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/synthetic.py"

@@ -1,0 +1,26 @@
+# Traces: one KvTrace per (model, layer, KV head), from windows of the Wikipedia text.
+
+
+rule traces:
+    input:
+        model=rules.hf_checkpoint.output[0],
+        corpus=rules.corpus.output[0],
+    output:
+        "results/traces/{model}/layer{layer}-head{head}.safetensors",
+    params:
+        samples=config["traces"]["samples"],
+        max_seq=config["traces"]["max_seq"],
+        queries_per_sample=config["traces"]["queries_per_sample"],
+        source_hash=tq_sources_hash("tq.trace_export"),
+    log:
+        "results/logs/traces/{model}/layer{layer}-head{head}.log",
+    benchmark:
+        "results/benchmarks/traces/{model}/layer{layer}-head{head}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    threads: 1
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/traces.py"

@@ -1,0 +1,24 @@
+"""Exact vs quantized perplexity on the Wikipedia text (tq.bench.perplexity.run_perplexity)."""
+
+import os
+import sys
+
+from tq.bench.perplexity import run_perplexity
+from tq.kvcache import CacheConfig
+from tq.records import write_record
+
+with open(snakemake.log[0], "w") as log:
+    sys.stderr = log
+    os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
+    params = snakemake.params
+    record = run_perplexity(
+        snakemake.input.bundle,
+        CacheConfig(**params.cache),
+        windows=params.windows,
+        window=params.window,
+        context=params.context,
+        protocol=params.protocol,
+        threads=snakemake.threads,
+        **params.exact_layers,
+    )
+    write_record(snakemake.output[0], record)

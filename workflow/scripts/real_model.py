@@ -1,0 +1,28 @@
+"""The decode loop on the prompt suite: exact mode (rule baseline) or compare mode (rule compare)."""
+
+import os
+import sys
+
+from tq.bench.real_model import run_real_model
+from tq.kvcache import CacheConfig
+from tq.records import write_record
+from tq.trace_export import read_prompts
+
+with open(snakemake.log[0], "w") as log:
+    sys.stderr = log
+    os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
+    params = snakemake.params
+    prompts = read_prompts(snakemake.input.prompts)[: params.limit]
+    if snakemake.rule == "baseline":
+        options = {"mode": "exact"}
+    else:
+        options = {"mode": "compare", "config": CacheConfig(**params.cache), **params.exact_layers}
+    record = run_real_model(
+        snakemake.input.bundle,
+        prompts,
+        max_new_tokens=params.max_new_tokens,
+        top_k=params.top_k,
+        threads=snakemake.threads,
+        **options,
+    )
+    write_record(snakemake.output[0], record)
