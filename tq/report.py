@@ -293,6 +293,13 @@ def _strategy(row: pd.Series, part: str) -> str:
     return "exact" if strategy == "exact" else f"{strategy} {_format(row[f'{part}_bits'])}"
 
 
+def _with_cache_labels(means: pd.DataFrame) -> pd.DataFrame:
+    """Add ``keys`` and ``values`` columns such as "mse 3" or "exact" for the tables."""
+    return means.assign(
+        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
+    )
+
+
 def _line_label(row: pd.Series, settings: Sequence[str]) -> str:
     label = f"K {row['key_strategy']} / V {row['value_strategy']}"
     extras = [f"{name}={_format(row[name])}" for name in settings]
@@ -472,9 +479,7 @@ def _quality_section(
         )
         _finish(axis, label, label, quantized["bits"], log=log)
     _save(figure, out_dir / plot)
-    means = means.assign(
-        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
-    )
+    means = _with_cache_labels(means)
     headers = {
         "model": "model",
         "keys": "keys",
@@ -572,9 +577,7 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
     _plot_lines(axes[2], means, line_keys, "kv_compression_ratio", lambda row: _line_label(row, settings))
     _finish(axes[2], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
     _save(figure, out_dir / "perplexity_vs_bits.png")
-    means = means.assign(
-        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
-    )
+    means = _with_cache_labels(means)
     headers = {
         "model": "model",
         "protocol": "protocol",
@@ -726,9 +729,7 @@ def _headline(table: pd.DataFrame) -> list[str]:
         "measure",
     ]
     means = _mean_by(rows, keys, ["perplexity_ratio", "top1_agreement", "kl_divergence", "kv"])
-    means = means.assign(
-        keys=means.apply(_strategy, axis=1, part="key"), values=means.apply(_strategy, axis=1, part="value")
-    )
+    means = _with_cache_labels(means)
     headers = {
         "model": "model",
         "bits": "bits",
