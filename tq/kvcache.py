@@ -172,7 +172,6 @@ class _Store:
     ) -> None:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.bits = bits
         self.strategy = strategy
         self.seed = seed
         self.config = config

@@ -29,6 +29,10 @@ from tq.rotation import Rotation
 
 _FASTMATH = {"contract", "reassoc"}  # vectorize sums; keep NaN and inf semantics
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+# Kernels that call other per-bit-width kernels: Numba's on-disk cache never matches them in a new
+# process (their callees are closure objects) and would add a file per process, so they compile
+# in memory once per process instead.
+_jit_in_memory = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True)
 
 # ---------------------------------------------------------------------------------------------
 # Row kernels, compiled once per bit width: with ``bits`` a compile-time constant every loop over
@@ -111,7 +115,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 table[v, t] = centroids[(v >> (t * bits)) & mask]
         return table
 
-    @_jit
+    @_jit_in_memory
     def encode_rows(y, edges, normalize, codes, norms):
         """Rows of rotated y float32 [n, d]: norm, scale, quantize, pack into codes."""
         indices = np.empty(y.shape[1], np.int32)
@@ -122,7 +126,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
             quantize_row(y[i], scale, edges, indices)
             pack_row(indices, codes[i])
 
-    @_jit
+    @_jit_in_memory
     def encode_rows_residual(y, edges, centroids, normalize, codes, norms, residual, gammas):
         """As encode_rows, plus the rotated residual y * scale - c[idx] and its norm gamma."""
         dim = y.shape[1]
@@ -137,7 +141,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 residual[i, j] = y[i, j] * scale - centroids[indices[j]]
             gammas[i] = _row_norm(residual[i])
 
-    @_jit
+    @_jit_in_memory
     def lookup_rows(codes, centroids, scales, out):
         """out[i, j] = centroids[idx_ij] * scales[i] for out float32 [n, d]."""
         n, dim = out.shape
@@ -156,7 +160,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
             for j in range(dim):
                 out[i, j] = centroids[indices[j]] * scales[i]
 
-    @_jit
+    @_jit_in_memory
     def lut_scores(luts, codes, scales, out):
         """out[q, i] = scales[i] * sum_j luts[q, j, idx_ij]; luts float32 [m, d, 2^bits]."""
         m, dim, _ = luts.shape
