@@ -75,3 +75,21 @@ def unit_rows():
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quick_workdir(tmp_path_factory) -> Path:
+    """A private copy of the workflow (tests/workflow_runs.py) for the quick config's local run."""
+    from tests.workflow_runs import copy_workflow
+
+    return copy_workflow(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="session")
+def quick_run(quick_workdir):
+    """The whole quick DAG (config/quick.yaml), run once locally in ``quick_workdir``; shared by
+    the pipeline tests and the cluster test, which compares its results with this run's."""
+    pytest.importorskip("snakemake")
+    from tests.workflow_runs import QUICK, snakemake
+
+    return snakemake(quick_workdir, "--configfile", QUICK)

@@ -7,6 +7,8 @@ inner products must agree within float32 tolerance.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,35 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TQ_KERNELS", "gpu-please")
     with pytest.raises(ValueError, match="unknown kernel backend 'gpu-please'"):
         get_backend()
+
+
+def test_each_kernel_specialization_has_its_own_disk_cache(tmp_path) -> None:
+    """Numba numbers the entries of one cache index; closures of one kernel at several bit widths
+    (or dimensions) sharing an index let concurrent processes overwrite each other's code. Each
+    specialization gets its own index, with a single entry."""
+    import pickle
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from tq import TurboQuantMSE\n"
+        "x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)\n"
+        "for bits in (2, 3):\n"
+        "    for rotation in ('haar', 'hadamard'):\n"
+        "        q = TurboQuantMSE(64, bits, rotation=rotation, normalize=True)\n"
+        "        q.dequantize(q.quantize(x))\n"
+        "TurboQuantMSE(128, 2, rotation='hadamard', normalize=True).quantize(np.ones((2, 128), np.float32))\n"
+    )
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    indexes = sorted(tmp_path.rglob("*.nbi"))
+    names = [index.name for index in indexes]
+    for kernel in ("quantize_row_b2", "quantize_row_b3", "pack_row_b2", "transform_rows_d64",
+                   "transform_rows_d128"):
+        assert any(kernel in name for name in names), (kernel, names)
+    for index in indexes:
+        with index.open("rb") as stream:
+            pickle.load(stream)  # Numba's version
+            _, overloads = pickle.loads(stream.read())
+        assert len(overloads) == 1, (index.name, len(overloads))

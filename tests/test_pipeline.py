@@ -8,48 +8,14 @@ about a minute and a half on 2 cores; every other check is a dry run against tha
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# What the workflow needs: the Snakefile and its files, the configs, the prompts, and tq's
-# sources (their hash goes into each rule's params).
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "config", "workflow", "profiles", "envs", "prompts", "tq")
-QUICK = "config/quick.yaml"
-SNAKEMAKE_TIMEOUT_S = 600
+from tests.workflow_runs import QUICK, copy_workflow, job_counts, snakemake
 
 pytest.importorskip("snakemake")
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run Snakemake in ``workdir`` (cores: all, from the workflow's default profile)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=SNAKEMAKE_TIMEOUT_S,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )
-    if check and result.returncode != 0:
-        pytest.fail(
-            f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a Snakemake run or dry run: rule -> jobs ({} if none)."""
-    match = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal\s+\d+", output, re.S)
-    if match is None:
-        return {}
-    return {rule: int(count) for rule, count in (line.split() for line in match.group(1).splitlines())}
 
 
 def dry_run(workdir: Path, *configfiles: str) -> dict[str, int]:
@@ -57,36 +23,9 @@ def dry_run(workdir: Path, *configfiles: str) -> dict[str, int]:
     return job_counts(result.stdout + result.stderr)
 
 
-def copy_workflow(dest: Path) -> Path:
-    """Copy what the workflow needs into ``dest``; return ``dest``."""
-    for name in WORKFLOW_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, dest / name)
-    return dest
-
-
 def write_config(workdir: Path, name: str, text: str) -> str:
     (workdir / name).write_text(text)
     return name
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, persistent_cache_dir) -> Path:
-    """A copy of the workflow; TQ_CACHE_DIR is the persistent cache, so that the Wikipedia
-    wheel and text are reused between test sessions."""
-    work = copy_workflow(tmp_path_factory.mktemp("pipeline"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
-        yield work
-
-
-@pytest.fixture(scope="module")
-def quick_run(workdir) -> subprocess.CompletedProcess:
-    """The whole quick DAG, run once."""
-    return snakemake(workdir, "--configfile", QUICK)
 
 
 # The quick sweep's jobs: 1 model (2 traces: layers 0 and 1 x head 0), synthetic d 16 x b {2, 3}
@@ -126,9 +65,9 @@ def test_dry_run_dag_of_the_default_config(tmp_path_factory):
     assert job_counts(result.stdout + result.stderr) == DEFAULT_JOBS
 
 
-def test_quick_run_writes_the_report(workdir, quick_run):
+def test_quick_run_writes_the_report(quick_workdir, quick_run):
     assert job_counts(quick_run.stdout + quick_run.stderr) == QUICK_JOBS
-    report = (workdir / "results" / "report.md").read_text()
+    report = (quick_workdir / "results" / "report.md").read_text()
     for section in ("## Headline", "## 1. Distortion", "## 2a.", "## 2b.", "## 3. Perplexity", "## 4."):
         assert section in report
     for figure in (
@@ -138,30 +77,30 @@ def test_quick_run_writes_the_report(workdir, quick_run):
         "perplexity_vs_bits",
         "throughput",
     ):
-        assert (workdir / "results" / f"{figure}.png").stat().st_size > 0
-    rows = (workdir / "results" / "summary.csv").read_text().strip().splitlines()
+        assert (quick_workdir / "results" / f"{figure}.png").stat().st_size > 0
+    rows = (quick_workdir / "results" / "summary.csv").read_text().strip().splitlines()
     # header + 4 synthetic + 4 trace + 1 baseline + 2 compare + 2 perplexity
     assert len(rows) == 1 + 13
     for log in ("bundle/tiny-llama.log", "aggregate.log"):
-        assert (workdir / "results" / "logs" / log).is_file()
+        assert (quick_workdir / "results" / "logs" / log).is_file()
 
 
-def test_a_second_run_does_nothing(workdir, quick_run):
-    result = snakemake(workdir, "--configfile", QUICK)
+def test_a_second_run_does_nothing(quick_workdir, quick_run):
+    result = snakemake(quick_workdir, "--configfile", QUICK)
     assert "Nothing to be done" in result.stdout + result.stderr
     assert job_counts(result.stdout + result.stderr) == {}
 
 
-def test_a_new_bit_width_adds_only_its_jobs(workdir, quick_run):
+def test_a_new_bit_width_adds_only_its_jobs(quick_workdir, quick_run):
     extra = write_config(
-        workdir,
+        quick_workdir,
         "more-bits.yaml",
         "kv_caches:\n"
         "  - {key_bits: 2, value_bits: 2}\n"
         "  - {key_bits: 3.5, value_bits: 3.5}\n"
         "  - {key_bits: 4, key_strategy: prod, value_bits: 4}\n",
     )
-    assert dry_run(workdir, QUICK, extra) == {
+    assert dry_run(quick_workdir, QUICK, extra) == {
         "trace_eval": 2,  # the new setting on each of the 2 traces
         "compare": 1,
         "perplexity": 1,
@@ -171,9 +110,9 @@ def test_a_new_bit_width_adds_only_its_jobs(workdir, quick_run):
     }
 
 
-def test_a_trace_parameter_reruns_traces_and_their_dependents(workdir, quick_run):
-    extra = write_config(workdir, "shorter-traces.yaml", "traces:\n  max_seq: 48\n")
-    assert dry_run(workdir, QUICK, extra) == {
+def test_a_trace_parameter_reruns_traces_and_their_dependents(quick_workdir, quick_run):
+    extra = write_config(quick_workdir, "shorter-traces.yaml", "traces:\n  max_seq: 48\n")
+    assert dry_run(quick_workdir, QUICK, extra) == {
         "traces": 2,
         "trace_eval": 4,
         "aggregate": 1,
@@ -182,19 +121,19 @@ def test_a_trace_parameter_reruns_traces_and_their_dependents(workdir, quick_run
     }
 
 
-def test_a_library_edit_reruns_the_jobs_that_import_it(workdir, quick_run):
-    source = workdir / "tq" / "bench" / "perplexity.py"
+def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run):
+    source = quick_workdir / "tq" / "bench" / "perplexity.py"
     original = source.read_text()
     source.write_text(original + "\n# edited\n")
     try:
-        assert dry_run(workdir, QUICK) == {"perplexity": 2, "aggregate": 1, "report": 1, "all": 1}
+        assert dry_run(quick_workdir, QUICK) == {"perplexity": 2, "aggregate": 1, "report": 1, "all": 1}
     finally:
         source.write_text(original)
-    assert dry_run(workdir, QUICK) == {}
+    assert dry_run(quick_workdir, QUICK) == {}
 
 
-def test_lint_passes(workdir):
-    result = snakemake(workdir, "--lint")
+def test_lint_passes(quick_workdir):
+    result = snakemake(quick_workdir, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
@@ -207,9 +146,9 @@ def test_lint_passes(workdir):
         ("models:\n  - {preset: gpt5, trace_layers: [0], trace_heads: [0]}\n", "preset"),
     ],
 )
-def test_a_bad_config_value_stops_the_run_naming_the_key(workdir, override, key):
-    extra = write_config(workdir, "bad.yaml", override)
-    result = snakemake(workdir, "--dry-run", "--configfile", QUICK, extra, check=False)
+def test_a_bad_config_value_stops_the_run_naming_the_key(quick_workdir, override, key):
+    extra = write_config(quick_workdir, "bad.yaml", override)
+    result = snakemake(quick_workdir, "--dry-run", "--configfile", QUICK, extra, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "ValidationError" in output

@@ -34,6 +34,23 @@ _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
 # in memory once per process instead.
 _jit_in_memory = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True)
 
+
+def _jit_specialized(tag: str) -> Callable[[Callable], Callable]:
+    """``_jit`` for one specialization of a kernel built per parameter value (a closure).
+
+    Numba names a function's cache index after its qualified name and numbers the entries in it;
+    two processes compiling different closures of one function at once (pipeline jobs at different
+    bit widths) can take the same number and overwrite each other's code, so that a later process
+    loads the wrong kernel. Suffixing the qualified name with ``tag`` gives every specialization
+    its own index, where concurrent writers store identical code.
+    """
+
+    def compile_kernel(function: Callable) -> Callable:
+        function.__qualname__ = f"{function.__qualname__}_{tag}"
+        return _jit(function)
+
+    return compile_kernel
+
 # ---------------------------------------------------------------------------------------------
 # Row kernels, compiled once per bit width: with ``bits`` a compile-time constant every loop over
 # edges, codes per byte and search steps unrolls, and the loops over a row vectorize. Each pass
@@ -57,7 +74,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
     n_edges = (1 << bits) - 1
     linear_search = bits <= 4
 
-    @_jit
+    @_jit_specialized(f"b{bits}")
     def quantize_row(y, scale, edges, out):
         """out[j] = number of edges < y[j] * scale: the nearest centroid, ties to the lower."""
         for j in range(y.shape[0]):
@@ -75,7 +92,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                         index += step
                 out[j] = index
 
-    @_jit
+    @_jit_specialized(f"b{bits}")
     def pack_row(indices, out):
         """Pack int32 indices [d] into out uint8 [ceil(d * bits / 8)]."""
         dim = indices.shape[0]
@@ -94,7 +111,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 acc |= (indices[j] << shift) if shift >= 0 else (indices[j] >> -shift)
             out[p] = acc & 255
 
-    @_jit
+    @_jit_specialized(f"b{bits}")
     def unpack_row(packed, out):
         """Unpack packed uint8 [ceil(d * bits / 8)] into int32 indices out [d]."""
         last = packed.shape[0] - 1
@@ -106,7 +123,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 word |= np.int32(packed[p + 1]) << 8
             out[j] = (word >> (start & 7)) & mask
 
-    @_jit
+    @_jit_specialized(f"b{bits}")
     def byte_table(centroids):
         """table[v, t] = centroid of the t-th code in byte value v, float32 [256, per_byte]."""
         table = np.zeros((256, max(per_byte, 1)), np.float32)
@@ -286,7 +303,7 @@ def _hadamard_kernel(dim: int):
     """
     stages = dim.bit_length() - 1
 
-    @_jit
+    @_jit_specialized(f"d{dim}")
     def transform_rows(x, signs_in, signs_out, scale, out):
         """out[i] = signs_out * (H (signs_in * x[i])) * scale, H the Sylvester matrix."""
         columns = np.empty((dim, _HADAMARD_BLOCK), np.float32)

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: sweep coordinates from the config, and source hashes.
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def _module_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _imports(name: str, path: Path) -> set[str]:
+@functools.cache  # each module is parsed once per Snakemake process, however many rules hash it
+def _imports(name: str, path: Path) -> frozenset[str]:
     """The modules that module ``name`` imports (at any depth of its code), its parent packages included."""
     found = {".".join(name.split(".")[:n]) for n in range(1, name.count(".") + 1)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -46,7 +48,7 @@ def _imports(name: str, path: Path) -> set[str]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+    return frozenset(found)
 
 
 def tq_sources_hash(*modules: str) -> str:

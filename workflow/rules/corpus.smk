@@ -1,5 +1,10 @@
 # Corpus: the Wikipedia excerpt of the gensim wheel as plain text (tq.corpus), for traces and
-# perplexity.
+# perplexity. A local rule: it reads from PyPI (often unreachable from cluster compute nodes)
+# and takes a second.
+
+
+localrules:
+    corpus,
 
 
 rule corpus:

@@ -1,0 +1,78 @@
+"""Wall time of a workflow config run locally vs submitted to a single-node SLURM cluster.
+
+    .venv/bin/python benchmarks/slurm_walltime.py [--configfile config/quick.yaml] --json OUT.json
+
+Both runs start from an empty results directory in their own copy of the workflow, one after the
+other on the same machine; the cluster is the test cluster of tests/slurm_cluster.py (root and
+Debian's SLURM packages needed). Writes {local_seconds, slurm_seconds, ratio, slurm_jobs, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.slurm_cluster import SingleNodeSlurm, missing_requirements  # noqa: E402
+from tests.workflow_runs import copy_workflow, job_counts, snakemake  # noqa: E402
+from tq.fileio import write_json  # noqa: E402
+
+
+def timed_run(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = snakemake(workdir, *args, env=env, check=False, timeout_s=3600)
+    seconds = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake {' '.join(args)} failed:\n{output[-4000:]}")
+    return seconds, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configfile", default="config/quick.yaml")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the result")
+    args = parser.parse_args()
+    reason = missing_requirements()
+    if reason is not None:
+        raise SystemExit(f"cannot start the SLURM test cluster: {reason}")
+
+    with tempfile.TemporaryDirectory(prefix="tq-slurm-bench-") as scratch:
+        scratch = Path(scratch)
+        local_dir = copy_workflow(scratch / "local")
+        print(f"local run of {args.configfile} ...", file=sys.stderr)
+        local_seconds, local_output = timed_run(local_dir, "--configfile", args.configfile)
+        cluster_dir = copy_workflow(scratch / "slurm")
+        with SingleNodeSlurm(scratch / "cluster") as cluster:
+            print(f"SLURM run of {args.configfile} ...", file=sys.stderr)
+            slurm_seconds, _ = timed_run(
+                cluster_dir, "--profile", "profiles/slurm", "--configfile", args.configfile, env=cluster.env
+            )
+            slurm_jobs = len(cluster.jobs())
+
+    record = {
+        "benchmark": "slurm_walltime",
+        "configfile": args.configfile,
+        "jobs": sum(job_counts(local_output).values()),
+        "slurm_jobs": slurm_jobs,
+        "local_seconds": local_seconds,
+        "slurm_seconds": slurm_seconds,
+        "ratio": slurm_seconds / local_seconds,
+        "cluster": f"single node, {cluster.cpus} CPUs, {cluster.memory_mb} MB",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(args.json, record)
+    print(
+        f"{args.configfile}: local {local_seconds:.1f} s, SLURM {slurm_seconds:.1f} s "
+        f"({slurm_jobs} SLURM jobs), ratio {record['ratio']:.2f}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Cluster submission for real: the quick config through Snakemake's SLURM executor
+(profiles/slurm) on a single-node SLURM cluster started for this module (tests/slurm_cluster.py,
+DESIGN.md section 9).
+
+Checks that every non-local job ran as a SLURM job (its id, final state and resources as the
+scheduler reports them), that a rule's ``gpu`` resource reaches the scheduler as ``--gpus``, and
+that the results equal a local run's. Skipped, with the reason, where the SLURM packages are not
+installed or the process is not root (the daemons run as root); `make test` installs them with
+apt where it can.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, missing_requirements
+from tests.workflow_runs import QUICK, copy_workflow, job_counts, snakemake
+
+pytest.importorskip("snakemake_executor_plugin_slurm")
+
+# Rules that Snakemake runs on the submitting host (localrules), not as SLURM jobs.
+LOCAL_RULES = {"all", "aggregate", "report", "corpus"}
+# Threads each rule declares (workflow/rules/*.smk): SLURM's NumCPUs for its jobs.
+RULE_THREADS = {
+    "synthetic": 1,
+    "hf_checkpoint": 2,
+    "bundle": 2,
+    "traces": 1,
+    "trace_eval": 1,
+    "baseline": 2,
+    "compare": 2,
+    "perplexity": 2,
+}
+# Columns that are measured times (or ratios of times) or stamps, not results.
+TIMING_COLUMNS = re.compile(r"^timing\.|^created$|^decode_speed_ratio$")
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/")
+
+
+def require_cluster_packages() -> None:
+    reason = missing_requirements()
+    if reason is not None:
+        pytest.skip(f"no SLURM test cluster: {reason}")
+
+
+def test_a_failing_body_still_stops_every_daemon(tmp_path):
+    """Runs before the module's cluster starts (one cluster at a time owns /etc/slurm/slurm.conf)."""
+    require_cluster_packages()
+    cluster = SingleNodeSlurm(tmp_path)
+    with pytest.raises(RuntimeError, match="test body failed"), cluster:
+        pids = cluster.daemon_pids()
+        assert sorted(pids) == ["munged", "slurmctld", "slurmd"]
+        raise RuntimeError("test body failed")
+    for name, pid in pids.items():
+        assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still running"
+    assert not SYSTEM_CONF.is_symlink()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_cluster_packages()
+    with SingleNodeSlurm(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_run(cluster, tmp_path_factory):
+    """The quick config submitted to the cluster; synthetic jobs also request one (fake) GPU."""
+    work = copy_workflow(tmp_path_factory.mktemp("pipeline-slurm"))
+    result = snakemake(
+        work,
+        "--profile", "profiles/slurm",
+        "--configfile", QUICK,
+        "--set-resources", "synthetic:gpu=1",
+        env=cluster.env,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"snakemake on SLURM failed:\n{result.stdout}\n{result.stderr}\n{cluster.logs()}")
+    return work, result.stdout + result.stderr
+
+
+def submitted_jobs(output: str) -> dict[str, str]:
+    """SLURM job id -> rule, from Snakemake's submission messages."""
+    return dict(SUBMITTED.findall(output))
+
+
+def results_table(workdir: Path) -> pd.DataFrame:
+    """summary.csv without timing columns, columns and rows in a fixed order."""
+    table = pd.read_csv(workdir / "results" / "summary.csv")
+    columns = sorted(c for c in table.columns if not TIMING_COLUMNS.search(c))
+    return table[columns].sort_values(columns).reset_index(drop=True)
+
+
+def test_every_job_ran_as_a_completed_slurm_job(cluster, cluster_run):
+    _, output = cluster_run
+    submitted = submitted_jobs(output)
+    expected = {rule: n for rule, n in job_counts(output).items() if rule not in LOCAL_RULES}
+    assert sorted(submitted.values()) == sorted(rule for rule, n in expected.items() for _ in range(n))
+    scheduler = cluster.jobs()
+    for job_id, rule in submitted.items():
+        job = scheduler[job_id]
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (rule, job)
+        assert int(job["NumCPUs"]) == RULE_THREADS[rule], (rule, job)
+
+
+def test_rule_resources_reach_the_scheduler(cluster, cluster_run):
+    _, output = cluster_run
+    scheduler = cluster.jobs()
+    for job_id, rule in submitted_jobs(output).items():
+        job = scheduler[job_id]
+        gpus = job.get("TresPerJob", "")
+        if rule == "synthetic":
+            assert gpus.endswith("gpu:1"), job
+        else:
+            assert "gpu" not in gpus, job
+        if rule == "bundle":
+            assert job["MinMemoryNode"] == "8000M", job  # mem_mb=8000 in models.smk
+            assert job["TimeLimit"] == "00:20:00", job  # runtime=20 (minutes)
+
+
+def test_results_equal_a_local_run(quick_workdir, quick_run, cluster_run):
+    workdir, _ = cluster_run
+    assert (workdir / "results" / "report.md").is_file()
+    pd.testing.assert_frame_equal(results_table(workdir), results_table(quick_workdir))
