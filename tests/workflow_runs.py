@@ -58,7 +58,8 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def copy_workflow(dest: Path) -> Path:
-    """Copy what the workflow needs into ``dest``; return ``dest``."""
+    """Copy what the workflow needs into ``dest`` (created if missing); return ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         source = ROOT / name
         if source.is_dir():
