@@ -359,6 +359,21 @@ def test_report_tables_are_generated_from_the_records(report, synthetic_records)
     assert "ONNX Runtime" in notes and "`decode`" in notes and "`window`" in notes
 
 
+def test_distortion_findings_are_computed_from_the_table(report, synthetic_records):
+    distortion = _section(report.read_text(), "## 1. Distortion")
+    assert "**What this shows.**" in distortion
+    for strategy, measured, lower, upper, name in (
+        ("mse", "d_mse", "d_mse_lower_bound", "d_mse_upper_bound", "D_mse of MSE"),
+        ("prod", "ip_mse", "d_prod_lower_bound", "d_prod_upper_bound", "D_prod of Prod"),
+    ):
+        metrics = [r["metrics"] for r in synthetic_records if r["config"]["strategy"] == strategy]
+        inside = sum(m[lower] <= m[measured] <= m[upper] for m in metrics)
+        ratios = [m[measured] / m[lower] for m in metrics]
+        line = next(line for line in distortion.splitlines() if line.startswith(f"- {name}"))
+        assert f"within both bounds in {inside} of {len(metrics)} settings" in line
+        assert f"= {min(ratios):.2f} to {max(ratios):.2f}" in line
+
+
 def test_report_is_deterministic(tmp_path, records, report):
     again = write_report(summary_table(records), tmp_path)
     for name in [*PLOTS, "report.md"]:

@@ -18,6 +18,7 @@ from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
 from tq.bench.trace import DEFAULT_TOP_K as TRACE_TOP_K
 from tq.bench.trace import run_trace
+from tq.kernels import DEVICES, DeviceUnavailableError
 from tq.kvcache import NORM_DTYPES, STRATEGIES, CacheConfig
 from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
 from tq.records import write_record
@@ -57,6 +58,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rotation", choices=ROTATION_KINDS, default="haar")
+    bench.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="where quantization runs (auto: a GPU if present)"
+    )
     bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
     synthetic = bench.add_argument_group("synthetic workload")
     synthetic.add_argument("--dim", type=int, default=128, help="vector dimension d (default 128)")
@@ -173,6 +177,7 @@ def _cache_config(args: argparse.Namespace) -> CacheConfig:
         norm_dtype=args.norm_dtype,
         seed=args.seed,
         rotation=args.rotation,
+        device=args.device,
     )
 
 
@@ -225,13 +230,14 @@ def _run_bench(args: argparse.Namespace) -> dict:
         rotation=args.rotation,
         repeats=args.repeats,
         quick=args.quick,
+        device=args.device,
     )
 
 
 def _bench(args: argparse.Namespace) -> int:
     try:
         record = _run_bench(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, DeviceUnavailableError) as error:
         print(f"tq bench: error: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -24,6 +24,7 @@ import numpy as np
 
 from tq.batch import BatchQuantizedMSE
 from tq.codebook import MAX_BITS
+from tq.kernels import DEVICES
 from tq.quantizers import TurboQuantMSE, TurboQuantProd
 
 STRATEGIES = ("mse", "prod", "exact")
@@ -48,6 +49,8 @@ class CacheConfig:
         seed: seed of the keys' rotation (values use seed + 1); every layer shares them, so one
             decode step quantizes all layers of a model in one kernel call per stream.
         rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes).
+        device: where quantization runs, "cpu", "cuda" or "auto" (tq.kernels.resolve_device);
+            the cache's arrays live in host memory either way.
     """
 
     key_bits: float = 4
@@ -59,6 +62,7 @@ class CacheConfig:
     norm_dtype: str = "float32"
     seed: int = 0
     rotation: str = "haar"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for part in ("key", "value"):
@@ -77,6 +81,8 @@ class CacheConfig:
             raise ValueError(f"residual_length must be >= 0, got {self.residual_length}")
         if self.norm_dtype not in NORM_DTYPES:
             raise ValueError(f"norm_dtype must be one of {NORM_DTYPES}, got {self.norm_dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
 
     def describe(self) -> dict[str, Any]:
         """The configuration as a plain dict (for result records)."""
@@ -115,11 +121,11 @@ def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
 
 @functools.cache
 def _shared_quantizer(
-    strategy: str, dim: int, bits: int, seed: int, rotation: str
+    strategy: str, dim: int, bits: int, seed: int, rotation: str, device: str
 ) -> TurboQuantMSE | TurboQuantProd:
     """One quantizer per configuration, shared by every layer's cache that uses it."""
     quantizer_type = TurboQuantProd if strategy == "prod" else TurboQuantMSE
-    return quantizer_type(dim, bits, seed=seed, normalize=True, rotation=rotation)
+    return quantizer_type(dim, bits, seed=seed, normalize=True, rotation=rotation, device=device)
 
 
 def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
@@ -196,7 +202,7 @@ class _Store:
         for index, (bits, size) in enumerate(self.widths):
             channels = np.sort(order[:, start : start + size], axis=1)
             quantizer = _shared_quantizer(
-                self.strategy, size, bits, self.seed + 1000 * index, self.config.rotation
+                self.strategy, size, bits, self.seed + 1000 * index, self.config.rotation, self.config.device
             )
             self.groups.append(_Group(quantizer, channels))
             start += size

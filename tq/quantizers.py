@@ -10,6 +10,12 @@ Both take float rows [n, dim] and return packed batches (:mod:`tq.batch`):
 Unit-norm contract: with ``normalize=False`` every row must have norm 1 within 1e-3 (else
 ``ValueError``); with ``normalize=True`` any finite row is accepted (zero rows too), its norm is
 stored in the batch and restored on dequantize.
+
+Devices: ``device="cpu"`` (default), ``"cuda"`` or ``"auto"`` (:func:`tq.kernels.resolve_device`).
+On "cuda", ``x`` and ``queries`` may also be float32 GPU arrays (anything with
+``__cuda_array_interface__``: torch, CuPy, numba), read in place; batches are always held in host
+memory (codes are 1/8 to 1/4 of the float32 input), and ``inner_products`` returns a GPU array
+for GPU queries. GPU queries are not scanned for NaN on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from tq.batch import BatchQuantizedMSE, BatchQuantizedProd
 from tq.codebook import check_dim_bits, lloyd_max_codebook
-from tq.kernels import get_backend
+from tq.kernels import backend_for
 from tq.rotation import make_rotation, qjl_matrix
 
 UNIT_NORM_TOLERANCE = 1e-3
@@ -30,7 +36,14 @@ class _TurboQuant:
     batch_type: type[BatchQuantizedMSE]
 
     def __init__(
-        self, dim: int, bits: int, seed: int, rotation: str, normalize: bool, kernels: str | None
+        self,
+        dim: int,
+        bits: int,
+        seed: int,
+        rotation: str,
+        normalize: bool,
+        kernels: str | None,
+        device: str,
     ) -> None:
         self.dim = int(dim)
         self.bits = int(bits)
@@ -39,16 +52,18 @@ class _TurboQuant:
         if not isinstance(normalize, (bool, np.bool_)):
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
         self.normalize = bool(normalize)
-        self.kernels = get_backend(kernels)
+        self.device, self.kernels = backend_for(device, kernels)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(dim={self.dim}, bits={self.bits}, seed={self.seed}, "
-            f"rotation={self.rotation.kind!r}, normalize={self.normalize})"
+            f"rotation={self.rotation.kind!r}, normalize={self.normalize}, device={self.device!r})"
         )
 
     def _rows(self, x: np.ndarray, name: str) -> np.ndarray:
-        """Check a [n, dim] float array and return it as C-contiguous float32."""
+        """Check a [n, dim] float array and return it as C-contiguous float32 (GPU arrays as given)."""
+        if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+            return self._gpu_rows(x, name)
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
         if x.dtype not in (np.float32, np.float64):
@@ -61,6 +76,17 @@ class _TurboQuant:
                 row = int(np.argmax(too_large.any(axis=1)))
                 raise ValueError(f"{name} row {row} has a value beyond the float32 range")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _gpu_rows(self, x, name: str):
+        if self.device != "cuda":
+            raise TypeError(f"{name} is a GPU array, but this quantizer runs on the CPU (use device='cuda')")
+        interface = x.__cuda_array_interface__
+        if interface["typestr"] != "<f4":
+            raise TypeError(f"{name} on the GPU must be float32, got typestr {interface['typestr']!r}")
+        shape = tuple(interface["shape"])
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape [n, {self.dim}], got {list(shape)}")
+        return x
 
     @staticmethod
     def _check_finite(norms: np.ndarray, name: str) -> None:
@@ -82,7 +108,8 @@ class _TurboQuant:
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         queries = self._rows(queries, "queries")
-        self._check_finite(np.sum(queries.astype(np.float64) ** 2, axis=1), "queries")
+        if isinstance(queries, np.ndarray):
+            self._check_finite(np.sum(queries.astype(np.float64) ** 2, axis=1), "queries")
         return queries
 
     def _check_batch(self, batch: BatchQuantizedMSE) -> None:
@@ -107,7 +134,8 @@ class TurboQuantMSE(_TurboQuant):
         seed: seed of the rotation; the same seed gives byte-identical batches.
         rotation: "haar" (random orthogonal) or "hadamard" (random signs + Walsh-Hadamard).
         normalize: store norms and quantize directions, instead of requiring unit rows.
-        kernels: "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+        kernels: CPU backend, "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+        device: "cpu", "cuda" or "auto" (the GPU when one is present).
     """
 
     batch_type = BatchQuantizedMSE
@@ -121,15 +149,16 @@ class TurboQuantMSE(_TurboQuant):
         normalize: bool = False,
         *,
         kernels: str | None = None,
+        device: str = "cpu",
     ) -> None:
         check_dim_bits(dim, bits)
-        super().__init__(dim, bits, seed, rotation, normalize, kernels)
+        super().__init__(dim, bits, seed, rotation, normalize, kernels, device)
         self.codebook = lloyd_max_codebook(self.dim, self.bits)
 
     def quantize(self, x: np.ndarray) -> BatchQuantizedMSE:
         """Quantize rows x [n, dim] -> a packed batch of n vectors."""
         x = self._rows(x, "x")
-        codes, norms = self.kernels.mse_encode(x, self.rotation, self.codebook, self.normalize)
+        codes, norms = map(_host, self.kernels.mse_encode(x, self.rotation, self.codebook, self.normalize))
         self._check_norms(norms)
         return BatchQuantizedMSE.from_kernel(
             dim=self.dim,
@@ -164,7 +193,8 @@ class TurboQuantProd(_TurboQuant):
         seed: seed of the rotation and of S.
         normalize: as for :class:`TurboQuantMSE`.
         rotation: rotation of the MSE stage, "haar" or "hadamard".
-        kernels: "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+        kernels: CPU backend, "cpu" or "reference"; default ``$TQ_KERNELS`` or "cpu".
+        device: "cpu", "cuda" or "auto" (the GPU when one is present).
     """
 
     batch_type = BatchQuantizedProd
@@ -178,19 +208,20 @@ class TurboQuantProd(_TurboQuant):
         *,
         rotation: str = "haar",
         kernels: str | None = None,
+        device: str = "cpu",
     ) -> None:
         check_dim_bits(dim, bits)
         if bits < 2:
             raise ValueError(f"TurboQuantProd needs bits >= 2 (one bit goes to the QJL sign), got {bits}")
-        super().__init__(dim, bits, seed, rotation, normalize, kernels)
+        super().__init__(dim, bits, seed, rotation, normalize, kernels, device)
         self.codebook = lloyd_max_codebook(self.dim, self.bits - 1)
         self.qjl = qjl_matrix(self.dim, self.seed)
 
     def quantize(self, x: np.ndarray) -> BatchQuantizedProd:
         """Quantize rows x [n, dim] -> a packed batch of n vectors."""
         x = self._rows(x, "x")
-        codes, signs, gammas, norms = self.kernels.prod_encode(
-            x, self.rotation, self.qjl, self.codebook, self.normalize
+        codes, signs, gammas, norms = map(
+            _host, self.kernels.prod_encode(x, self.rotation, self.qjl, self.codebook, self.normalize)
         )
         self._check_norms(norms)
         return BatchQuantizedProd.from_kernel(
@@ -225,3 +256,8 @@ class TurboQuantProd(_TurboQuant):
             self.qjl,
             self.codebook,
         )
+
+
+def _host(array) -> np.ndarray:
+    """A kernel result in host memory (GPU arrays are copied back)."""
+    return array if isinstance(array, np.ndarray) else array.copy_to_host()

@@ -73,8 +73,14 @@ def run_synthetic(
     rotation: str = "haar",
     repeats: int = 5,
     quick: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Measure one quantizer on n random unit vectors; return a ``synthetic`` result record."""
+    """Measure one quantizer on n random unit vectors; return a ``synthetic`` result record.
+
+    ``device`` ("cpu", "cuda", "auto") is where the kernels run; the vectors start and the
+    batches end in host memory, so GPU timings include the transfers (benchmarks/gpu.py times
+    the kernels alone on device-resident data).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if n < 1:
@@ -85,7 +91,7 @@ def run_synthetic(
         n = min(n, QUICK_VECTORS)
     progress = Progress(f"tq bench synthetic d={dim} b={bits} {strategy}")
     quantizer_type = TurboQuantMSE if strategy == "mse" else TurboQuantProd
-    quantizer = quantizer_type(dim, bits, seed=seed, rotation=rotation)
+    quantizer = quantizer_type(dim, bits, seed=seed, rotation=rotation, device=device)
     rng = np.random.default_rng([seed, dim, bits])
     x = _unit_rows(rng, n, dim)
     queries = _unit_rows(rng, QUERIES, dim)
@@ -104,6 +110,7 @@ def run_synthetic(
         "ip_bias": float(np.mean(error)),
         "ip_slope": float(np.sum(estimates * exact) / np.sum(exact * exact)),
         "d_prod_upper_bound": math.sqrt(3) * math.pi**2 / dim * 4.0**-bits,
+        "d_prod_lower_bound": 4.0**-bits / dim,
         "bits_per_vector": batch.bits_per_vector,
         "bytes_per_vector": batch.nbytes / n,
         "compression_ratio": 32.0 * dim / batch.bits_per_vector,
@@ -135,5 +142,6 @@ def run_synthetic(
         "rotation": rotation,
         "quick": quick,
         "kernels": quantizer.kernels.__name__.rsplit(".", 1)[-1],
+        "device": quantizer.device,
     }
     return make_record("synthetic", config, metrics, timing, num_threads())

@@ -12,6 +12,7 @@ rule synthetic:
         repeats=config["synthetic"]["repeats"],
         seed=config["synthetic"]["seed"],
         rotation=config["synthetic"]["rotation"],
+        device=config["synthetic"]["device"],
         source_hash=tq_sources_hash("tq.bench.synthetic"),
     log:
         "results/logs/synthetic/d{dim}-b{bits}-{strategy}.log",
@@ -20,6 +21,7 @@ rule synthetic:
     resources:
         mem_mb=2000,
         runtime=10,
+        gpu=1 if config["synthetic"]["device"] == "cuda" else 0,  # sbatch --gpus=1 on SLURM
     threads: 1
     conda:
         CONDA_ENV

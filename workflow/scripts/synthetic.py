@@ -18,5 +18,6 @@ with open(snakemake.log[0], "w") as log:
         seed=params.seed,
         rotation=params.rotation,
         repeats=params.repeats,
+        device=params.device,
     )
     write_record(snakemake.output[0], record)
