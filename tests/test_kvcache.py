@@ -18,6 +18,14 @@ CONFIGS = {
     "window": CacheConfig(key_bits=3, value_bits=3, residual_length=7),
     "fp16-renorm": CacheConfig(norm_dtype="float16", renormalize=True),
     "hadamard": CacheConfig(rotation="hadamard", key_bits=2),
+    # baselines (tq.baselines); kivi keys leave the window in whole groups of 8 tokens
+    "kivi": CacheConfig(
+        key_strategy="kivi", value_strategy="kivi", key_bits=2, residual_length=5, group_size=8
+    ),
+    "uniform": CacheConfig(key_strategy="uniform", value_strategy="uniform", key_bits=3, group_size=16),
+    "rotated-uniform": CacheConfig(
+        key_strategy="rotated-uniform", value_strategy="mse", key_bits=2, rotation="hadamard"
+    ),
 }
 
 
@@ -50,10 +58,11 @@ def test_earlier_tokens_never_change_as_the_cache_grows(name):
         np.testing.assert_array_equal(cache.values()[:, :settled], first_values)
     assert len(cache) == 60
     # the working reconstruction is exactly what the stored codes give
+    # (each stream's own quantized part: kivi keys leave the window in groups, behind the values)
     stored_keys, stored_values = cache.dequantize_stored()
-    quantized = cache.quantized_tokens
-    np.testing.assert_array_equal(stored_keys, cache.keys()[:, :quantized])
-    np.testing.assert_array_equal(stored_values, cache.values()[:, :quantized])
+    assert min(stored_keys.shape[1], stored_values.shape[1]) == cache.quantized_tokens
+    np.testing.assert_array_equal(stored_keys, cache.keys()[:, : stored_keys.shape[1]])
+    np.testing.assert_array_equal(stored_values, cache.values()[:, : stored_values.shape[1]])
 
 
 @pytest.mark.parametrize("chunks", [[50], [1] * 50, [13, 1, 20, 16]])
@@ -194,7 +203,8 @@ def test_zero_vectors_round_trip_to_zero():
     keys, values = _tokens(11, 6)
     keys[1, 2] = 0.0
     values[0, 5] = 0.0
-    for config in (CONFIGS["mse4"], CONFIGS["prod3"], CONFIGS["fractional"], CONFIGS["fp16-renorm"]):
+    names = ("mse4", "prod3", "fractional", "fp16-renorm", "uniform", "rotated-uniform")
+    for config in (CONFIGS[name] for name in names):
         cache = QuantizedKVCache(HEADS, DIM, config)
         cache.append(keys, values)
         assert not np.any(cache.keys()[1, 2])
@@ -281,6 +291,9 @@ def test_nan_in_a_token_is_named():
         ({"residual_length": -1}, ValueError, "residual_length must be >= 0"),
         ({"residual_length": 1.5}, TypeError, "residual_length must be an integer"),
         ({"norm_dtype": "bfloat16"}, ValueError, "norm_dtype must be one of"),
+        ({"group_size": 1}, ValueError, "group_size must be >= 2, got 1"),
+        ({"group_size": 16.0}, TypeError, "group_size must be an integer"),
+        ({"key_strategy": "kivi", "key_bits": 2.5}, ValueError, "key_bits must be a whole number for kivi"),
     ],
 )
 def test_bad_configs_raise_naming_the_key(kwargs, error, match):
@@ -307,10 +320,9 @@ def test_multihead_cache_with_exact_first_and_last_layers():
     assert model.float_nbytes == 6 * 2 * HEADS * 12 * DIM * 4
 
 
-@pytest.mark.parametrize(
-    "config", [CONFIGS["mse4"], CONFIGS["fractional"], CONFIGS["prod3"], CONFIGS["window"]]
-)
-def test_append_all_equals_appending_layer_by_layer(config):
+@pytest.mark.parametrize("name", ["mse4", "fractional", "prod3", "window", "kivi", "uniform"])
+def test_append_all_equals_appending_layer_by_layer(name):
+    config = CONFIGS[name]
     """One decode step for all layers (one kernel call per stream) stores what per-layer appends store."""
     overrides = exact_layers(4, first=1)
     one_by_one = MultiHeadKVCache(4, HEADS, DIM, config, overrides)

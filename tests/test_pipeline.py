@@ -8,6 +8,7 @@ about a minute and a half on 2 cores; every other check is a dry run against tha
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -29,30 +30,34 @@ def write_config(workdir: Path, name: str, text: str) -> str:
 
 
 # The quick sweep's jobs: 1 model (2 traces: layers 0 and 1 x head 0), synthetic d 16 x b {2, 3}
-# x {mse, prod}, 2 cache settings on each trace, in compare mode and for perplexity.
+# x {mse, prod}, 4 cache settings (a KIVI-style baseline with its own group size, a keys-only one
+# with its own residual window) on each trace, in compare mode and for perplexity, and the
+# per-layer sensitivity of its 2 layers.
 QUICK_JOBS = {
     "hf_checkpoint": 1,
     "bundle": 1,
     "corpus": 1,
     "traces": 2,
     "synthetic": 4,
-    "trace_eval": 4,
+    "trace_eval": 8,
     "baseline": 1,
-    "compare": 2,
-    "perplexity": 2,
+    "compare": 4,
+    "perplexity": 4,
+    "layer_sensitivity": 2,
     "aggregate": 1,
     "report": 1,
     "all": 1,
 }
 # The default sweep: SmolLM2, 2 layers x 3 KV heads = 6 traces; synthetic d {64, 128} x b 1..4
-# x {mse, prod} less Prod at b = 1 (14); 6 cache settings on each trace (36), in compare mode (6)
-# and for perplexity (6).
+# x {mse, prod} less Prod at b = 1 (14); 15 cache settings (6 TurboQuant, 5 baselines, 4
+# ablations) on each trace (90), in compare mode (15) and for perplexity (15); 30 layers alone.
 DEFAULT_JOBS = QUICK_JOBS | {
     "traces": 6,
     "synthetic": 14,
-    "trace_eval": 36,
-    "compare": 6,
-    "perplexity": 6,
+    "trace_eval": 90,
+    "compare": 15,
+    "perplexity": 15,
+    "layer_sensitivity": 30,
 }
 
 
@@ -79,8 +84,8 @@ def test_quick_run_writes_the_report(quick_workdir, quick_run):
     ):
         assert (quick_workdir / "results" / f"{figure}.png").stat().st_size > 0
     rows = (quick_workdir / "results" / "summary.csv").read_text().strip().splitlines()
-    # header + 4 synthetic + 4 trace + 1 baseline + 2 compare + 2 perplexity
-    assert len(rows) == 1 + 13
+    # header + 4 synthetic + 8 trace + 1 baseline + 4 compare + 4 perplexity + 2 layer sensitivity
+    assert len(rows) == 1 + 23
     for log in ("bundle/tiny-llama.log", "aggregate.log"):
         assert (quick_workdir / "results" / "logs" / log).is_file()
 
@@ -114,7 +119,7 @@ def test_a_trace_parameter_reruns_traces_and_their_dependents(quick_workdir, qui
     extra = write_config(quick_workdir, "shorter-traces.yaml", "traces:\n  max_seq: 48\n")
     assert dry_run(quick_workdir, QUICK, extra) == {
         "traces": 2,
-        "trace_eval": 4,
+        "trace_eval": 8,
         "aggregate": 1,
         "report": 1,
         "all": 1,
@@ -126,10 +131,36 @@ def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run)
     original = source.read_text()
     source.write_text(original + "\n# edited\n")
     try:
-        assert dry_run(quick_workdir, QUICK) == {"perplexity": 2, "aggregate": 1, "report": 1, "all": 1}
+        assert dry_run(quick_workdir, QUICK) == {
+            "perplexity": 4,
+            "layer_sensitivity": 2,
+            "aggregate": 1,
+            "report": 1,
+            "all": 1,
+        }
     finally:
         source.write_text(original)
     assert dry_run(quick_workdir, QUICK) == {}
+
+
+def test_a_setting_carries_its_own_cache_options(quick_workdir, quick_run):
+    """config/quick.yaml's keys-only setting has its own residual window (label suffix -r8)."""
+    record = json.loads((quick_workdir / "results/perplexity/tiny-llama/k2mse-v2exact-r8.json").read_text())
+    assert record["config"]["cache"]["residual_length"] == 8
+    assert record["config"]["cache"]["value_strategy"] == "exact"
+    shared = json.loads((quick_workdir / "results/perplexity/tiny-llama/k2mse-v2mse.json").read_text())
+    assert shared["config"]["cache"]["residual_length"] == 0
+    kivi = json.loads((quick_workdir / "results/perplexity/tiny-llama/k2kivi-v2kivi-g16.json").read_text())
+    assert kivi["config"]["cache"]["group_size"] == 16
+
+
+def test_layer_sensitivity_quantizes_one_layer_at_a_time(quick_workdir, quick_run):
+    for layer in (0, 1):
+        path = quick_workdir / f"results/layer_sensitivity/tiny-llama/layer{layer:02d}.json"
+        config = json.loads(path.read_text())["config"]
+        assert config["quantized_layers"] == [layer]
+        assert config["exact_layers"] == [1 - layer]
+    assert "## 5. Per-layer sensitivity" in (quick_workdir / "results/report.md").read_text()
 
 
 def test_lint_passes(quick_workdir):

@@ -35,6 +35,9 @@ SECTIONS = (
     "## 2b. Next-token quality vs bits",
     "## 3. Perplexity and KV memory vs bits",
     "## 4. Throughput",
+    "## 5. Per-layer sensitivity",
+    "## 6. Compared to what",
+    "## 7. Ablations",
     "## What these numbers mean",
 )
 PLOTS = (
@@ -43,6 +46,7 @@ PLOTS = (
     "quality_compare.png",
     "perplexity_vs_bits.png",
     "throughput.png",
+    "layer_sensitivity.png",
 )
 
 
@@ -114,8 +118,18 @@ def _exact_record() -> dict:
     return make_record("real-model", config, metrics, timing, 2)
 
 
-def _perplexity_record(bits: float, ratio: float, protocol: str = "decode") -> dict:
+def _perplexity_record(
+    bits: float,
+    ratio: float,
+    protocol: str = "decode",
+    key_strategy: str = "mse",
+    value_strategy: str = "mse",
+    quantized_layers: list[int] | None = None,
+) -> dict:
     """A perplexity record with the fields tq.bench.perplexity writes."""
+    cache = CacheConfig(
+        key_bits=bits, value_bits=bits, key_strategy=key_strategy, value_strategy=value_strategy
+    )
     config = {
         "workload": "perplexity",
         "bundle": "/bundles/tiny",
@@ -125,8 +139,9 @@ def _perplexity_record(bits: float, ratio: float, protocol: str = "decode") -> d
         "window": 64,
         "context": 32,
         "threads": 2,
-        "cache": CacheConfig(key_bits=bits, value_bits=bits).describe(),
+        "cache": cache.describe(),
         "exact_layers": [],
+        "quantized_layers": quantized_layers,
         "protocol": protocol,
     }
     metrics = {
@@ -180,6 +195,10 @@ def real_records():
         _perplexity_record(2, 1.375),
         _perplexity_record(4, 1.0625),
         _perplexity_record(4, 1.03125, protocol="window"),
+        _perplexity_record(2, 1.5, key_strategy="kivi", value_strategy="kivi"),
+        _perplexity_record(2, 1.125, value_strategy="exact"),
+        _perplexity_record(2, 1.25, quantized_layers=[0]),
+        _perplexity_record(2, 1.0, quantized_layers=[1]),
     ]
 
 
@@ -270,7 +289,7 @@ def test_summary_table_has_one_flat_row_per_record(records):
         "synthetic": 4,
         "trace": 8,
         "real-model": 4,
-        "perplexity": 3,
+        "perplexity": 7,
     }
 
 
@@ -374,6 +393,20 @@ def test_distortion_findings_are_computed_from_the_table(report, synthetic_recor
         assert f"= {min(ratios):.2f} to {max(ratios):.2f}" in line
 
 
+def test_new_sections_are_computed_from_the_records(report):
+    markdown = report.read_text()
+    layers = _section(markdown, "## 5. Per-layer sensitivity")
+    assert "ratios 1.000 to 1.250" in layers and "most sensitive by KL: layer 0" in layers
+    baselines = _section(markdown, "## 6. Compared to what")
+    assert "TurboQuant MSE 1.375" in baselines and "KIVI-style 1.500" in baselines
+    assert baselines.index("TurboQuant MSE 1.375") < baselines.index("KIVI-style 1.500")  # best first
+    ablations = _section(markdown, "## 7. Ablations")
+    assert "only keys quantized" in ablations and "perplexity ratio 1.125" in ablations
+    assert "vs 1.375 with the whole cache quantized" in ablations
+    # The per-layer runs stay out of the perplexity section and the headline.
+    assert "1.25" not in _section(markdown, "## 3. Perplexity")
+
+
 def test_report_is_deterministic(tmp_path, records, report):
     again = write_report(summary_table(records), tmp_path)
     for name in [*PLOTS, "report.md"]:
@@ -386,14 +419,15 @@ def test_empty_record_set_still_gives_a_report(tmp_path):
     markdown = path.read_text()
     assert "Generated from 0 result records." in markdown
     assert all(heading in markdown for heading in SECTIONS)
-    assert markdown.count("omitted") == 7  # headline, 1, 2a, 2b, 3, and two throughput parts
+    # headline, 1, 2a, 2b, 3, two throughput parts, 5, 6 and 7
+    assert markdown.count("omitted") == 10
     assert _images(markdown) == []
     assert "No perplexity records, so no perplexity protocol was used." in markdown
     assert [p.name for p in tmp_path.iterdir()] == ["custom.md"]
 
 
 def test_partial_record_set_reports_what_it_has(tmp_path, trace_records, real_records):
-    table = summary_table([*trace_records, real_records[-1]])
+    table = summary_table([*trace_records, real_records[6]])  # one window-protocol perplexity
     markdown = write_report(_through_csv(table, tmp_path), tmp_path).read_text()
     assert sorted(_images(markdown)) == ["perplexity_vs_bits.png", "quality_trace.png"]
     assert "No synthetic records: section omitted." in markdown

@@ -7,10 +7,12 @@ earlier tokens does not change as the cache grows.
 What is stored for a quantized token (and counted in ``nbytes``): the packed codes, the vector
 norm (``norm_dtype``, fp32 by default), and for Prod the QJL sign bits and the residual norm
 gamma (fp32); for a fractional width, each channel group has its own codes and norm, and the
-outlier channel indices of each head are stored once. ``exact`` tokens and the tokens of the
-residual window are stored as fp32. ``keys()`` and ``values()`` return a float32 reconstruction
-that the cache maintains as tokens arrive (a working buffer for the decode loop, not counted in
-``nbytes``); ``dequantize_stored()`` rebuilds it from the stored codes alone.
+outlier channel indices of each head are stored once. For the baseline strategies
+(tq.baselines: "uniform", "rotated-uniform", "kivi"): the packed codes and a float16 zero point
+and scale per group. ``exact`` tokens and the tokens of the residual window are stored as fp32.
+``keys()`` and ``values()`` return a float32 reconstruction that the cache maintains as tokens
+arrive (a working buffer for the decode loop, not counted in ``nbytes``);
+``dequantize_stored()`` rebuilds it from the stored codes alone.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from tq.baselines import BASELINE_STRATEGIES, MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
 from tq.batch import BatchQuantizedMSE
 from tq.codebook import MAX_BITS
 from tq.kernels import DEVICES
 from tq.quantizers import TurboQuantMSE, TurboQuantProd
 
-STRATEGIES = ("mse", "prod", "exact")
+TURBOQUANT_STRATEGIES = ("mse", "prod")
+STRATEGIES = (*TURBOQUANT_STRATEGIES, "exact", *BASELINE_STRATEGIES)
 NORM_DTYPES = ("float32", "float16")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -41,16 +45,29 @@ class CacheConfig:
             splits the channels into an outlier group at ceil(bits) and the rest at floor(bits),
             sized so that the average is exact (bits * head_dim must be an integer).
         key_strategy, value_strategy: "mse" (TurboQuant MSE), "prod" (TurboQuant Prod: MSE at
-            bits-1 plus a 1-bit QJL sign) or "exact" (fp32, bits ignored).
+            bits-1 plus a 1-bit QJL sign), "exact" (fp32, bits ignored), or a baseline of
+            tq.baselines (whole bits 1..8 only): "uniform" (per-token asymmetric uniform,
+            groups of group_size channels), "rotated-uniform" (the same after the rotation) or
+            "kivi" (keys per channel over groups of group_size tokens, values per token).
         residual_length: the most recent tokens kept exact; older tokens leave this window
-            into the quantized store.
-        renormalize: rescale each reconstruction to its stored norm.
-        norm_dtype: "float32" or "float16" (refused for a norm beyond the float16 range).
+            into the quantized store. Per-channel ("kivi") keys leave it in whole groups of
+            group_size tokens, so their exact part holds residual_length to
+            residual_length + group_size - 1 tokens; values always leave it token by token.
+        renormalize: rescale each reconstruction to its stored norm (TurboQuant streams only;
+            the baselines store no norms and ignore it).
+        norm_dtype: "float32" or "float16" (refused for a norm beyond the float16 range);
+            TurboQuant streams only (baselines always store float16 zero points and scales).
         seed: seed of the keys' rotation (values use seed + 1); every layer shares them, so one
             decode step quantizes all layers of a model in one kernel call per stream.
-        rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes).
+        rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes), for
+            TurboQuant and "rotated-uniform".
         device: where quantization runs, "cpu", "cuda" or "auto" (tq.kernels.resolve_device);
-            the cache's arrays live in host memory either way.
+            the cache's arrays live in host memory either way. The baselines run in NumPy on
+            the CPU whatever the device.
+        group_size: baselines only (>= 2): channels per zero point and scale for per-token
+            quantization (the last group is shorter if it does not divide head_dim), tokens
+            per group for per-channel keys. Stored bits per coordinate: bits + 32 / group_size
+            when it divides head_dim.
     """
 
     key_bits: float = 4
@@ -63,6 +80,7 @@ class CacheConfig:
     seed: int = 0
     rotation: str = "haar"
     device: str = "cpu"
+    group_size: int = 32
 
     def __post_init__(self) -> None:
         for part in ("key", "value"):
@@ -75,6 +93,11 @@ class CacheConfig:
             lowest = 2 if strategy == "prod" else 1
             if strategy != "exact" and not lowest <= bits <= MAX_BITS:
                 raise ValueError(f"{part}_bits must be in [{lowest}, {MAX_BITS}] for {strategy}, got {bits}")
+            if strategy in BASELINE_STRATEGIES and not float(bits).is_integer():
+                raise ValueError(
+                    f"{part}_bits must be a whole number for {strategy} (fractional widths are "
+                    f"TurboQuant only), got {bits}"
+                )
         if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int):
             raise TypeError(f"residual_length must be an integer, got {self.residual_length!r}")
         if self.residual_length < 0:
@@ -83,6 +106,10 @@ class CacheConfig:
             raise ValueError(f"norm_dtype must be one of {NORM_DTYPES}, got {self.norm_dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an integer, got {self.group_size!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2, got {self.group_size}")
 
     def describe(self) -> dict[str, Any]:
         """The configuration as a plain dict (for result records)."""
@@ -91,16 +118,16 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class _Group:
-    """Channels of every head quantized by one TurboQuant instance.
+    """Channels of every head quantized by one quantizer (TurboQuant or a baseline).
 
     ``channels`` int64 [kv_heads, size]: the head_dim indices of the group in each head.
     ``pieces``: one (batch, start, stop) per quantized span: rows start..stop-1 of a packed
     batch, which several layers' stores may share (one kernel call per decode step).
     """
 
-    quantizer: TurboQuantMSE | TurboQuantProd
+    quantizer: TurboQuantMSE | TurboQuantProd | UniformQuantizer
     channels: np.ndarray
-    pieces: list[tuple[BatchQuantizedMSE, int, int]] = field(default_factory=list)
+    pieces: list[tuple[BatchQuantizedMSE | BatchUniform, int, int]] = field(default_factory=list)
 
 
 def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
@@ -171,21 +198,57 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
 
 
 class _Store:
-    """One stream (keys or values) of a layer: quantized store, exact window, reconstruction."""
+    """One stream (``part`` "key" or "value") of a layer: quantized store, exact window,
+    reconstruction.
 
-    def __init__(
-        self, kv_heads: int, head_dim: int, bits: float, strategy: str, seed: int, config: CacheConfig
-    ) -> None:
+    TurboQuant streams fix their channel groups (outliers first) from the first tokens; a
+    baseline stream has one group of all channels and its quantizer from the start. Tokens
+    leave the exact window in multiples of ``flush`` tokens: the quantizer's rows per group
+    (group_size for per-channel keys, else 1), so per-channel groups never straddle heads or
+    layers when several spans are quantized as one batch.
+    """
+
+    def __init__(self, kv_heads: int, head_dim: int, part: str, seed: int, config: CacheConfig) -> None:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.strategy = strategy
+        self.strategy = strategy = getattr(config, f"{part}_strategy")
+        bits = getattr(config, f"{part}_bits")
         self.seed = seed
         self.config = config
         self.widths = [] if strategy == "exact" else split_widths(bits, head_dim)
         self.groups: list[_Group] = []
+        self.flush = 1
+        if strategy in BASELINE_STRATEGIES:
+            quantizer = baseline_quantizer(
+                strategy, part, head_dim, int(bits), config.group_size, seed, config.rotation
+            )
+            self.groups.append(_Group(quantizer, np.tile(np.arange(head_dim), (kv_heads, 1))))
+            self.flush = quantizer.rows_per_group
         self.quantized = 0  # tokens in the quantized store (the oldest ones)
         self.length = 0  # all tokens
         self.buffer = np.empty((kv_heads, 0, head_dim), np.float32)
+
+    def check(self, name: str, tokens: np.ndarray) -> None:
+        """Refuse finite tokens [kv_heads, t, head_dim] that this stream cannot store: a norm
+        beyond float16 (TurboQuant, float16 norms) or a value beyond a baseline's range."""
+        if self.strategy in TURBOQUANT_STRATEGIES and self.config.norm_dtype == "float16":
+            norms = np.linalg.norm(tokens, axis=2)
+            if norms.max(initial=0.0) > _FLOAT16_MAX:
+                head, token = np.unravel_index(np.argmax(norms), norms.shape)
+                raise ValueError(
+                    f"{name}: a vector norm of {float(norms[head, token]):.6g} (head {head}, new token "
+                    f"{token}) exceeds the float16 range; use norm_dtype='float32'"
+                )
+        if self.strategy in BASELINE_STRATEGIES:
+            quantizer = self.groups[0].quantizer
+            bad = quantizer.out_of_range(tokens.reshape(-1, self.head_dim))
+            if bad is not None:
+                head, token = divmod(bad[0], tokens.shape[1])
+                what = "a vector norm" if quantizer.rotation is not None else "a value"
+                raise ValueError(
+                    f"{name}: {what} of {bad[1]:.6g} (head {head}, new token {token}) is beyond "
+                    f"{MAX_ABS:g}, too large for the float16 zero points and scales of {self.strategy}"
+                )
 
     def _ensure_capacity(self, length: int) -> None:
         if length > self.buffer.shape[1]:
@@ -207,16 +270,17 @@ class _Store:
             self.groups.append(_Group(quantizer, channels))
             start += size
 
-    def _store_norms(self, batch: BatchQuantizedMSE) -> BatchQuantizedMSE:
+    def _store_norms(self, batch: BatchQuantizedMSE | BatchUniform) -> BatchQuantizedMSE | BatchUniform:
         """Round the norms to the stored precision (the fp16 range is checked on append)."""
-        if self.config.norm_dtype == "float32":
+        if self.config.norm_dtype == "float32" or batch.norms is None:
             return batch
         return replace(batch, norms=batch.norms.astype(np.float16).astype(np.float32))
 
-    def _reconstruct(self, group: _Group, batch: BatchQuantizedMSE) -> np.ndarray:
-        """Dequantize one stored batch -> float32 [rows, group size], renormalized if asked."""
+    def _reconstruct(self, group: _Group, batch: BatchQuantizedMSE | BatchUniform) -> np.ndarray:
+        """Dequantize one stored batch -> float32 [rows, group size], renormalized if asked
+        (TurboQuant batches only: baseline batches have no norms)."""
         rows = group.quantizer.dequantize(batch)
-        if self.config.renormalize:
+        if self.config.renormalize and batch.norms is not None:
             lengths = np.linalg.norm(rows, axis=1)
             scale = np.where(lengths > 0, batch.norms / np.where(lengths > 0, lengths, 1.0), 0.0)
             rows = (rows * scale[:, None]).astype(np.float32)
@@ -248,6 +312,7 @@ class _Store:
             self.quantized = self.length
             return None
         leaving = self.length - residual_length - self.quantized
+        leaving -= leaving % self.flush  # per-channel groups leave whole
         return slice(self.quantized, self.quantized + leaving) if leaving > 0 else None
 
     def view(self) -> np.ndarray:
@@ -272,14 +337,17 @@ class _Store:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored: quantized parts, outlier channel indices, exact tokens (fp32)."""
+        """Bytes stored: quantized parts (codes, norms at norm_dtype, QJL signs and gammas, or a
+        baseline's zero points and scales), outlier channel indices, exact tokens (fp32)."""
         exact_tokens = self.length - self.quantized if self.strategy != "exact" else self.length
         total = exact_tokens * self.kv_heads * self.head_dim * 4
         norm_size = 2 if self.config.norm_dtype == "float16" else 4
         for group in self.groups:
             for batch, start, stop in group.pieces:
-                total += (stop - start) * (batch.nbytes - batch.norms.nbytes) // len(batch)
-                total += (stop - start) * norm_size
+                piece = batch.rows(start, stop)
+                total += piece.nbytes
+                if piece.norms is not None:  # held as float32, stored at norm_dtype
+                    total += len(piece) * (norm_size - piece.norms.itemsize)
             if len(self.groups) > 1:
                 total += group.channels.size * 2  # uint16 channel indices, once per head
         return total
@@ -313,8 +381,8 @@ class QuantizedKVCache:
         self.head_dim = head_dim
         seed = self.config.seed
         c = self.config
-        self._keys = _Store(kv_heads, head_dim, c.key_bits, c.key_strategy, seed, c)
-        self._values = _Store(kv_heads, head_dim, c.value_bits, c.value_strategy, seed + 1, c)
+        self._keys = _Store(kv_heads, head_dim, "key", seed, c)
+        self._values = _Store(kv_heads, head_dim, "value", seed + 1, c)
 
     def __repr__(self) -> str:
         return f"QuantizedKVCache(layer={self.layer}, seq={len(self)}, config={self.config})"
@@ -322,7 +390,7 @@ class QuantizedKVCache:
     def __len__(self) -> int:
         return self._keys.length
 
-    def _check(self, name: str, tokens: np.ndarray) -> np.ndarray:
+    def _check(self, name: str, tokens: np.ndarray, store: _Store) -> np.ndarray:
         if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.float32, np.float64, np.float16):
             raise TypeError(
                 f"{name} must be a float numpy array, got {getattr(tokens, 'dtype', type(tokens))}"
@@ -337,20 +405,13 @@ class QuantizedKVCache:
         if bad.any():
             head, token, _ = np.argwhere(bad)[0]
             raise ValueError(f"{name} contain NaN or inf (head {head}, new token {token})")
-        if self.config.norm_dtype == "float16":
-            norms = np.linalg.norm(tokens, axis=2)
-            if norms.max(initial=0.0) > _FLOAT16_MAX:
-                head, token = np.unravel_index(np.argmax(norms), norms.shape)
-                raise ValueError(
-                    f"{name}: a vector norm of {float(norms[head, token]):.6g} (head {head}, new token "
-                    f"{token}) exceeds the float16 range; use norm_dtype='float32'"
-                )
+        store.check(name, tokens)
         return tokens
 
     def check(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate new tokens; return them as C-contiguous float32."""
-        keys = self._check("keys", keys)
-        values = self._check("values", values)
+        keys = self._check("keys", keys, self._keys)
+        values = self._check("values", values, self._values)
         if keys.shape[1] != values.shape[1]:
             raise ValueError(f"keys have {keys.shape[1]} new tokens but values have {values.shape[1]}")
         return keys, values
@@ -382,7 +443,8 @@ class QuantizedKVCache:
 
     @property
     def quantized_tokens(self) -> int:
-        """Tokens that have left the exact window into the quantized store."""
+        """Tokens that have left the exact window into the quantized store, in both streams
+        (per-channel "kivi" keys leave it in whole groups, so they may lag the values)."""
         return min(self._keys.quantized, self._values.quantized)
 
     @property

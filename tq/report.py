@@ -41,8 +41,10 @@ COORDINATES = (
     "value_bits",
     "key_strategy",
     "value_strategy",
+    "group_size",
     "residual_length",
     "exact_layers",
+    "quantized_layers",
     "renormalize",
     "norm_dtype",
     "rotation",
@@ -63,6 +65,7 @@ COORDINATES = (
     "threads",
     "quick",
     "kernels",
+    "device",
     "trace",
     "bundle",
 )
@@ -78,10 +81,12 @@ _TEXT_COLUMNS = (
     "key_strategy",
     "value_strategy",
     "exact_layers",
+    "quantized_layers",
     "norm_dtype",
     "rotation",
     "rope",
     "kernels",
+    "device",
     "trace",
     "bundle",
     "tq_version",
@@ -93,11 +98,13 @@ _CACHE_FIELDS = (
     "value_bits",
     "key_strategy",
     "value_strategy",
+    "group_size",
     "residual_length",
     "renormalize",
     "norm_dtype",
     "seed",
     "rotation",
+    "device",
 )
 # Cache settings other than the strategies that tell two lines of a quality plot apart.
 _LINE_SETTINGS = ("residual_length", "exact_layers", "renormalize", "norm_dtype", "rotation")
@@ -205,8 +212,9 @@ def _coordinates(record: dict[str, Any]) -> dict[str, Any]:
         row.update({name: cache[name] for name in _CACHE_FIELDS if name in cache})
         if "key_strategy" in cache and "value_strategy" in cache:
             row["bits"] = _cache_bits(cache)
-    if isinstance(row.get("exact_layers"), list):
-        row["exact_layers"] = ",".join(str(layer) for layer in row["exact_layers"]) or "none"
+    for name in ("exact_layers", "quantized_layers"):
+        if isinstance(row.get(name), list):
+            row[name] = ",".join(str(layer) for layer in row[name]) or "none"
     row["tq_version"] = record.get("env", {}).get("tq") if isinstance(record.get("env"), dict) else None
     row["created"] = record.get("created")
     return row
@@ -565,8 +573,16 @@ def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
     )
 
 
-def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+def _perplexity_rows(table: pd.DataFrame, per_layer: bool = False) -> pd.DataFrame:
+    """Perplexity records of cache settings (whole model), or with ``per_layer`` those of the
+    per-layer sensitivity (one layer quantized)."""
     rows = table[table["workload"] == "perplexity"]
+    one_layer = _column(rows, "quantized_layers").notna()
+    return rows[one_layer] if per_layer else rows[~one_layer]
+
+
+def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    rows = _perplexity_rows(table)
     lines = ["## 3. Perplexity and KV memory vs bits (real text)", ""]
     if rows.empty:
         return [*lines, "No perplexity records: section omitted.", ""]
@@ -727,10 +743,233 @@ def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
     ]
 
 
+def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    rows = _perplexity_rows(table, per_layer=True)
+    lines = ["## 5. Per-layer sensitivity (one layer quantized at a time)", ""]
+    if rows.empty:
+        return [*lines, "No per-layer sensitivity records: section omitted.", ""]
+    rows = rows.assign(quantized_layer=pd.to_numeric(rows["quantized_layers"].astype(str)))
+    keys = ["model", "key_strategy", "value_strategy", "key_bits", "value_bits", "quantized_layer"]
+    means = _mean_by(rows, keys, ["perplexity_ratio", "kl_divergence", "top1_agreement", "scored_tokens"])
+    figure, axes = _figure(1)
+    for model, line in means.groupby("model", dropna=False, sort=True):
+        axes[0].plot(line["quantized_layer"], line["perplexity_ratio"], marker="o", label=_format(model))
+    axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
+    axes[0].set_title("perplexity ratio with only this layer quantized", fontsize=10)
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("ratio quantized / exact")
+    axes[0].grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _save(figure, out_dir / "layer_sensitivity.png")
+    findings = []
+    for model, line in means.groupby("model", dropna=False, sort=True):
+        ranked = line.sort_values("kl_divergence", ascending=False)
+        top = ", ".join(
+            f"layer {int(row['quantized_layer'])} (KL {row['kl_divergence']:.3g}, ratio "
+            f"{row['perplexity_ratio']:.3f})"
+            for _, row in ranked.head(3).iterrows()
+        )
+        setting = f"{_strategy(ranked.iloc[0], 'key')} keys, {_strategy(ranked.iloc[0], 'value')} values"
+        ratios = line["perplexity_ratio"]
+        findings.append(
+            f"- {_format(model)} ({setting}, {len(line)} layers): ratios {ratios.min():.3f} to "
+            f"{ratios.max():.3f} (median {ratios.median():.3f}); the most sensitive by KL: {top}."
+        )
+    means = _with_cache_labels(means)
+    headers = {
+        "model": "model",
+        "quantized_layer": "layer",
+        "keys": "keys",
+        "values": "values",
+        "perplexity_ratio": "ppl ratio",
+        "kl_divergence": "KL",
+        "top1_agreement": "top-1",
+        "scored_tokens": "scored tokens",
+    }
+    return [
+        *lines,
+        "Perplexity with the cache setting applied to one layer and every other layer exact "
+        "(short windows: the per-layer differences are paired on the same text). Layers whose "
+        "ratio stands out are candidates for `exact_first_layers` / `exact_last_layers`.",
+        "",
+        "![per-layer sensitivity](layer_sensitivity.png)",
+        "",
+        markdown_table(means, headers),
+        "",
+        "**What this shows.**",
+        "",
+        *findings,
+        "",
+    ]
+
+
+METHOD_NAMES = {
+    "mse": "TurboQuant MSE",
+    "prod": "TurboQuant Prod",
+    "kivi": "KIVI-style",
+    "uniform": "uniform",
+    "rotated-uniform": "rotation + uniform",
+}
+
+
+def _method(row: pd.Series) -> str:
+    """The quantization method of a cache setting: "TurboQuant MSE", "KIVI-style", or for mixed
+    streams "TurboQuant Prod keys + TurboQuant MSE values"."""
+    keys, values = row["key_strategy"], row["value_strategy"]
+    if keys == values:
+        return METHOD_NAMES.get(keys, str(keys))
+    return f"{METHOD_NAMES.get(keys, keys)} keys + {METHOD_NAMES.get(values, values)} values"
+
+
+def _is_ablation(row: pd.Series) -> bool:
+    """A setting that keeps part of the cache exact: a stream, a residual window or layers."""
+    return bool(
+        "exact" in (row["key_strategy"], row["value_strategy"])
+        or (pd.notna(row["residual_length"]) and row["residual_length"] > 0)
+        or (pd.notna(row["exact_layers"]) and row["exact_layers"] != "none")
+    )
+
+
+def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model and cache setting: perplexity ratio, KL and stored bits from the perplexity
+    records, top-1 agreement from compare mode (teacher-forced)."""
+    keys = [
+        "model",
+        "key_strategy",
+        "value_strategy",
+        "key_bits",
+        "value_bits",
+        "bits",
+        "residual_length",
+        "exact_layers",
+    ]
+    perplexity = _mean_by(
+        _perplexity_rows(table), keys, ["perplexity_ratio", "kl_divergence", "kv_compression_ratio"]
+    )
+    compare = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
+    top1 = _mean_by(compare, keys, ["top1_agreement"]).drop(columns="records")
+    merged = perplexity.drop(columns="records").merge(top1, on=keys, how="outer")
+    merged["stored_bits"] = 32.0 / merged["kv_compression_ratio"]
+    merged["method"] = merged.apply(_method, axis=1)
+    merged["ablation"] = merged.apply(_is_ablation, axis=1)
+    return merged
+
+
+_QUALITY_HEADERS = {
+    "perplexity_ratio": "ppl ratio",
+    "top1_agreement": "top-1 (compare)",
+    "kl_divergence": "KL (ppl text)",
+    "stored_bits": "stored bits/coord",
+}
+
+
+def _section_baselines(table: pd.DataFrame) -> list[str]:
+    lines = ["## 6. Compared to what: baselines at equal bits", ""]
+    quality = _real_quality(table)
+    quality = quality[~quality["ablation"]]
+    if quality.empty or quality["method"].nunique() < 2:
+        return [*lines, "Fewer than two quantization methods in the records: section omitted.", ""]
+    quality = quality.sort_values(["model", "bits", "perplexity_ratio"], na_position="last")
+    headers = {"model": "model", "bits": "code bits", "method": "method", **_QUALITY_HEADERS}
+    findings = []
+    for (model, bits), group in quality.groupby(["model", "bits"], sort=True):
+        if group["method"].nunique() < 2:
+            continue
+        ranked = group.dropna(subset=["perplexity_ratio"])
+        order = "; ".join(
+            f"{row['method']} {row['perplexity_ratio']:.3f}"
+            + (f" (top-1 {row['top1_agreement']:.3f})" if pd.notna(row["top1_agreement"]) else "")
+            + f" at {row['stored_bits']:.2f} stored bits"
+            for _, row in ranked.iterrows()
+        )
+        findings.append(
+            f"- {_format(model)}, {_format(bits)} code bits, perplexity ratio (best first): {order}."
+        )
+    return [
+        *lines,
+        "TurboQuant against the baselines on the same model, prompts and text. `code bits` are the "
+        "bits of codes per coordinate; `stored bits/coord` count everything stored (norms, scales, "
+        "zero points, outlier channel indices) over the context's fp32 size, as 32 / KV compression.",
+        "",
+        markdown_table(quality, headers),
+        "",
+        "**What this shows.**",
+        "",
+        *(findings or ["- No bit width has two methods measured on the same model."]),
+        "",
+    ]
+
+
+def _section_ablations(table: pd.DataFrame) -> list[str]:
+    lines = ["## 7. Ablations: what stays exact", ""]
+    quality = _real_quality(table)
+    ablations = quality[quality["ablation"]]
+    if ablations.empty:
+        return [*lines, "No ablation settings in the records: section omitted.", ""]
+    plain = quality[~quality["ablation"]]
+    findings = []
+    for _, row in ablations.iterrows():
+        parts = [
+            ("keys", row["key_strategy"], row["key_bits"]),
+            ("values", row["value_strategy"], row["value_bits"]),
+        ]
+        quantized = [(name, strategy, bits) for name, strategy, bits in parts if strategy != "exact"]
+        what = []
+        if len(quantized) == 1:
+            what.append(f"only {quantized[0][0]} quantized")
+        if pd.notna(row["residual_length"]) and row["residual_length"] > 0:
+            what.append(f"last {_format(row['residual_length'])} tokens exact")
+        if pd.notna(row["exact_layers"]) and row["exact_layers"] != "none":
+            what.append(f"layers {row['exact_layers']} exact")
+        strategies = {strategy for _, strategy, _ in quantized}
+        widths = {bits for _, _, bits in quantized}
+        reference = plain[
+            (plain["model"] == row["model"])
+            & plain["key_strategy"].isin(strategies)
+            & plain["value_strategy"].isin(strategies)
+            & plain["key_bits"].isin(widths)
+            & plain["value_bits"].isin(widths)
+        ]
+        against = (
+            f" vs {reference['perplexity_ratio'].iloc[0]:.3f} with the whole cache quantized"
+            f" ({reference['stored_bits'].iloc[0]:.2f} stored bits)"
+            if len(reference) == 1 and pd.notna(reference["perplexity_ratio"].iloc[0])
+            else ""
+        )
+        findings.append(
+            f"- {_format(row['model'])}, {', '.join(what)} ({_method(row)} at "
+            f"{'/'.join(_format(b) for b in sorted(widths))} bits): perplexity ratio "
+            f"{row['perplexity_ratio']:.3f} at {row['stored_bits']:.2f} stored bits{against}."
+        )
+    ablations = _with_cache_labels(ablations)
+    headers = {
+        "model": "model",
+        "keys": "keys",
+        "values": "values",
+        "residual_length": "residual",
+        "exact_layers": "exact layers",
+        **_QUALITY_HEADERS,
+    }
+    return [
+        *lines,
+        "Settings that keep part of the cache exact: keys-only or values-only quantization, a "
+        "residual window of recent exact tokens, or exact first and last layers (config: `kv_caches` "
+        "entries with an `exact` strategy, `residual_length`, `exact_first_layers`, "
+        "`exact_last_layers`).",
+        "",
+        markdown_table(ablations, headers),
+        "",
+        "**What this shows.**",
+        "",
+        *findings,
+        "",
+    ]
+
+
 def _headline(table: pd.DataFrame) -> list[str]:
     lines = ["## Headline", ""]
     kinds = []
-    perplexity = table[table["workload"] == "perplexity"]
+    perplexity = _perplexity_rows(table)
     if not perplexity.empty:
         kinds.append(
             perplexity.assign(
@@ -833,6 +1072,9 @@ def write_report(
         _section_compare(table, path.parent),
         _section_perplexity(table, path.parent),
         _section_throughput(table, path.parent),
+        _section_layer_sensitivity(table, path.parent),
+        _section_baselines(table),
+        _section_ablations(table),
         _notes(table),
     ):
         lines += section

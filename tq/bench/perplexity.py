@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,13 @@ def run_perplexity(
     threads: int | None = None,
     cache: os.PathLike | None = None,
     protocol: str = "window",
+    quantized_layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Exact vs quantized perplexity over ``windows`` windows; return a ``real-model`` record."""
+    """Exact vs quantized perplexity over ``windows`` windows; return a ``real-model`` record.
+
+    ``quantized_layers`` quantizes only those layers and keeps every other one exact (per-layer
+    sensitivity); it replaces ``exact_first_layers`` / ``exact_last_layers``.
+    """
     from tq.corpus import corpus_text, token_windows
     from tq.models.bundle import ModelBundle
 
@@ -61,6 +67,18 @@ def run_perplexity(
     bundle = ModelBundle.load(bundle_dir)
     runner = RealModelRunner(bundle, threads)
     layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
+    if quantized_layers is not None:
+        if exact_first_layers or exact_last_layers:
+            raise ValueError("give quantized_layers or exact_first_layers/exact_last_layers, not both")
+        outside = sorted(set(quantized_layers) - set(range(bundle.num_layers)))
+        if outside or not quantized_layers:
+            raise ValueError(
+                f"quantized_layers must name layers of the model (0..{bundle.num_layers - 1}), got "
+                f"{list(quantized_layers)}"
+            )
+        layer_configs = exact_layers(bundle.num_layers, first=bundle.num_layers)
+        for layer in quantized_layers:
+            del layer_configs[layer]
     text = corpus_text(cache)
     ids = bundle.encode(text[: windows * window * _CHARS_PER_TOKEN])
     if len(ids) < windows * window:
@@ -120,6 +138,7 @@ def run_perplexity(
         "threads": threads,
         "cache": config.describe(),
         "exact_layers": sorted(layer_configs),
+        "quantized_layers": None if quantized_layers is None else sorted(quantized_layers),
         "protocol": protocol,
     }
     return make_record("real-model", record_config, result, {"seconds": seconds}, threads or 0)

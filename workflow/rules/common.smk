@@ -2,12 +2,20 @@
 import ast
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 TQ_ROOT = Path(workflow.basedir) / "tq"
 CONDA_ENV = "../../envs/tq.yaml"
 MODELS = {model["preset"]: model for model in config["models"]}
-STRATEGY = "mse|prod"
+STRATEGY = "mse|prod|exact|uniform|rotated-uniform|kivi"
+# Per-setting cache options (kv_caches items) and their code in a cache label: k3mse-v3mse-r64-ef2.
+CACHE_OPTION_CODES = {
+    "residual_length": "r",
+    "exact_first_layers": "ef",
+    "exact_last_layers": "el",
+    "group_size": "g",
+}
 BITS = r"\d(\.\d\d?)?"  # 1 .. 8, optionally fractional: 3.5, 2.25
 
 
@@ -20,6 +28,7 @@ wildcard_constraints:
     value_strategy=STRATEGY,
     key_bits=BITS,
     value_bits=BITS,
+    options="(-(" + "|".join(CACHE_OPTION_CODES.values()) + r")\d+)*",
 
 
 def _module_file(name: str) -> Path | None:
@@ -79,15 +88,19 @@ def bits_label(bits: float) -> str:
 
 
 def cache_label(cache: dict) -> str:
-    """A cache setting as a file name: ``k3.5mse-v3mse``."""
+    """A cache setting as a file name: ``k3.5mse-v3mse``, plus its own options: ``-r64`` (residual
+    length), ``-ef2`` / ``-el2`` (exact first / last layers), ``-g64`` (baseline group size)."""
+    options = "".join(
+        f"-{code}{cache[name]}" for name, code in CACHE_OPTION_CODES.items() if name in cache
+    )
     return (
         f"k{bits_label(cache['key_bits'])}{cache['key_strategy']}"
-        f"-v{bits_label(cache['value_bits'])}{cache['value_strategy']}"
+        f"-v{bits_label(cache['value_bits'])}{cache['value_strategy']}{options}"
     )
 
 
 CACHES = [cache_label(cache) for cache in config["kv_caches"]]
-CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}"
+CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}{options}"
 CACHE_OPTIONS = config["cache_options"]
 
 
@@ -101,19 +114,28 @@ def _bits(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
 
+def _options(wildcards) -> dict:
+    """cache_options with the setting's own options (from its label) applied."""
+    names = {code: name for name, code in CACHE_OPTION_CODES.items()}
+    own = {names[code]: int(value) for code, value in re.findall(r"-([a-z]+)(\d+)", wildcards.options)}
+    return CACHE_OPTIONS | own
+
+
 def cache_params(wildcards) -> dict:
-    """A job's tq.kvcache.CacheConfig fields: its wildcards' bits and strategies, and the shared
+    """A job's tq.kvcache.CacheConfig fields: its wildcards' bits and strategies, and the cache
     options (exact layers apart: they are not a CacheConfig field)."""
     return {
         "key_bits": _bits(wildcards.key_bits),
         "key_strategy": wildcards.key_strategy,
         "value_bits": _bits(wildcards.value_bits),
         "value_strategy": wildcards.value_strategy,
-        **{k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+        **{k: v for k, v in _options(wildcards).items() if not k.startswith("exact_")},
     }
 
 
-EXACT_LAYERS = {k: v for k, v in CACHE_OPTIONS.items() if k.startswith("exact_")}
+def exact_layer_params(wildcards) -> dict:
+    """A job's exact_first_layers / exact_last_layers."""
+    return {k: v for k, v in _options(wildcards).items() if k.startswith("exact_")}
 
 
 PROMPTS = config["prompts"]
@@ -146,4 +168,9 @@ def all_records(wildcards) -> list[str]:
         records.append(f"results/baseline/{model}/{SUITE}.json")
         records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=CACHES)
         records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=CACHES)
+        if "num_layers" in MODELS[model]:
+            records += [
+                f"results/layer_sensitivity/{model}/layer{layer:02d}.json"
+                for layer in range(MODELS[model]["num_layers"])
+            ]
     return records

@@ -60,7 +60,7 @@ rule compare:
         f"results/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.json",
     params:
         cache=cache_params,
-        exact_layers=EXACT_LAYERS,
+        exact_layers=exact_layer_params,
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
@@ -87,7 +87,7 @@ rule perplexity:
         f"results/perplexity/{{model}}/{CACHE_PATTERN}.json",
     params:
         cache=cache_params,
-        exact_layers=EXACT_LAYERS,
+        exact_layers=exact_layer_params,
         protocol=config["perplexity"]["protocol"],
         windows=config["perplexity"]["windows"],
         window=config["perplexity"]["window"],
@@ -100,6 +100,40 @@ rule perplexity:
     resources:
         mem_mb=4000,
         runtime=30,
+    threads: 2
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/perplexity.py"
+
+
+rule layer_sensitivity:
+    """Perplexity with only layer {layer} quantized (config layer_sensitivity), every other
+    layer exact: which layers are sensitive to quantization."""
+    input:
+        bundle=rules.bundle.output[0],
+        corpus=rules.corpus.output[0],
+    output:
+        "results/layer_sensitivity/{model}/layer{layer}.json",
+    params:
+        cache=lambda wildcards: {
+            name: config["layer_sensitivity"][name]
+            for name in ("key_bits", "value_bits", "key_strategy", "value_strategy")
+        }
+        | {k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+        quantized_layers=lambda wildcards: [int(wildcards.layer)],
+        protocol=config["perplexity"]["protocol"],
+        windows=config["layer_sensitivity"]["windows"],
+        window=config["layer_sensitivity"]["window"],
+        context=config["layer_sensitivity"]["context"],
+        source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
+    log:
+        "results/logs/layer_sensitivity/{model}/layer{layer}.log",
+    benchmark:
+        "results/benchmarks/layer_sensitivity/{model}/layer{layer}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=15,
     threads: 2
     conda:
         CONDA_ENV

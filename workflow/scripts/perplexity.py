@@ -1,4 +1,5 @@
-"""Exact vs quantized perplexity on the Wikipedia text (tq.bench.perplexity.run_perplexity)."""
+"""Exact vs quantized perplexity on the Wikipedia text (tq.bench.perplexity.run_perplexity):
+rule perplexity (a cache setting) and rule layer_sensitivity (one layer quantized)."""
 
 import os
 import sys
@@ -19,6 +20,10 @@ with open(snakemake.log[0], "w") as log:
         context=params.context,
         protocol=params.protocol,
         threads=snakemake.threads,
-        **params.exact_layers,
+        **(
+            {"quantized_layers": params.quantized_layers}
+            if snakemake.rule == "layer_sensitivity"
+            else params.exact_layers
+        ),
     )
     write_record(snakemake.output[0], record)
