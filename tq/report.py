@@ -482,9 +482,7 @@ def _distortion_findings(means: pd.DataFrame) -> list[str]:
             f"settings; measured / lower bound = {ratio.min():.2f} to {ratio.max():.2f} "
             f"(the upper bound is {rows[upper].iloc[0] / rows[lower].iloc[0]:.2f}x the lower)."
         )
-    if not findings:
-        return []
-    return ["**What this shows.**", "", *findings, ""]
+    return _what_this_shows(findings) if findings else []
 
 
 def _quality_section(
@@ -571,6 +569,11 @@ def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "Teacher-forced comparison of the quantized cache with the exact one on the exact run's "
         "greedy tokens (a drift measure); free-running columns decode on their own.",
     )
+
+
+def _what_this_shows(findings: list[str]) -> list[str]:
+    """A section's closing paragraph: findings computed from its table, one bullet each."""
+    return ["**What this shows.**", "", *findings, ""]
 
 
 def _perplexity_rows(table: pd.DataFrame, per_layer: bool = False) -> pd.DataFrame:
@@ -796,10 +799,7 @@ def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "",
         markdown_table(means, headers),
         "",
-        "**What this shows.**",
-        "",
-        *findings,
-        "",
+        *_what_this_shows(findings),
     ]
 
 
@@ -893,10 +893,7 @@ def _section_baselines(table: pd.DataFrame) -> list[str]:
         "",
         markdown_table(quality, headers),
         "",
-        "**What this shows.**",
-        "",
-        *(findings or ["- No bit width has two methods measured on the same model."]),
-        "",
+        *_what_this_shows(findings or ["- No bit width has two methods measured on the same model."]),
     ]
 
 
@@ -959,10 +956,7 @@ def _section_ablations(table: pd.DataFrame) -> list[str]:
         "",
         markdown_table(ablations, headers),
         "",
-        "**What this shows.**",
-        "",
-        *findings,
-        "",
+        *_what_this_shows(findings),
     ]
 
 
