@@ -24,7 +24,7 @@ import numpy as np
 
 from tq.batch import BatchQuantizedMSE, BatchQuantizedProd
 from tq.codebook import check_dim_bits, lloyd_max_codebook
-from tq.kernels import backend_for
+from tq.kernels import backend_for, is_gpu_array
 from tq.rotation import make_rotation, qjl_matrix
 
 UNIT_NORM_TOLERANCE = 1e-3
@@ -62,7 +62,7 @@ class _TurboQuant:
 
     def _rows(self, x: np.ndarray, name: str) -> np.ndarray:
         """Check a [n, dim] float array and return it as C-contiguous float32 (GPU arrays as given)."""
-        if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+        if is_gpu_array(x) and not isinstance(x, np.ndarray):
             return self._gpu_rows(x, name)
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
@@ -80,10 +80,11 @@ class _TurboQuant:
     def _gpu_rows(self, x, name: str):
         if self.device != "cuda":
             raise TypeError(f"{name} is a GPU array, but this quantizer runs on the CPU (use device='cuda')")
-        interface = x.__cuda_array_interface__
-        if interface["typestr"] != "<f4":
-            raise TypeError(f"{name} on the GPU must be float32, got typestr {interface['typestr']!r}")
-        shape = tuple(interface["shape"])
+        interface = getattr(x, "__cuda_array_interface__", None)  # absent on simulator arrays
+        typestr = interface["typestr"] if interface else np.dtype(x.dtype).str
+        if typestr != "<f4":
+            raise TypeError(f"{name} on the GPU must be float32, got typestr {typestr!r}")
+        shape = tuple(interface["shape"] if interface else x.shape)
         if len(shape) != 2 or shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {list(shape)}")
         return x

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import Any
 
 BACKENDS = ("cpu", "reference")  # the CPU backends; the cuda one is chosen by device
 DEVICES = ("cpu", "cuda", "auto")
@@ -25,6 +26,12 @@ DEVICES = ("cpu", "cuda", "auto")
 
 class DeviceUnavailableError(RuntimeError):
     """device="cuda" was asked for where no GPU (nor Numba's simulator) can run the kernels."""
+
+
+def is_gpu_array(array: Any) -> bool:
+    """Whether ``array`` lives on a GPU: anything with ``__cuda_array_interface__`` (torch, CuPy,
+    numba device arrays), or an array of Numba's CUDA simulator."""
+    return hasattr(array, "__cuda_array_interface__") or bool(getattr(array, "__cuda_ndarray__", False))
 
 
 def get_backend(name: str | None = None) -> ModuleType:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run on a machine with an NVIDIA GPU (the H200 lent through the device
+# tool): the cuda kernel tests on the real GPU, then benchmarks/gpu.py for both rotations.
+# Uses the machine's own python3 (numba-cuda, torch); tq is imported from this checkout.
+#   bash scripts/gpu-check.sh OUT_DIR
+set -uo pipefail
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+# The device image (2026-11) pairs numba-cuda 0.30 with NumPy 2.5, which removed np.row_stack that
+# numba-cuda still calls when it compiles; alias it for these runs only.
+shim="$(mktemp -d)"
+printf 'import numpy\nif not hasattr(numpy, "row_stack"):\n    numpy.row_stack = numpy.vstack\n' \
+    >"$shim/sitecustomize.py"
+export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import numba, numpy, torch; print('numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
+    python3 -c "import numba_cuda; print('numba-cuda', numba_cuda.__version__)" 2>/dev/null
+} 2>&1 | tee "$out/environment.txt"
+status=0
+python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py 2>&1 \
+    | tee "$out/tests.txt" || status=1
+for rotation in haar hadamard; do
+    python3 benchmarks/gpu.py --rotation "$rotation" --json "$out/gpu_$rotation.json" 2>&1 \
+        | tee "$out/gpu_$rotation.txt" || status=1
+done
+exit $status
