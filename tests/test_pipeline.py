@@ -32,7 +32,7 @@ def write_config(workdir: Path, name: str, text: str) -> str:
 # The quick sweep's jobs: 1 model (2 traces: layers 0 and 1 x head 0), synthetic d 16 x b {2, 3}
 # x {mse, prod}, 4 cache settings (a KIVI-style baseline with its own group size, a keys-only one
 # with its own residual window) on each trace, in compare mode and for perplexity, and the
-# per-layer sensitivity of its 2 layers.
+# per-layer sensitivity of its 2 layers, and one needle run (2 bits, one short haystack).
 QUICK_JOBS = {
     "hf_checkpoint": 1,
     "bundle": 1,
@@ -44,13 +44,15 @@ QUICK_JOBS = {
     "compare": 4,
     "perplexity": 4,
     "layer_sensitivity": 2,
+    "needle": 1,
     "aggregate": 1,
     "report": 1,
     "all": 1,
 }
 # The default sweep: SmolLM2, 2 layers x 3 KV heads = 6 traces; synthetic d {64, 128} x b 1..4
 # x {mse, prod} less Prod at b = 1 (14); 15 cache settings (6 TurboQuant, 5 baselines, 4
-# ablations) on each trace (90), in compare mode (15) and for perplexity (15); 30 layers alone.
+# ablations) on each trace (90), in compare mode (15) and for perplexity (15); 30 layers alone;
+# needles at 4 bit widths.
 DEFAULT_JOBS = QUICK_JOBS | {
     "traces": 6,
     "synthetic": 14,
@@ -58,6 +60,7 @@ DEFAULT_JOBS = QUICK_JOBS | {
     "compare": 15,
     "perplexity": 15,
     "layer_sensitivity": 30,
+    "needle": 4,
 }
 
 
@@ -85,7 +88,8 @@ def test_quick_run_writes_the_report(quick_workdir, quick_run):
         assert (quick_workdir / "results" / f"{figure}.png").stat().st_size > 0
     rows = (quick_workdir / "results" / "summary.csv").read_text().strip().splitlines()
     # header + 4 synthetic + 8 trace + 1 baseline + 4 compare + 4 perplexity + 2 layer sensitivity
-    assert len(rows) == 1 + 23
+    # + 1 needle
+    assert len(rows) == 1 + 24
     for log in ("bundle/tiny-llama.log", "aggregate.log"):
         assert (quick_workdir / "results" / "logs" / log).is_file()
 

@@ -38,6 +38,7 @@ SECTIONS = (
     "## 5. Per-layer sensitivity",
     "## 6. Compared to what",
     "## 7. Ablations",
+    "## 8. Needle in a haystack",
     "## What these numbers mean",
 )
 PLOTS = (
@@ -47,6 +48,7 @@ PLOTS = (
     "perplexity_vs_bits.png",
     "throughput.png",
     "layer_sensitivity.png",
+    "needle.png",
 )
 
 
@@ -185,6 +187,31 @@ def trace_records(tmp_path_factory):
     return records
 
 
+def _needle_record(bits: float, quantized: float) -> dict:
+    """A needle record with the fields tq.bench.needle writes (exact retrieval 0.75)."""
+    config = {
+        "workload": "needle",
+        "bundle": "/bundles/tiny",
+        "model": "tiny-llama",
+        "context_lengths": [1024, 2048],
+        "depths": [0.5],
+        "trials": 2,
+        "cache": CacheConfig(key_bits=bits, value_bits=bits).describe(),
+        "exact_layers": [],
+    }
+    side = {"trials": 2, "exact_retrieval": 0.75, "quantized_retrieval": quantized}
+    metrics = {
+        "exact_retrieval": 0.75,
+        "quantized_retrieval": quantized,
+        "retrieval_agreement": 0.5,
+        "answer_agreement": 0.25,
+        "by_length": {"1024": side, "2048": side},
+        "cells": [],
+        "kv_compression_ratio": 32 / bits,
+    }
+    return make_record("real-model", config, metrics, {"seconds": 1.0}, 2)
+
+
 @pytest.fixture(scope="module")
 def real_records():
     return [
@@ -199,6 +226,8 @@ def real_records():
         _perplexity_record(2, 1.125, value_strategy="exact"),
         _perplexity_record(2, 1.25, quantized_layers=[0]),
         _perplexity_record(2, 1.0, quantized_layers=[1]),
+        _needle_record(2, 0.25),
+        _needle_record(4, 0.5),
     ]
 
 
@@ -290,6 +319,7 @@ def test_summary_table_has_one_flat_row_per_record(records):
         "trace": 8,
         "real-model": 4,
         "perplexity": 7,
+        "needle": 2,
     }
 
 
@@ -403,6 +433,8 @@ def test_new_sections_are_computed_from_the_records(report):
     ablations = _section(markdown, "## 7. Ablations")
     assert "only keys quantized" in ablations and "perplexity ratio 1.125" in ablations
     assert "vs 1.375 with the whole cache quantized" in ablations
+    needle = _section(markdown, "## 8. Needle")
+    assert "4 bits: retrieved 50% of the needles vs 75% with the exact cache" in needle
     # The per-layer runs stay out of the perplexity section and the headline.
     assert "1.25" not in _section(markdown, "## 3. Perplexity")
 
@@ -419,8 +451,8 @@ def test_empty_record_set_still_gives_a_report(tmp_path):
     markdown = path.read_text()
     assert "Generated from 0 result records." in markdown
     assert all(heading in markdown for heading in SECTIONS)
-    # headline, 1, 2a, 2b, 3, two throughput parts, 5, 6 and 7
-    assert markdown.count("omitted") == 10
+    # headline, 1, 2a, 2b, 3, two throughput parts, 5, 6, 7 and 8
+    assert markdown.count("omitted") == 11
     assert _images(markdown) == []
     assert "No perplexity records, so no perplexity protocol was used." in markdown
     assert [p.name for p in tmp_path.iterdir()] == ["custom.md"]

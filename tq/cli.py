@@ -2,6 +2,7 @@
 
 tq bench --workload synthetic --dim 128 --bits 4 --strategy mse --n 65536 --json out.json
 tq bench --workload trace --trace trace.safetensors --bits 3 --strategy mse --json out.json
+tq bench --workload needle --real-model-dir DIR --bits 3 --context-lengths 1024,2048 --json out.json
 tq trace export --model-dir DIR --prompts prompts.txt --layers 0,15 --heads 0,1 --out traces/
 tq model prepare --preset smollm2-135m-instruct --out bundles/smollm2
 """
@@ -12,6 +13,13 @@ import argparse
 import json
 import sys
 
+from tq.bench.needle import (
+    DEFAULT_CONTEXT_LENGTHS,
+    DEFAULT_DEPTHS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TRIALS,
+    run_needle,
+)
 from tq.bench.perplexity import PROTOCOLS, run_perplexity
 from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
 from tq.bench.real_model import MODES, run_real_model
@@ -41,11 +49,14 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help="run a benchmark workload and write one result record",
         description="synthetic: random unit vectors (--dim, --n, --repeats, --quick); "
         "trace: attention on a KvTrace file (--trace, --value-bits, --value-strategy, "
-        "--residual-length, --top-k, --renormalize, --norm-dtype).",
+        "--residual-length, --top-k, --renormalize, --norm-dtype); real-model, perplexity, needle: "
+        "a model bundle (--real-model-dir) with the cache options.",
     )
     bench.set_defaults(handler=_bench)
     bench.add_argument(
-        "--workload", choices=["synthetic", "trace", "real-model", "perplexity"], default="synthetic"
+        "--workload",
+        choices=["synthetic", "trace", "real-model", "perplexity", "needle"],
+        default="synthetic",
     )
     bench.add_argument("--bits", type=float, default=4, help="(key) bits per coordinate (default 4)")
     bench.add_argument(
@@ -69,7 +80,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
     trace = bench.add_argument_group("trace workload")
     trace.add_argument("--trace", metavar="PATH", help="a KvTrace safetensors file")
-    cache = bench.add_argument_group("cache options (trace, real-model, perplexity)")
+    cache = bench.add_argument_group("cache options (trace, real-model, perplexity, needle)")
     cache.add_argument("--value-bits", type=float, help="value bits per coordinate (default: --bits)")
     cache.add_argument(
         "--value-strategy",
@@ -79,6 +90,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help="value strategy (default: --strategy)",
     )
     cache.add_argument("--residual-length", type=int, default=0, help="recent tokens kept exact")
+    cache.add_argument(
+        "--group-size", type=int, default=32, help="baselines: values sharing one scale (default 32)"
+    )
     cache.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
     cache.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
     cache.add_argument(
@@ -87,12 +101,16 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help=f"trace: top-k overlap (default {TRACE_TOP_K}); real-model: top-k agreement "
         f"(default {REAL_TOP_K})",
     )
-    real = bench.add_argument_group("real-model and perplexity workloads")
+    real = bench.add_argument_group("real-model, perplexity and needle workloads")
     real.add_argument("--real-model-dir", metavar="DIR", help="a model bundle (tq model prepare)")
     real.add_argument("--prompt", help="one prompt")
     real.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one a line) or .jsonl (prompt field)")
     real.add_argument("--real-eval-mode", choices=MODES, default="compare")
-    real.add_argument("--max-new-tokens", type=int, default=16)
+    real.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"longest answer in tokens (default 16; needle: {DEFAULT_MAX_NEW_TOKENS})",
+    )
     real.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
     real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
@@ -104,6 +122,32 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         choices=PROTOCOLS,
         default="window",
         help="perplexity: score the continuation in one call (window) or token by token (decode)",
+    )
+    needle = bench.add_argument_group(
+        "needle workload",
+        "a secret number hidden in Wikipedia text at each depth, asked for after it; retrieval "
+        "with the exact and the quantized cache (--seed also draws the needles and the text)",
+    )
+    needle.add_argument(
+        "--context-lengths",
+        type=_index_list,
+        default=list(DEFAULT_CONTEXT_LENGTHS),
+        metavar="N,N,...",
+        help=f"prompt lengths in tokens (default {','.join(map(str, DEFAULT_CONTEXT_LENGTHS))})",
+    )
+    needle.add_argument(
+        "--depths",
+        type=_fraction_list,
+        default=list(DEFAULT_DEPTHS),
+        metavar="F,F,...",
+        help="needle depths, fractions in (0, 1) of the filler before the needle "
+        f"(default {','.join(map(str, DEFAULT_DEPTHS))})",
+    )
+    needle.add_argument(
+        "--trials",
+        type=int,
+        default=DEFAULT_TRIALS,
+        help=f"prompts per length and depth (default {DEFAULT_TRIALS})",
     )
 
 
@@ -117,6 +161,21 @@ def _summary(record: dict) -> str:
             f"{metrics['quantized_perplexity']:.3f}  ratio {metrics['perplexity_ratio']:.4f}"
             f"  KL {metrics['kl_divergence']:.4g}  top-1 {metrics['top1_agreement']:.4f}"
         )
+    if config["workload"] == "needle":
+        lines = [
+            f"source=real-model needle {config['model']} lengths={config['context_lengths']} "
+            f"depths={config['depths']} trials={config['trials']}",
+            f"  retrieval exact {metrics['exact_retrieval']:.3f}  "
+            f"quantized {metrics['quantized_retrieval']:.3f}"
+            f"  same answer {metrics['answer_agreement']:.3f}  KV {metrics['kv_compression_ratio']:.2f}x"
+            f"  {timing['seconds']:.0f} s",
+        ]
+        for length, rates in metrics["by_length"].items():
+            lines.append(
+                f"  {length} tokens: exact {rates['exact_retrieval']:.3f}  quantized "
+                f"{rates['quantized_retrieval']:.3f}"
+            )
+        return "\n".join(lines)
     if config["workload"] == "real-model":
         lines = [f"source=real-model {config['model']} mode={config['mode']} prompts={config['prompts']}"]
         for mode, speed in timing.items():
@@ -173,12 +232,17 @@ def _cache_config(args: argparse.Namespace) -> CacheConfig:
         value_bits=_whole(args.bits if args.value_bits is None else args.value_bits),
         value_strategy=args.value_strategy or args.strategy,
         residual_length=args.residual_length,
+        group_size=args.group_size,
         renormalize=args.renormalize,
         norm_dtype=args.norm_dtype,
         seed=args.seed,
         rotation=args.rotation,
         device=args.device,
     )
+
+
+def _max_new_tokens(args: argparse.Namespace, default: int) -> int:
+    return default if args.max_new_tokens is None else args.max_new_tokens
 
 
 def _real_model_inputs(args: argparse.Namespace) -> dict:
@@ -201,7 +265,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
             args.real_model_dir,
             prompts,
             mode=args.real_eval_mode,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=_max_new_tokens(args, 16),
             top_k=args.top_k or REAL_TOP_K,
             **_real_model_inputs(args),
         )
@@ -212,6 +276,16 @@ def _run_bench(args: argparse.Namespace) -> dict:
             window=args.window,
             context=args.context,
             protocol=args.protocol,
+            **_real_model_inputs(args),
+        )
+    if args.workload == "needle":
+        return run_needle(
+            args.real_model_dir,
+            context_lengths=args.context_lengths,
+            depths=args.depths,
+            trials=args.trials,
+            max_new_tokens=_max_new_tokens(args, DEFAULT_MAX_NEW_TOKENS),
+            seed=args.seed,
             **_real_model_inputs(args),
         )
     if args.workload == "trace":
@@ -246,6 +320,13 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.json:
         print(json.dumps(record, indent=2))
     return 0
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _index_list(text: str) -> list[int]:

@@ -149,6 +149,11 @@ FIGURES = {
     "perplexity_vs_bits": "Perplexity",
     "throughput": "Throughput",
 }
+# Figures of the optional stages, drawn when the sweep has their records.
+if any("num_layers" in model for model in MODELS.values()):
+    FIGURES["layer_sensitivity"] = "Per-layer sensitivity"
+if config["needle"]["bits"]:
+    FIGURES["needle"] = "Needle in a haystack"
 
 
 def all_records(wildcards) -> list[str]:
@@ -168,6 +173,7 @@ def all_records(wildcards) -> list[str]:
         records.append(f"results/baseline/{model}/{SUITE}.json")
         records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=CACHES)
         records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=CACHES)
+        records += [f"results/needle/{model}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]]
         if "num_layers" in MODELS[model]:
             records += [
                 f"results/layer_sensitivity/{model}/layer{layer:02d}.json"

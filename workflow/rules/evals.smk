@@ -139,3 +139,38 @@ rule layer_sensitivity:
         CONDA_ENV
     script:
         "../scripts/perplexity.py"
+
+
+rule needle:
+    """Needle-in-a-haystack retrieval with the exact and a {bits}-bit TurboQuant MSE cache."""
+    input:
+        bundle=rules.bundle.output[0],
+        corpus=rules.corpus.output[0],
+    output:
+        "results/needle/{model}/b{bits}.json",
+    wildcard_constraints:
+        bits=BITS,
+    params:
+        cache=lambda wildcards: {
+            "key_bits": _bits(wildcards.bits),
+            "value_bits": _bits(wildcards.bits),
+            **{k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+        },
+        context_lengths=config["needle"]["context_lengths"],
+        depths=config["needle"]["depths"],
+        trials=config["needle"]["trials"],
+        max_new_tokens=config["needle"]["max_new_tokens"],
+        seed=config["needle"]["seed"],
+        source_hash=tq_sources_hash("tq.bench.needle"),
+    log:
+        "results/logs/needle/{model}/b{bits}.log",
+    benchmark:
+        "results/benchmarks/needle/{model}/b{bits}.tsv"
+    resources:
+        mem_mb=12000,
+        runtime=60,
+    threads: 2
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/needle.py"
