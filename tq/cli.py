@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from tq.bench.attention import run_attention
 from tq.bench.needle import (
     DEFAULT_CONTEXT_LENGTHS,
     DEFAULT_DEPTHS,
@@ -55,7 +56,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=_bench)
     bench.add_argument(
         "--workload",
-        choices=["synthetic", "trace", "real-model", "perplexity", "needle"],
+        choices=["synthetic", "trace", "real-model", "perplexity", "needle", "attention"],
         default="synthetic",
     )
     bench.add_argument("--bits", type=float, default=4, help="(key) bits per coordinate (default 4)")
@@ -78,6 +79,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--n", type=int, default=65536, help="number of vectors (default 65536)")
     synthetic.add_argument("--repeats", type=int, default=5, help="timed runs per operation (>= 5)")
     synthetic.add_argument("--quick", action="store_true", help="cap n at a few thousand vectors")
+    attention = bench.add_argument_group("attention workload (also --dim, --bits, --strategy, --repeats)")
+    attention.add_argument("--kv-heads", type=int, default=8, help="KV heads of the cache (default 8)")
+    attention.add_argument("--q-heads", type=int, default=32, help="query heads, a multiple of --kv-heads")
     trace = bench.add_argument_group("trace workload")
     trace.add_argument("--trace", metavar="PATH", help="a KvTrace safetensors file")
     cache = bench.add_argument_group("cache options (trace, real-model, perplexity, needle)")
@@ -116,7 +120,11 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
     real.add_argument("--windows", type=int, default=8, help="perplexity: number of text windows")
     real.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window")
-    real.add_argument("--context", type=int, default=512, help="perplexity: context tokens per window")
+    real.add_argument(
+        "--context",
+        type=int,
+        help="perplexity: context tokens per window (default 512); attention: cached tokens (default 32768)",
+    )
     real.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -191,6 +199,15 @@ def _summary(record: dict) -> str:
                 f"KV {metrics['quantized_kv']['kv_compression_ratio']:.2f}x"
             )
         return "\n".join(lines)
+    if config["workload"] == "attention":
+        return (
+            f"source={record['source']} attention context={config['context']} d={config['dim']} "
+            f"bits={config['bits']} heads={config['q_heads']}q/{config['kv_heads']}kv"
+            f"\n  packed {timing['seconds']['packed'] * 1e3:.2f} ms  float32 on the reconstruction "
+            f"{timing['seconds']['float'] * 1e3:.2f} ms  speedup {timing['speedup']:.2f}x"
+            f"\n  bytes read {metrics['bytes_read_packed'] / 1e6:.1f} MB vs "
+            f"{metrics['bytes_read_float'] / 1e6:.1f} MB  relative error {metrics['relative_error']:.2e}"
+        )
     if record["source"] == "trace":
         cache = config["cache"]
         return "\n".join(
@@ -274,7 +291,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
             args.real_model_dir,
             windows=args.windows,
             window=args.window,
-            context=args.context,
+            context=512 if args.context is None else args.context,
             protocol=args.protocol,
             **_real_model_inputs(args),
         )
@@ -287,6 +304,18 @@ def _run_bench(args: argparse.Namespace) -> dict:
             max_new_tokens=_max_new_tokens(args, DEFAULT_MAX_NEW_TOKENS),
             seed=args.seed,
             **_real_model_inputs(args),
+        )
+    if args.workload == "attention":
+        return run_attention(
+            context=32768 if args.context is None else args.context,
+            dim=args.dim,
+            bits=_whole(args.bits),
+            kv_heads=args.kv_heads,
+            q_heads=args.q_heads,
+            strategy=args.strategy,
+            repeats=args.repeats,
+            seed=args.seed,
+            device=args.device,
         )
     if args.workload == "trace":
         if not args.trace:

@@ -1,0 +1,181 @@
+"""Decode attention from the packed cache (tq.attention) against reconstruct-then-attend.
+
+The truth is float64 softmax attention over ``cache.keys()`` / ``cache.values()``: the same
+stored tokens, so the only differences are round-off, not quantization error. Tolerance: max
+|out - truth| <= 1e-5 * max |truth| (TOLERANCE). Why: the reconstruction is float32 (relative
+round-off ~6e-8 per operation over d = 64..128 term sums and a d x d rotation, ~1e-6 relative in
+a logit of size ~1-10), the fast path scores and accumulates in float32 as well; a logit error e
+changes a softmax weight by a relative e, so outputs agree to a few 1e-6 relative (measured:
+<= 1e-6). 1e-5 leaves a margin while still failing on any real mistake (a wrong channel, token,
+rotation or QJL term moves outputs by >= 1e-2 relative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tq.attention import decode_attention, decode_attention_reference
+from tq.bench.attention import run_attention
+from tq.kvcache import CacheConfig, QuantizedKVCache
+from tq.trace import KvTrace
+
+TOLERANCE = 1e-5
+IMPLEMENTATIONS = [decode_attention, decode_attention_reference]
+
+
+def truth(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> np.ndarray:
+    """float64 softmax(scale q K^T) V on the reconstruction, GQA by repeating KV heads."""
+    group = queries.shape[0] // cache.kv_heads
+    keys = np.repeat(cache.keys().astype(np.float64), group, axis=0)
+    values = np.repeat(cache.values().astype(np.float64), group, axis=0)
+    scores = np.einsum("hqd,htd->hqt", queries.astype(np.float64), keys) * scale
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("hqt,htd->hqd", weights, values)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    error = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert error <= TOLERANCE, error
+
+
+def random_cache(config: CacheConfig, kv_heads: int = 2, dim: int = 64, spans=(50, 1, 30), seed: int = 0):
+    """A cache filled in several appends (several packed pieces per channel group)."""
+    rng = np.random.default_rng(seed)
+    cache = QuantizedKVCache(kv_heads, dim, config)
+    for t in spans:
+        keys = rng.standard_normal((kv_heads, t, dim)) * np.linspace(0.5, 3.0, dim)  # uneven channels
+        cache.append(keys, rng.standard_normal((kv_heads, t, dim)))
+    return cache
+
+
+CONFIGS = {
+    "mse2": CacheConfig(key_bits=2, value_bits=2),
+    "mse3": CacheConfig(key_bits=3, value_bits=3),
+    "mse4": CacheConfig(),
+    "prod2": CacheConfig(key_strategy="prod", key_bits=2, value_bits=2),
+    "prod3": CacheConfig(key_strategy="prod", key_bits=3, value_bits=3),
+    "prod4-values": CacheConfig(key_strategy="prod", value_strategy="prod"),
+    "frac2.5-3.5": CacheConfig(key_bits=2.5, value_bits=3.5),
+    "frac3.5-prod": CacheConfig(key_strategy="prod", key_bits=3.5, value_bits=2.5, residual_length=4),
+    "window": CacheConfig(residual_length=20),
+    "window-all": CacheConfig(residual_length=500),
+    "exact-keys": CacheConfig(key_strategy="exact", value_bits=3),
+    "exact-values": CacheConfig(value_strategy="exact", key_bits=3),
+    "hadamard": CacheConfig(rotation="hadamard", key_bits=2.5, residual_length=3),
+    "renormalize": CacheConfig(renormalize=True, key_bits=3, value_bits=2.5),
+    "fp16-norms": CacheConfig(norm_dtype="float16", key_strategy="prod"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
+def test_matches_reconstruct_then_attend(name, attention) -> None:
+    cache = random_cache(CONFIGS[name])
+    queries = np.random.default_rng(1).standard_normal((6, 3, 64)).astype(np.float32)  # GQA 6 on 2
+    assert_close(attention(queries, cache, 0.3), truth(queries, cache, 0.3))
+
+
+def test_one_token_one_head_and_large_logits() -> None:
+    cache = random_cache(CacheConfig(key_bits=3), kv_heads=1, dim=32, spans=(1,))
+    queries = np.random.default_rng(2).standard_normal((1, 1, 32)) * 100  # float64 queries
+    assert_close(decode_attention(queries, cache, 1.0), truth(queries, cache, 1.0))
+    big = random_cache(CacheConfig(), kv_heads=1, dim=32, spans=(40,))
+    queries = np.random.default_rng(3).standard_normal((2, 1, 32)).astype(np.float32) * 50
+    assert np.all(np.isfinite(decode_attention(queries, big, 1.0)))  # no overflow: max subtracted
+    assert_close(decode_attention(queries, big, 1.0), truth(queries, big, 1.0))
+
+
+def test_many_tokens_use_several_thread_chunks(monkeypatch) -> None:
+    monkeypatch.setenv("TQ_NUM_THREADS", "2")
+    cache = random_cache(CacheConfig(key_strategy="prod", key_bits=3, value_bits=4), spans=(5000,))
+    queries = np.random.default_rng(4).standard_normal((4, 2, 64)).astype(np.float32)
+    assert_close(decode_attention(queries, cache, 0.125), truth(queries, cache, 0.125))
+
+
+def test_real_trace() -> None:
+    """A KvTrace-shaped head with structure (a few large key channels, a shared key offset and
+    queries aligned with some keys, as in real models) stored in a cache and attended over."""
+    rng = np.random.default_rng(5)
+    seq, dim = 300, 64
+    keys = rng.standard_normal((1, seq, dim)) + 2.0
+    keys[:, :, :4] *= 12.0  # outlier channels
+    values = rng.standard_normal((1, seq, dim)) * 0.5
+    queries = keys[:, rng.choice(seq, 4, replace=False)] * 0.8 + rng.standard_normal((1, 4, dim))
+    trace = KvTrace(
+        keys=keys.astype(np.float32),
+        values=values.astype(np.float32),
+        queries=queries.astype(np.float32),
+        query_positions=np.full((1, 4), seq - 1, np.int64),
+        model="synthetic",
+        layer=0,
+        head=0,
+        rope="none",
+        note="test_attention",
+    )
+    for config in (
+        CacheConfig(key_bits=2.5, value_bits=2, residual_length=16),
+        CacheConfig(key_strategy="prod"),
+    ):
+        cache = QuantizedKVCache(1, dim, config)
+        cache.append(trace.keys[:, :200], trace.values[:, :200])
+        cache.append(trace.keys[:, 200:], trace.values[:, 200:])
+        scale = 1 / np.sqrt(dim)
+        for attention in IMPLEMENTATIONS:
+            assert_close(attention(trace.queries, cache, scale), truth(trace.queries, cache, scale))
+
+
+def test_errors() -> None:
+    cache = random_cache(CacheConfig(), spans=(5,))
+    good = np.zeros((4, 1, 64), np.float32)
+    with pytest.raises(ValueError, match="multiple of the cache's kv_heads"):
+        decode_attention(np.zeros((3, 1, 64), np.float32), cache, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        decode_attention(np.zeros((4, 64), np.float32), cache, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        decode_attention(np.zeros((4, 1, 32), np.float32), cache, 1.0)
+    with pytest.raises(TypeError, match="float numpy array"):
+        decode_attention(good.astype(np.int32), cache, 1.0)
+    with pytest.raises(TypeError, match="QuantizedKVCache"):
+        decode_attention(good, cache.keys(), 1.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        decode_attention(np.full((4, 1, 64), np.nan, np.float32), cache, 1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        decode_attention(good, cache, float("inf"))
+    with pytest.raises(ValueError, match="empty"):
+        decode_attention(good, QuantizedKVCache(2, 64), 1.0)
+    with pytest.raises(NotImplementedError, match="'kivi'"):
+        decode_attention(good, random_cache(CacheConfig(key_strategy="kivi"), spans=(40,)), 1.0)
+    with pytest.raises(NotImplementedError, match="'uniform'"):
+        decode_attention(good, random_cache(CacheConfig(value_strategy="uniform"), spans=(5,)), 1.0)
+    with pytest.raises(NotImplementedError, match="renormalize"):
+        decode_attention(good, random_cache(CacheConfig(key_strategy="prod", renormalize=True)), 1.0)
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        decode_attention(good, cache, 1.0, device="cuda")
+
+
+def test_bench_record() -> None:
+    record = run_attention(context=300, dim=32, bits=3.5, kv_heads=2, q_heads=4, strategy="prod", repeats=5)
+    assert record["config"]["workload"] == "attention"
+    assert record["metrics"]["relative_error"] <= TOLERANCE
+    assert record["metrics"]["bytes_read_float"] == 2 * 300 * 2 * 32 * 4
+    assert record["metrics"]["bytes_read_packed"] < record["metrics"]["bytes_read_float"]
+    assert set(record["timing"]["seconds"]) == {"packed", "float"}
+    with pytest.raises(ValueError, match="multiple"):
+        run_attention(context=10, kv_heads=2, q_heads=3)
+
+
+def test_cli_attention_workload(tmp_path, capsys) -> None:
+    import json
+
+    from tq.cli import main
+
+    out = tmp_path / "attention.json"
+    argv = ["bench", "--workload", "attention", "--context", "300", "--dim", "32", "--bits", "3"]
+    assert main([*argv, "--kv-heads", "2", "--q-heads", "4", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["config"]["workload"] == "attention" and record["config"]["context"] == 300
+    assert record["metrics"]["relative_error"] < 1e-5
+    assert "speedup" in capsys.readouterr().out

@@ -1,0 +1,383 @@
+"""Decode attention straight from a packed :class:`~tq.kvcache.QuantizedKVCache`.
+
+``decode_attention(queries, cache, scale)`` computes softmax(scale * q K^T) V for every query
+without reconstructing keys or values. The rotation Pi of a channel group is orthogonal, so
+
+- a score is <q, Pi^T c[idx]> |k| = <Pi q, c[idx]> |k|: the query is rotated once and the packed
+  codes index a per-query table (Prod keys add sqrt(pi/2)/d * gamma |k| <S q, sign>);
+- a value sum is sum_t p_t |v_t| Pi^T c[idx_t] = Pi^T (sum_t p_t |v_t| c[idx_t]): the weighted
+  centroids are accumulated in the rotated domain and rotated back once per query (Prod values
+  add S^T (sum_t p_t |v_t| sqrt(pi/2)/d * gamma_t sign_t)).
+
+Tokens of the exact residual window and ``exact`` streams are used as stored (float32). A
+fractional width has several channel groups per head, each with its own rotation and codes; a
+group's partial scores are summed and its partial value sums are scattered back into its
+channels. The softmax subtracts the row maximum over all tokens (quantized and exact).
+
+Supported: "mse" and "prod" keys and values (any width, fractional too, Haar or Hadamard),
+"exact" streams, any residual window, float32 or float16 norms, ``renormalize`` for "mse"
+streams. Refused with ``NotImplementedError``: the baseline strategies (tq.baselines) and
+``renormalize`` with a "prod" stream. ``device="cuda"`` is not implemented yet.
+
+Two implementations: :func:`decode_attention_reference` (NumPy, float64, obviously correct,
+for tests) and :func:`decode_attention` (Numba CPU kernels, float32): per KV head and channel
+group, the rotated queries become byte tables tables[m, p, v] (the summed table entries of all
+codes in byte value v at byte p) so that a score costs one look-up per code byte (1, 2, 4, 8
+bits; 3, 5, 6, 7 bits use the per-coordinate LUT kernel ``lut_scores`` of :mod:`tq.kernels.cpu`),
+and the value pass decodes tiles of 512 tokens' centroids (``lookup_rows``, still in the rotated
+domain, no rotation) and adds weights[m, tile] @ tile, weights p_t |v_t|, into one rotated
+accumulator per query, rotated back once at the end. Tokens are split into chunks on the kernel
+threads (``$TQ_NUM_THREADS``); no [n, d] float array of keys or values is ever made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tq.kernels.cpu import _CHUNK, _add_sign_scores, _jit, _row_kernels, _run_chunks, _signs_to_rows
+from tq.kernels.reference import qjl_scale
+from tq.kvcache import TURBOQUANT_STRATEGIES, QuantizedKVCache, _Store
+from tq.packing import unpack_codes, unpack_signs
+from tq.quantizers import TurboQuantProd
+
+__all__ = ["decode_attention", "decode_attention_reference"]
+
+
+@dataclass(frozen=True)
+class _GroupData:
+    """One channel group's quantized tokens of every KV head, in token order.
+
+    codes uint8 [kv_heads, n, bytes]; scales float32 [kv_heads, n] (the norms, or for a
+    renormalized "mse" stream norm / |c[idx]|); signs uint8 [kv_heads, n, ceil(size/8)] and
+    gammas float32 [kv_heads, n] for Prod (else None); channels int64 [kv_heads, size].
+    """
+
+    quantizer: object
+    channels: np.ndarray
+    codes: np.ndarray
+    scales: np.ndarray
+    signs: np.ndarray | None
+    gammas: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _StreamData:
+    """A stream's quantized tokens (channel groups) and its exact tokens [kv_heads, e, d]."""
+
+    groups: list[_GroupData]
+    quantized: int
+    exact: np.ndarray
+
+
+def _concat(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
+
+
+def _stream(store: _Store, name: str) -> _StreamData:
+    """Gather one stream's packed data per KV head (views when it was quantized in one span)."""
+    if store.strategy not in (*TURBOQUANT_STRATEGIES, "exact"):
+        raise NotImplementedError(
+            f"decode_attention does not support {name} strategy {store.strategy!r} (baseline "
+            "strategies are out of scope); use 'mse', 'prod' or 'exact', or attend over "
+            f"cache.{name}s()"
+        )
+    if store.strategy == "prod" and store.config.renormalize:
+        raise NotImplementedError(
+            f"decode_attention does not support renormalize=True with {name} strategy 'prod'"
+        )
+    kv_heads = store.kv_heads
+    if store.strategy == "exact":
+        return _StreamData([], 0, store.buffer[:, : store.length])
+    groups = []
+    for group in store.groups:
+        codes, scales, signs, gammas = [], [], [], []
+        for batch, start, stop in group.pieces:
+            piece = batch.rows(start, stop)
+            t = (stop - start) // kv_heads
+            codes.append(piece.codes.reshape(kv_heads, t, -1))
+            scales.append(piece.norms.reshape(kv_heads, t))
+            if isinstance(group.quantizer, TurboQuantProd):
+                signs.append(piece.signs.reshape(kv_heads, t, -1))
+                gammas.append(piece.gammas.reshape(kv_heads, t))
+        if not codes:
+            continue
+        group_codes = _concat(codes)
+        group_scales = _concat(scales)
+        if store.config.renormalize:  # the reconstruction is rescaled to the stored norm
+            quantizer = group.quantizer
+            centroids = quantizer.codebook.centroids.astype(np.float64)
+            size = group.channels.shape[1]
+            indices = unpack_codes(group_codes.reshape(-1, group_codes.shape[2]), size, quantizer.bits)
+            lengths = np.sqrt(np.sum(centroids[indices] ** 2, axis=1)).reshape(group_scales.shape)
+            group_scales = np.where(
+                lengths > 0, group_scales / np.where(lengths > 0, lengths, 1.0), 0.0
+            ).astype(np.float32)
+        groups.append(
+            _GroupData(
+                group.quantizer,
+                group.channels,
+                group_codes,
+                group_scales,
+                _concat(signs) if signs else None,
+                _concat(gammas) if gammas else None,
+            )
+        )
+    return _StreamData(groups, store.quantized, store.buffer[:, store.quantized : store.length])
+
+
+def _check(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> tuple[np.ndarray, float]:
+    """Validate the arguments; return the queries as float32 and the scale as a float."""
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+    if not isinstance(queries, np.ndarray) or queries.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"queries must be a float numpy array, got {getattr(queries, 'dtype', type(queries).__name__)}"
+        )
+    if (
+        queries.ndim != 3
+        or queries.shape[2] != cache.head_dim
+        or queries.shape[0] < 1
+        or queries.shape[1] < 1
+    ):
+        raise ValueError(
+            f"queries must have shape [q_heads, n_queries, {cache.head_dim}] with q_heads, "
+            f"n_queries >= 1, got {list(queries.shape)}"
+        )
+    if queries.shape[0] % cache.kv_heads:
+        raise ValueError(
+            f"q_heads ({queries.shape[0]}) must be a multiple of the cache's kv_heads ({cache.kv_heads})"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    if not np.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if len(cache) == 0:
+        raise ValueError("the cache is empty: there is nothing to attend to")
+    finite = np.isfinite(queries)
+    if not finite.all():
+        head, query, _ = np.argwhere(~finite)[0]
+        raise ValueError(f"queries contain NaN or inf (head {head}, query {query})")
+    return np.ascontiguousarray(queries, dtype=np.float32), float(scale)
+
+
+def _head_queries(queries: np.ndarray, kv_heads: int, head: int) -> np.ndarray:
+    """The queries of KV head ``head``'s query heads, [group * n_queries, d]."""
+    group = queries.shape[0] // kv_heads
+    return queries[head * group : (head + 1) * group].reshape(-1, queries.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy oracle
+
+
+def decode_attention_reference(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> np.ndarray:
+    """The float64 NumPy version of :func:`decode_attention` (same arguments and result): unpack
+    the codes, score in the rotated domain, accumulate values there, rotate back per query."""
+    queries, scale = _check(queries, cache, scale)
+    keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
+    kv_heads, dim = cache.kv_heads, cache.head_dim
+    out = np.empty(queries.shape, np.float32)
+    group_size = queries.shape[0] // kv_heads
+    for head in range(kv_heads):
+        q = _head_queries(queries, kv_heads, head).astype(np.float64)  # [m, d]
+        scores = np.zeros((len(q), keys.quantized), np.float64)
+        for g in keys.groups:
+            quantizer, size = g.quantizer, g.channels.shape[1]
+            qg = q[:, g.channels[head]]
+            rotated = qg @ quantizer.rotation.matrix.astype(np.float64).T
+            centroids = quantizer.codebook.centroids.astype(np.float64)[
+                unpack_codes(g.codes[head], size, quantizer.codebook.bits)
+            ]
+            part = rotated @ centroids.T
+            if g.signs is not None:
+                projected = qg @ quantizer.qjl.astype(np.float64).T
+                signs = unpack_signs(g.signs[head], size).astype(np.float64)
+                part += qjl_scale(size) * g.gammas[head].astype(np.float64) * (projected @ signs.T)
+            scores += part * g.scales[head].astype(np.float64)
+        scores = np.concatenate([scores, q @ keys.exact[head].astype(np.float64).T], axis=1) * scale
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        result = weights[:, values.quantized :] @ values.exact[head].astype(np.float64)
+        for g in values.groups:
+            quantizer, size = g.quantizer, g.channels.shape[1]
+            w = weights[:, : values.quantized] * g.scales[head].astype(np.float64)
+            centroids = quantizer.codebook.centroids.astype(np.float64)[
+                unpack_codes(g.codes[head], size, quantizer.codebook.bits)
+            ]
+            part = (w @ centroids) @ quantizer.rotation.matrix.astype(np.float64)
+            if g.signs is not None:
+                signs = unpack_signs(g.signs[head], size).astype(np.float64)
+                sign_sum = (w * qjl_scale(size) * g.gammas[head].astype(np.float64)) @ signs
+                part += sign_sum @ quantizer.qjl.astype(np.float64)
+            result[:, g.channels[head]] += part
+        out[head * group_size : (head + 1) * group_size] = result.reshape(group_size, -1, dim)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba kernels
+
+
+@_jit
+def _byte_table_scores(tables, codes, scales, out):
+    """out[m, i] = scales[i] * sum_p tables[m, p, codes[i, p]]; tables float32 [m, bytes, 256]."""
+    n_queries, n_bytes, _ = tables.shape
+    for i in range(codes.shape[0]):
+        for m in range(n_queries):
+            total = np.float32(0.0)
+            for p in range(n_bytes):
+                total += tables[m, p, codes[i, p]]
+            out[m, i] = total * scales[i]
+
+
+_TILE = 512  # tokens per decoded tile of the value pass (256 KB at d = 128)
+
+
+def _byte_aligned(bits: int) -> bool:
+    return 8 % bits == 0
+
+
+def _byte_code_values(bits: int) -> np.ndarray:
+    """int [256, 8 // bits]: the t-th code of byte value v (layout of tq.packing, low bits first)."""
+    per_byte = 8 // bits
+    return (np.arange(256)[:, None] >> (np.arange(per_byte) * bits)[None, :]) & ((1 << bits) - 1)
+
+
+def _score_tables(rotated: np.ndarray, centroids: np.ndarray, n_bytes: int) -> np.ndarray:
+    """tables[m, p, v] = sum_t (Pi q_m)_{p*k+t} c[code t of v], float32 [m, bytes, 256]."""
+    bits = int(np.log2(len(centroids)))
+    per_byte = 8 // bits
+    m, size = rotated.shape
+    luts = np.zeros((m, n_bytes * per_byte, len(centroids)), np.float32)
+    luts[:, :size] = rotated[:, :, None] * centroids[None, None, :]
+    luts = luts.reshape(m, n_bytes, per_byte, len(centroids))
+    code_values = _byte_code_values(bits)
+    tables = luts[:, :, 0, code_values[:, 0]]
+    for t in range(1, per_byte):
+        tables += luts[:, :, t, code_values[:, t]]
+    return np.ascontiguousarray(tables)
+
+
+def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray) -> None:
+    """out[m, i] = score estimate of query m against quantized token i for one channel group."""
+    quantizer = g.quantizer
+    bits = quantizer.codebook.bits
+    centroids = quantizer.codebook.centroids.astype(np.float32)
+    qg = np.ascontiguousarray(q[:, g.channels[head]])
+    rotated = qg @ quantizer.rotation.matrix.T
+    codes, scales = g.codes[head], g.scales[head]
+    if _byte_aligned(bits):
+        tables = _score_tables(rotated, centroids, codes.shape[1])
+
+        def mse(start: int, stop: int) -> None:
+            _byte_table_scores(tables, codes[start:stop], scales[start:stop], out[:, start:stop])
+    else:
+        luts = np.ascontiguousarray(rotated[:, :, None] * centroids[None, None, :], dtype=np.float32)
+        kernel = _row_kernels(bits).lut_scores
+
+        def mse(start: int, stop: int) -> None:
+            kernel(luts, codes[start:stop], scales[start:stop], out[:, start:stop])
+
+    if g.signs is None:
+        _run_chunks(codes.shape[0], mse)
+        return
+    projected = np.ascontiguousarray(qg @ quantizer.qjl.T, dtype=np.float32)
+    weights = (qjl_scale(qg.shape[1]) * g.gammas[head] * scales).astype(np.float32)
+    signs = g.signs[head]
+
+    def prod(start: int, stop: int) -> None:
+        mse(start, stop)
+        _add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
+
+    _run_chunks(codes.shape[0], prod)
+
+
+def _group_values(g: _GroupData, head: int, weights: np.ndarray) -> np.ndarray:
+    """sum_i weights[m, i] * value_i over one channel group's channels -> float32 [m, size]
+    (the rotated accumulator, rotated back once; Prod adds the sign sums times S)."""
+    quantizer = g.quantizer
+    bits = quantizer.codebook.bits
+    size = g.channels.shape[1]
+    centroids = quantizer.codebook.centroids.astype(np.float32)
+    codes = g.codes[head]
+    n = codes.shape[0]
+    w = np.ascontiguousarray(weights * g.scales[head][None, :], dtype=np.float32)
+    chunks = max(1, -(-n // _CHUNK))
+    acc = np.zeros((chunks, len(w), size), np.float32)
+    lookup = _row_kernels(bits).lookup_rows  # byte tables for 1, 2, 4 and 8 bits
+    signs = g.signs[head] if g.signs is not None else None
+    if signs is not None:
+        sign_acc = np.zeros_like(acc)
+        sign_w = np.ascontiguousarray(w * (qjl_scale(size) * g.gammas[head])[None, :], dtype=np.float32)
+
+    def work(start: int, stop: int) -> None:
+        ones = np.ones(min(_TILE, stop - start), np.float32)
+        tile = np.empty((len(ones), size), np.float32)
+        for first in range(start, stop, _TILE):  # centroid tiles that stay in the core's cache
+            last = min(stop, first + _TILE)
+            rows = tile[: last - first]
+            lookup(codes[first:last], centroids, ones[: last - first], rows)
+            acc[start // _CHUNK] += w[:, first:last] @ rows
+            if signs is not None:
+                _signs_to_rows(signs[first:last], ones[: last - first], rows)
+                sign_acc[start // _CHUNK] += sign_w[:, first:last] @ rows
+
+    _run_chunks(n, work)
+    result = acc.sum(axis=0) @ quantizer.rotation.matrix
+    if signs is not None:
+        result += sign_acc.sum(axis=0) @ quantizer.qjl
+    return result
+
+
+def decode_attention(
+    queries: np.ndarray, cache: QuantizedKVCache, scale: float, device: str | None = None
+) -> np.ndarray:
+    """Attention of queries over every token of a quantized cache, from the packed codes.
+
+    Args:
+        queries: float [q_heads, n_queries, head_dim]; q_heads a multiple of cache.kv_heads,
+            query head h attends with KV head h // (q_heads // kv_heads) (grouped-query
+            attention); every query attends to every cached token (no causal mask).
+        cache: the layer's :class:`~tq.kvcache.QuantizedKVCache` (not empty).
+        scale: softmax scale of the logits q . k, e.g. 1 / sqrt(head_dim).
+        device: "cpu" (default: the cache's device when that is "cpu" or "auto"); "cuda" is
+            not implemented yet.
+
+    Returns:
+        float32 [q_heads, n_queries, head_dim]: softmax(scale * q K^T) V.
+
+    Raises:
+        TypeError, ValueError: bad shapes, dtypes, non-finite input, an empty cache.
+        NotImplementedError: baseline strategies, renormalize with "prod", device "cuda".
+    """
+    queries, scale = _check(queries, cache, scale)
+    device = device or ("cpu" if cache.config.device == "auto" else cache.config.device)
+    if device != "cpu":
+        raise NotImplementedError(f"decode_attention runs on the CPU only for now, got device={device!r}")
+    keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
+    kv_heads = cache.kv_heads
+    group_size = queries.shape[0] // kv_heads
+    out = np.empty(queries.shape, np.float32)
+    for head in range(kv_heads):
+        q = _head_queries(queries, kv_heads, head)
+        m = len(q)
+        scores = np.empty((m, len(cache)), np.float32)
+        quantized = scores[:, : keys.quantized]
+        part = np.empty_like(quantized) if len(keys.groups) > 1 else quantized
+        for index, g in enumerate(keys.groups):
+            _group_scores(g, head, q, quantized if index == 0 else part)
+            if index:
+                quantized += part
+        np.matmul(q, keys.exact[head].T, out=scores[:, keys.quantized :])
+        scores *= np.float32(scale)
+        scores -= scores.max(axis=1, keepdims=True)
+        np.exp(scores, out=scores)  # unnormalized weights
+        total = scores.sum(axis=1, dtype=np.float64)
+        result = scores[:, values.quantized :] @ values.exact[head]
+        for g in values.groups:
+            result[:, g.channels[head]] += _group_values(g, head, scores[:, : values.quantized])
+        result /= total[:, None].astype(np.float32)
+        out[head * group_size : (head + 1) * group_size] = result.reshape(group_size, -1, cache.head_dim)
+    return out
