@@ -34,6 +34,8 @@ RULE_THREADS = {
     "baseline": 2,
     "compare": 2,
     "perplexity": 2,
+    "layer_sensitivity": 2,
+    "needle": 2,
 }
 # Columns that are measured times (or ratios of times) or stamps, not results.
 TIMING_COLUMNS = re.compile(r"^timing\.|^created$|^decode_speed_ratio$")
