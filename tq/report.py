@@ -890,7 +890,10 @@ def _section_baselines(table: pd.DataFrame) -> list[str]:
         *lines,
         "TurboQuant against the baselines on the same model, prompts and text. `code bits` are the "
         "bits of codes per coordinate; `stored bits/coord` count everything stored (norms, scales, "
-        "zero points, outlier channel indices) over the context's fp32 size, as 32 / KV compression.",
+        "zero points, outlier channel indices) over the context's fp32 size, as 32 / KV compression. "
+        "Perplexity contexts are long (the `perplexity` config); compare-mode prompts are mostly "
+        "short, and KIVI-style keeps up to `group_size` - 1 recent keys exact, so on short prompts "
+        "its top-1 mostly measures exact keys: the perplexity columns are the fairer comparison.",
         "",
         markdown_table(quality, headers),
         "",
