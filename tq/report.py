@@ -864,9 +864,9 @@ _QUALITY_HEADERS = {
 }
 
 
-def _section_baselines(table: pd.DataFrame) -> list[str]:
+def _section_baselines(quality: pd.DataFrame) -> list[str]:
+    """``quality``: :func:`_real_quality` of the records."""
     lines = ["## 6. Compared to what: baselines at equal bits", ""]
-    quality = _real_quality(table)
     quality = quality[~quality["ablation"]]
     if quality.empty or quality["method"].nunique() < 2:
         return [*lines, "Fewer than two quantization methods in the records: section omitted.", ""]
@@ -901,9 +901,9 @@ def _section_baselines(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def _section_ablations(table: pd.DataFrame) -> list[str]:
+def _section_ablations(quality: pd.DataFrame) -> list[str]:
+    """``quality``: :func:`_real_quality` of the records."""
     lines = ["## 7. Ablations: what stays exact", ""]
-    quality = _real_quality(table)
     ablations = quality[quality["ablation"]]
     if ablations.empty:
         return [*lines, "No ablation settings in the records: section omitted.", ""]
@@ -1116,6 +1116,7 @@ def write_report(
         + ".",
         "",
     ]
+    quality = _real_quality(table)  # the baselines and the ablations sections both read it
     for section in (
         _headline(table),
         _section_distortion(table, path.parent),
@@ -1124,8 +1125,8 @@ def write_report(
         _section_perplexity(table, path.parent),
         _section_throughput(table, path.parent),
         _section_layer_sensitivity(table, path.parent),
-        _section_baselines(table),
-        _section_ablations(table),
+        _section_baselines(quality),
+        _section_ablations(quality),
         _section_needle(table, path.parent),
         _notes(table),
     ):

@@ -121,6 +121,11 @@ def _options(wildcards) -> dict:
     return CACHE_OPTIONS | own
 
 
+def cache_fields(options: dict) -> dict:
+    """The tq.kvcache.CacheConfig fields among cache options (exact layers are not one)."""
+    return {k: v for k, v in options.items() if not k.startswith("exact_")}
+
+
 def cache_params(wildcards) -> dict:
     """A job's tq.kvcache.CacheConfig fields: its wildcards' bits and strategies, and the cache
     options (exact layers apart: they are not a CacheConfig field)."""
@@ -129,7 +134,7 @@ def cache_params(wildcards) -> dict:
         "key_strategy": wildcards.key_strategy,
         "value_bits": _bits(wildcards.value_bits),
         "value_strategy": wildcards.value_strategy,
-        **{k: v for k, v in _options(wildcards).items() if not k.startswith("exact_")},
+        **cache_fields(_options(wildcards)),
     }
 
 

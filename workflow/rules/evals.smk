@@ -120,7 +120,7 @@ rule layer_sensitivity:
             name: config["layer_sensitivity"][name]
             for name in ("key_bits", "value_bits", "key_strategy", "value_strategy")
         }
-        | {k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+        | cache_fields(CACHE_OPTIONS),
         quantized_layers=lambda wildcards: [int(wildcards.layer)],
         protocol=config["perplexity"]["protocol"],
         windows=config["layer_sensitivity"]["windows"],
@@ -154,7 +154,7 @@ rule needle:
         cache=lambda wildcards: {
             "key_bits": _bits(wildcards.bits),
             "value_bits": _bits(wildcards.bits),
-            **{k: v for k, v in CACHE_OPTIONS.items() if not k.startswith("exact_")},
+            **cache_fields(CACHE_OPTIONS),
         },
         context_lengths=config["needle"]["context_lengths"],
         depths=config["needle"]["depths"],
