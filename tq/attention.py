@@ -3,8 +3,8 @@
 ``decode_attention(queries, cache, scale)`` computes softmax(scale * q K^T) V for every query
 without reconstructing keys or values. The rotation Pi of a channel group is orthogonal, so
 
-- a score is <q, Pi^T c[idx]> |k| = <Pi q, c[idx]> |k|: the query is rotated once and the packed
-  codes index a per-query table (Prod keys add sqrt(pi/2)/d * gamma |k| <S q, sign>);
+- a score is <q, Pi^T c[idx]> |k| = <Pi q, c[idx]> |k|: the query is rotated once and meets the
+  centroids the packed codes select (Prod keys add sqrt(pi/2)/d * gamma |k| <S q, sign>);
 - a value sum is sum_t p_t |v_t| Pi^T c[idx_t] = Pi^T (sum_t p_t |v_t| c[idx_t]): the weighted
   centroids are accumulated in the rotated domain and rotated back once per query (Prod values
   add S^T (sum_t p_t |v_t| sqrt(pi/2)/d * gamma_t sign_t)).
@@ -20,29 +20,44 @@ streams. Refused with ``NotImplementedError``: the baseline strategies (tq.basel
 ``renormalize`` with a "prod" stream. ``device="cuda"`` is not implemented yet.
 
 Two implementations: :func:`decode_attention_reference` (NumPy, float64, obviously correct,
-for tests) and :func:`decode_attention` (Numba CPU kernels, float32): per KV head and channel
-group, the rotated queries become byte tables tables[m, p, v] (the summed table entries of all
-codes in byte value v at byte p) so that a score costs one look-up per code byte (1, 2, 4, 8
-bits; 3, 5, 6, 7 bits use the per-coordinate LUT kernel ``lut_scores`` of :mod:`tq.kernels.cpu`),
-and the value pass decodes tiles of 512 tokens' centroids (``lookup_rows``, still in the rotated
-domain, no rotation) and adds weights[m, tile] @ tile, weights p_t |v_t|, into one rotated
-accumulator per query, rotated back once at the end. Tokens are split into chunks on the kernel
-threads (``$TQ_NUM_THREADS``); no [n, d] float array of keys or values is ever made.
+for tests) and :func:`decode_attention` (Numba CPU kernels, float32). Per KV head and channel
+group, the queries are rotated once; the score pass then decodes each token's codes into one
+row of unscaled centroids (for 1, 2 and 4 bits by copying 64-bit words of a [256, words] byte
+table: vector gathers) that stays in L1 and takes the dot product with every query of the head;
+the value pass decodes the same way and adds weights[m, t] * row, weights p_t |v_t|, into one
+rotated accumulator per query, rotated back once at the end. Tokens are split into one
+contiguous range per kernel thread (``$TQ_NUM_THREADS``); no [n, d] float array of keys or
+values is ever made, and a step reads each stored byte once per pass.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numba
 import numpy as np
 
-from tq.kernels.cpu import _CHUNK, _add_sign_scores, _jit, _row_kernels, _run_chunks, _signs_to_rows
+from tq.kernels.cpu import (
+    _CHUNK,
+    _FASTMATH,
+    _add_sign_scores,
+    _jit,
+    _jit_in_memory,
+    _row_kernels,
+    _run_chunks,
+    _unpack_sign_row,
+    num_threads,
+)
 from tq.kernels.reference import qjl_scale
 from tq.kvcache import TURBOQUANT_STRATEGIES, QuantizedKVCache, _Store
 from tq.packing import unpack_codes, unpack_signs
 from tq.quantizers import TurboQuantProd
 
 __all__ = ["decode_attention", "decode_attention_reference"]
+
+_jit_inline = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True, inline="always")
 
 
 @dataclass(frozen=True)
@@ -220,113 +235,147 @@ def decode_attention_reference(queries: np.ndarray, cache: QuantizedKVCache, sca
 # Numba kernels
 
 
+@functools.cache
+def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
+    """Numba kernels over the packed codes of one channel group of ``size`` channels, compiled
+    per bit width and decoding method.
+
+    Each token's codes are decoded into a row of unscaled centroids c[idx] (rotated domain) that
+    stays in L1 and is used at once by every query of the KV head. When whole codes fill the
+    row's bytes (1, 2 and 4 bits, size a multiple of 8 / bits) a code byte is decoded by copying
+    64-bit words (two float32 centroids each) from a [256, words] table (``word_table``), which
+    the compiler turns into vector gathers; 8 bits index the centroids directly; other widths
+    are unpacked code by code. The method is fixed per kernel: a branch between methods inside
+    the token loop cost a third of the speed.
+    """
+    rows = _row_kernels(bits)
+    per_byte = 8 // bits if 8 % bits == 0 else 0
+    words = per_byte // 2 if per_byte and size % per_byte == 0 else 0  # table words per byte
+    unpack_row = rows.unpack_row
+
+    def word_table(centroids: np.ndarray) -> np.ndarray:
+        """uint64 [256, max(words, 1)]: the centroids of byte value v's codes, two per word."""
+        return rows.byte_table(centroids).view(np.uint64) if words else np.zeros((256, 1), np.uint64)
+
+    @_jit_inline
+    def decode_row(codes, centroids, table, indices, words_row, out):
+        """out[j] = centroids[idx_j] for one token's packed codes [bytes]; out float32 [size] is
+        a view of words_row uint64 [>= size / 2]."""
+        if words:
+            for p in range(codes.shape[0]):
+                value = codes[p]
+                for w in range(words):
+                    words_row[p * words + w] = table[value, w]
+        elif bits == 8:
+            for j in range(size):
+                out[j] = centroids[codes[j]]
+        else:
+            unpack_row(codes, indices)
+            for j in range(size):
+                out[j] = centroids[indices[j]]
+
+    @_jit_in_memory
+    def scores(rotated, centroids, table, codes, scales, out):
+        """out[m, i] = scales[i] * <rotated[m], c[idx_i]>; rotated float32 [queries, size]."""
+        n_queries = rotated.shape[0]
+        indices = np.empty(size, np.int32)
+        words_row = np.zeros((size + 1) // 2 + 4, np.uint64)
+        row = words_row.view(np.float32)[:size]
+        for i in range(codes.shape[0]):
+            decode_row(codes[i], centroids, table, indices, words_row, row)
+            for m in range(n_queries):
+                total = np.float32(0.0)
+                for j in range(size):
+                    total += rotated[m, j] * row[j]
+                out[m, i] = total * scales[i]
+
+    @_jit_in_memory
+    def accumulate(weights, centroids, table, codes, acc):
+        """acc[m] += sum_i weights[m, i] * c[idx_i]; acc float32 [queries, size]."""
+        n_queries = acc.shape[0]
+        indices = np.empty(size, np.int32)
+        words_row = np.zeros((size + 1) // 2 + 4, np.uint64)
+        row = words_row.view(np.float32)[:size]
+        for i in range(codes.shape[0]):
+            decode_row(codes[i], centroids, table, indices, words_row, row)
+            for m in range(n_queries):
+                weight = weights[m, i]
+                for j in range(size):
+                    acc[m, j] += weight * row[j]
+
+    return SimpleNamespace(word_table=word_table, scores=scores, accumulate=accumulate)
+
+
 @_jit
-def _byte_table_scores(tables, codes, scales, out):
-    """out[m, i] = scales[i] * sum_p tables[m, p, codes[i, p]]; tables float32 [m, bytes, 256]."""
-    n_queries, n_bytes, _ = tables.shape
-    for i in range(codes.shape[0]):
+def _accumulate_signs(weights, signs, acc):
+    """acc[m] += sum_i weights[m, i] * sign_i, sign_i in {-1, +1}^size; acc float32 [queries, size]."""
+    n_queries, size = acc.shape
+    bits = np.empty(size, np.int32)
+    row = np.empty(size, np.float32)
+    for i in range(signs.shape[0]):
+        _unpack_sign_row(signs[i], bits)
+        for j in range(size):
+            row[j] = np.float32(2 * bits[j] - 1)
         for m in range(n_queries):
-            total = np.float32(0.0)
-            for p in range(n_bytes):
-                total += tables[m, p, codes[i, p]]
-            out[m, i] = total * scales[i]
+            weight = weights[m, i]
+            for j in range(size):
+                acc[m, j] += weight * row[j]
 
 
-_TILE = 512  # tokens per decoded tile of the value pass (256 KB at d = 128)
-
-
-def _byte_aligned(bits: int) -> bool:
-    return 8 % bits == 0
-
-
-def _byte_code_values(bits: int) -> np.ndarray:
-    """int [256, 8 // bits]: the t-th code of byte value v (layout of tq.packing, low bits first)."""
-    per_byte = 8 // bits
-    return (np.arange(256)[:, None] >> (np.arange(per_byte) * bits)[None, :]) & ((1 << bits) - 1)
-
-
-def _score_tables(rotated: np.ndarray, centroids: np.ndarray, n_bytes: int) -> np.ndarray:
-    """tables[m, p, v] = sum_t (Pi q_m)_{p*k+t} c[code t of v], float32 [m, bytes, 256]."""
-    bits = int(np.log2(len(centroids)))
-    per_byte = 8 // bits
-    m, size = rotated.shape
-    luts = np.zeros((m, n_bytes * per_byte, len(centroids)), np.float32)
-    luts[:, :size] = rotated[:, :, None] * centroids[None, None, :]
-    luts = luts.reshape(m, n_bytes, per_byte, len(centroids))
-    code_values = _byte_code_values(bits)
-    tables = luts[:, :, 0, code_values[:, 0]]
-    for t in range(1, per_byte):
-        tables += luts[:, :, t, code_values[:, t]]
-    return np.ascontiguousarray(tables)
+def _token_chunk(n: int) -> int:
+    """Tokens per work item: one contiguous range per kernel thread (at least _CHUNK tokens)."""
+    return max(_CHUNK, -(-n // num_threads()))
 
 
 def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray) -> None:
     """out[m, i] = score estimate of query m against quantized token i for one channel group."""
     quantizer = g.quantizer
-    bits = quantizer.codebook.bits
     centroids = quantizer.codebook.centroids.astype(np.float32)
     qg = np.ascontiguousarray(q[:, g.channels[head]])
-    rotated = qg @ quantizer.rotation.matrix.T
+    rotated = np.ascontiguousarray(qg @ quantizer.rotation.matrix.T, dtype=np.float32)
     codes, scales = g.codes[head], g.scales[head]
-    if _byte_aligned(bits):
-        tables = _score_tables(rotated, centroids, codes.shape[1])
+    kernels = _attention_kernels(quantizer.codebook.bits, g.channels.shape[1])
+    table = kernels.word_table(centroids)
+    if g.signs is not None:
+        projected = np.ascontiguousarray(qg @ quantizer.qjl.T, dtype=np.float32)
+        weights = (qjl_scale(qg.shape[1]) * g.gammas[head] * scales).astype(np.float32)
+        signs = g.signs[head]
 
-        def mse(start: int, stop: int) -> None:
-            _byte_table_scores(tables, codes[start:stop], scales[start:stop], out[:, start:stop])
-    else:
-        luts = np.ascontiguousarray(rotated[:, :, None] * centroids[None, None, :], dtype=np.float32)
-        kernel = _row_kernels(bits).lut_scores
+    def work(start: int, stop: int) -> None:
+        kernels.scores(rotated, centroids, table, codes[start:stop], scales[start:stop], out[:, start:stop])
+        if g.signs is not None:
+            _add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
 
-        def mse(start: int, stop: int) -> None:
-            kernel(luts, codes[start:stop], scales[start:stop], out[:, start:stop])
-
-    if g.signs is None:
-        _run_chunks(codes.shape[0], mse)
-        return
-    projected = np.ascontiguousarray(qg @ quantizer.qjl.T, dtype=np.float32)
-    weights = (qjl_scale(qg.shape[1]) * g.gammas[head] * scales).astype(np.float32)
-    signs = g.signs[head]
-
-    def prod(start: int, stop: int) -> None:
-        mse(start, stop)
-        _add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
-
-    _run_chunks(codes.shape[0], prod)
+    n = codes.shape[0]
+    _run_chunks(n, work, _token_chunk(n))
 
 
 def _group_values(g: _GroupData, head: int, weights: np.ndarray) -> np.ndarray:
     """sum_i weights[m, i] * value_i over one channel group's channels -> float32 [m, size]
-    (the rotated accumulator, rotated back once; Prod adds the sign sums times S)."""
+    (accumulated in the rotated domain and rotated back once; Prod adds the sign sums times S)."""
     quantizer = g.quantizer
-    bits = quantizer.codebook.bits
     size = g.channels.shape[1]
     centroids = quantizer.codebook.centroids.astype(np.float32)
     codes = g.codes[head]
     n = codes.shape[0]
+    chunk = _token_chunk(n)
     w = np.ascontiguousarray(weights * g.scales[head][None, :], dtype=np.float32)
-    chunks = max(1, -(-n // _CHUNK))
-    acc = np.zeros((chunks, len(w), size), np.float32)
-    lookup = _row_kernels(bits).lookup_rows  # byte tables for 1, 2, 4 and 8 bits
-    signs = g.signs[head] if g.signs is not None else None
-    if signs is not None:
+    acc = np.zeros((-(-n // chunk), len(w), size), np.float32)  # one accumulator per work item
+    kernels = _attention_kernels(quantizer.codebook.bits, g.channels.shape[1])
+    table = kernels.word_table(centroids)
+    if g.signs is not None:
+        signs = g.signs[head]
         sign_acc = np.zeros_like(acc)
         sign_w = np.ascontiguousarray(w * (qjl_scale(size) * g.gammas[head])[None, :], dtype=np.float32)
 
     def work(start: int, stop: int) -> None:
-        ones = np.ones(min(_TILE, stop - start), np.float32)
-        tile = np.empty((len(ones), size), np.float32)
-        for first in range(start, stop, _TILE):  # centroid tiles that stay in the core's cache
-            last = min(stop, first + _TILE)
-            rows = tile[: last - first]
-            lookup(codes[first:last], centroids, ones[: last - first], rows)
-            acc[start // _CHUNK] += w[:, first:last] @ rows
-            if signs is not None:
-                _signs_to_rows(signs[first:last], ones[: last - first], rows)
-                sign_acc[start // _CHUNK] += sign_w[:, first:last] @ rows
+        kernels.accumulate(w[:, start:stop], centroids, table, codes[start:stop], acc[start // chunk])
+        if g.signs is not None:
+            _accumulate_signs(sign_w[:, start:stop], signs[start:stop], sign_acc[start // chunk])
 
-    _run_chunks(n, work)
+    _run_chunks(n, work, chunk)
     result = acc.sum(axis=0) @ quantizer.rotation.matrix
-    if signs is not None:
+    if g.signs is not None:
         result += sign_acc.sum(axis=0) @ quantizer.qjl
     return result
 

@@ -193,6 +193,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
     return SimpleNamespace(
         pack_row=pack_row,
         unpack_row=unpack_row,
+        byte_table=byte_table,
         encode_rows=encode_rows,
         encode_rows_residual=encode_rows_residual,
         lookup_rows=lookup_rows,
@@ -270,17 +271,17 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _run_chunks(n: int, work: Callable[[int, int], None]) -> None:
-    """Run ``work(start, stop)`` over row chunks on the kernel threads.
+def _run_chunks(n: int, work: Callable[[int, int], None], chunk: int = _CHUNK) -> None:
+    """Run ``work(start, stop)`` over row chunks of ``chunk`` rows on the kernel threads.
 
     Each chunk runs rotation (single-threaded BLAS or FWHT) and its Numba pass back to back on
     one thread, so its data stays in that core's cache and only one thread pool is active
     (NumPy's BLAS pool and a Numba pool fighting over the cores cost half the speed).
     """
-    if n <= _CHUNK:  # one chunk (the decode loop's few rows): no threads to coordinate
+    if n <= chunk:  # one chunk (the decode loop's few rows): no threads to coordinate
         work(0, n)
         return
-    chunks = [(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK)]
+    chunks = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
     threads = min(num_threads(), len(chunks))
     if threads <= 1:
         for start, stop in chunks:
