@@ -12,7 +12,8 @@ Metrics: ``relative_error`` max |packed - float| / max |float| over all outputs 
 the same function of the same stored tokens, so this is float32 round-off, not quantization
 error); ``bytes_read_packed`` (everything the cache stores: codes, norms, QJL signs and gammas,
 outlier channel indices, exact window) and ``bytes_read_float`` (fp32 keys and values) per step,
-and their ratio. Timing: median seconds of ``repeats`` runs after one warm-up.
+and their ratio. Timing: median seconds of ``repeats`` rounds after one warm-up round, the two
+runs taking turns within a round (tq.bench.synthetic.median_seconds).
 
 The record's source is "synthetic" (random tokens, no model); its config names the workload
 "attention".
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tq.attention import decode_attention
-from tq.bench.synthetic import Progress, _median_seconds
+from tq.bench.synthetic import Progress, median_seconds
 from tq.kernels.cpu import num_threads
 from tq.kvcache import CacheConfig, QuantizedKVCache
 from tq.records import make_record
@@ -105,14 +106,14 @@ def run_attention(
     packed = decode_attention(queries, cache, scale, device=device)
     reference = float_attention(queries, keys, values, scale)
     relative_error = float(np.max(np.abs(packed - reference)) / np.max(np.abs(reference)))
-    seconds = {
-        "packed": _median_seconds(
-            lambda: decode_attention(queries, cache, scale, device=device), repeats, progress, "packed"
-        ),
-        "float": _median_seconds(
-            lambda: float_attention(queries, keys, values, scale), repeats, progress, "float"
-        ),
-    }
+    seconds = median_seconds(
+        {
+            "packed": lambda: decode_attention(queries, cache, scale, device=device),
+            "float": lambda: float_attention(queries, keys, values, scale),
+        },
+        repeats,
+        progress,
+    )
     metrics = {
         "relative_error": relative_error,
         "bytes_read_packed": cache.nbytes,

@@ -53,15 +53,22 @@ def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _median_seconds(run: Callable[[], object], repeats: int, progress: Progress, name: str) -> float:
-    run()  # warm-up: compilation and caches
-    times = []
-    for index in range(repeats):
-        start = time.perf_counter()
+def median_seconds(
+    runs: dict[str, Callable[[], object]], repeats: int, progress: Progress
+) -> dict[str, float]:
+    """Median wall-clock seconds of each named run over ``repeats`` rounds, after one warm-up
+    round (compilation and caches). Within a round the runs take turns, so that a slow spell of
+    a shared machine lands on all of them rather than on one."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-        progress(f"{name} {index + 1}/{repeats}: {times[-1] * 1e3:.1f} ms")
-    return float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+            progress(f"{name} {index + 1}/{repeats}: {times[name][-1] * 1e3:.1f} ms")
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def run_synthetic(
@@ -116,13 +123,15 @@ def run_synthetic(
         "compression_ratio": 32.0 * dim / batch.bits_per_vector,
     }
     progress("quality measured; timing")
-    seconds = {
-        "quantize": _median_seconds(lambda: quantizer.quantize(x), repeats, progress, "quantize"),
-        "dequantize": _median_seconds(lambda: quantizer.dequantize(batch), repeats, progress, "dequantize"),
-        "inner_products": _median_seconds(
-            lambda: quantizer.inner_products(queries, batch), repeats, progress, "inner products"
-        ),
-    }
+    seconds = median_seconds(
+        {
+            "quantize": lambda: quantizer.quantize(x),
+            "dequantize": lambda: quantizer.dequantize(batch),
+            "inner_products": lambda: quantizer.inner_products(queries, batch),
+        },
+        repeats,
+        progress,
+    )
     timing = {
         "repeats": repeats,
         "statistic": "median",
