@@ -43,8 +43,10 @@ from tq.kernels.cpu import (
     _CHUNK,
     _FASTMATH,
     _add_sign_scores,
+    _blas_controller,
     _jit,
     _jit_in_memory,
+    _pool,
     _row_kernels,
     _run_chunks,
     _unpack_sign_row,
@@ -351,7 +353,7 @@ def _token_chunk(n: int) -> int:
     return max(_CHUNK, -(-n // num_threads()))
 
 
-def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray) -> None:
+def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray, chunk: int) -> None:
     """out[m, i] = score estimate of query m against quantized token i for one channel group."""
     quantizer = g.quantizer
     centroids = quantizer.codebook.centroids.astype(np.float32)
@@ -370,8 +372,7 @@ def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray) -> N
         if g.signs is not None:
             _add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
 
-    n = codes.shape[0]
-    _run_chunks(n, work, _token_chunk(n))
+    _run_chunks(codes.shape[0], work, chunk)
 
 
 def _accumulators(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
@@ -382,7 +383,7 @@ def _accumulators(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
     return [row[:size].reshape(shape) for row in buffer]
 
 
-def _group_values(g: _GroupData, head: int, weights: np.ndarray) -> np.ndarray:
+def _group_values(g: _GroupData, head: int, weights: np.ndarray, chunk: int) -> np.ndarray:
     """sum_i weights[m, i] * value_i over one channel group's channels -> float32 [m, size]
     (accumulated in the rotated domain and rotated back once; Prod adds the sign sums times S)."""
     quantizer = g.quantizer
@@ -390,7 +391,6 @@ def _group_values(g: _GroupData, head: int, weights: np.ndarray) -> np.ndarray:
     centroids = quantizer.codebook.centroids.astype(np.float32)
     codes = g.codes[head]
     n = codes.shape[0]
-    chunk = _token_chunk(n)
     w = np.ascontiguousarray(weights * g.scales[head][None, :], dtype=np.float32)
     acc = _accumulators(-(-n // chunk), (len(w), size))  # one per work item
     kernels = _attention_kernels(quantizer.codebook.bits, g.channels.shape[1])
@@ -409,6 +409,30 @@ def _group_values(g: _GroupData, head: int, weights: np.ndarray) -> np.ndarray:
     result = sum(acc) @ quantizer.rotation.matrix
     if g.signs is not None:
         result += sum(sign_acc) @ quantizer.qjl
+    return result
+
+
+def _attend_head(
+    q: np.ndarray, keys: _StreamData, values: _StreamData, head: int, scale: float, length: int, chunk: int
+) -> np.ndarray:
+    """Attention of one KV head's queries q float32 [m, d] over all ``length`` tokens ->
+    float32 [m, d]; the packed passes split the tokens into ranges of ``chunk``."""
+    scores = np.empty((len(q), length), np.float32)
+    quantized = scores[:, : keys.quantized]
+    part = np.empty_like(quantized) if len(keys.groups) > 1 else quantized
+    for index, g in enumerate(keys.groups):
+        _group_scores(g, head, q, quantized if index == 0 else part, chunk)
+        if index:
+            quantized += part
+    np.matmul(q, keys.exact[head].T, out=scores[:, keys.quantized :])
+    scores *= np.float32(scale)
+    scores -= scores.max(axis=1, keepdims=True)
+    np.exp(scores, out=scores)  # unnormalized weights
+    total = scores.sum(axis=1, dtype=np.float64)
+    result = scores[:, values.quantized :] @ values.exact[head]
+    for g in values.groups:
+        result[:, g.channels[head]] += _group_values(g, head, scores[:, : values.quantized], chunk)
+    result /= total[:, None].astype(np.float32)
     return result
 
 
@@ -438,27 +462,15 @@ def decode_attention(
     if device != "cpu":
         raise NotImplementedError(f"decode_attention runs on the CPU only for now, got device={device!r}")
     keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
-    kv_heads = cache.kv_heads
-    group_size = queries.shape[0] // kv_heads
-    out = np.empty(queries.shape, np.float32)
-    for head in range(kv_heads):
-        q = _head_queries(queries, kv_heads, head)
-        m = len(q)
-        scores = np.empty((m, len(cache)), np.float32)
-        quantized = scores[:, : keys.quantized]
-        part = np.empty_like(quantized) if len(keys.groups) > 1 else quantized
-        for index, g in enumerate(keys.groups):
-            _group_scores(g, head, q, quantized if index == 0 else part)
-            if index:
-                quantized += part
-        np.matmul(q, keys.exact[head].T, out=scores[:, keys.quantized :])
-        scores *= np.float32(scale)
-        scores -= scores.max(axis=1, keepdims=True)
-        np.exp(scores, out=scores)  # unnormalized weights
-        total = scores.sum(axis=1, dtype=np.float64)
-        result = scores[:, values.quantized :] @ values.exact[head]
-        for g in values.groups:
-            result[:, g.channels[head]] += _group_values(g, head, scores[:, : values.quantized])
-        result /= total[:, None].astype(np.float32)
-        out[head * group_size : (head + 1) * group_size] = result.reshape(group_size, -1, cache.head_dim)
-    return out
+    kv_heads, length = cache.kv_heads, len(cache)
+    threads = num_threads()
+
+    def attend(head: int, chunk: int) -> np.ndarray:
+        return _attend_head(_head_queries(queries, kv_heads, head), keys, values, head, scale, length, chunk)
+
+    if threads > 1 and kv_heads >= threads:  # one head per thread at a time, tokens not split
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            results = list(_pool(threads).map(lambda head: attend(head, length), range(kv_heads)))
+    else:
+        results = [attend(head, _token_chunk(length)) for head in range(kv_heads)]
+    return np.stack(results).reshape(queries.shape)
