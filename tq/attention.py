@@ -434,6 +434,7 @@ def _attend_head(
 ) -> np.ndarray:
     """Attention of one KV head's queries q float32 [m, d] over all ``length`` tokens ->
     float32 [m, d]; the packed passes split the tokens into ranges of ``chunk``."""
+    q = q * np.float32(scale)  # scaled queries give scaled logits: no pass over the scores
     scores = np.empty((len(q), length), np.float32)
     quantized = scores[:, : keys.quantized]
     part = np.empty_like(quantized) if len(keys.groups) > 1 else quantized
@@ -442,7 +443,6 @@ def _attend_head(
         if index:
             quantized += part
     np.matmul(q, keys.exact[head].T, out=scores[:, keys.quantized :])
-    scores *= np.float32(scale)
     scores -= scores.max(axis=1, keepdims=True)
     np.exp(scores, out=scores)  # unnormalized weights
     total = scores.sum(axis=1, dtype=np.float64)
