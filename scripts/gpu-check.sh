@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a machine with an NVIDIA GPU (the H200 lent through the device
-# tool): the cuda kernel tests on the real GPU, then benchmarks/gpu.py for both rotations.
+# tool): the cuda kernel tests on the real GPU, then benchmarks/gpu.py for both rotations and
+# benchmarks/attention_gpu.py (decode attention from the packed cache against torch fp16).
 # Uses the machine's own python3 (numba-cuda, torch); tq is imported from this checkout.
 #   bash scripts/gpu-check.sh OUT_DIR
 set -uo pipefail
@@ -18,10 +19,13 @@ export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NUM
     python3 -c "import numba_cuda; print('numba-cuda', numba_cuda.__version__)" 2>/dev/null
 } 2>&1 | tee "$out/environment.txt"
 status=0
-python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py 2>&1 \
+python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py \
+    tests/test_attention_cuda.py 2>&1 \
     | tee "$out/tests.txt" || status=1
 for rotation in haar hadamard; do
     python3 benchmarks/gpu.py --rotation "$rotation" --json "$out/gpu_$rotation.json" 2>&1 \
         | tee "$out/gpu_$rotation.txt" || status=1
 done
+python3 benchmarks/attention_gpu.py --json "$out/attention_gpu.json" 2>&1 \
+    | tee "$out/attention_gpu.txt" || status=1
 exit $status
