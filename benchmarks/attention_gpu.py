@@ -16,8 +16,9 @@ launch overheads count), the median of ``--repeats`` calls after ``--warmup``:
 Bytes read per step: the packed cache (codes, norms, exact tokens: ``DeviceKVCache.read_nbytes``)
 and 2 * heads * context * dim * 2 for fp16 keys and values; GB/s = those bytes / median time.
 Checks: the full output against torch's (fp16 rounding of the reconstruction: TORCH_TOLERANCE),
-and against the Numba CPU :func:`tq.attention.decode_attention` on a cache of the first
-``--check-context`` tokens (CPU_TOLERANCE); the script fails after writing the JSON if they differ.
+and, on a smaller cache built the same way (``--check-context`` tokens, fresh random data), against
+the Numba CPU :func:`tq.attention.decode_attention` (CPU_TOLERANCE); the script fails after writing
+the JSON if they differ.
 
 ``--allow-simulator`` runs on Numba's CUDA simulator as a smoke test: sizes are capped, times
 are host wall-clock times (meaningless as GPU numbers), torch is skipped and the JSON says
@@ -221,7 +222,7 @@ def main() -> None:
         )
 
     check_context = min(args.check_context, context)
-    log(f"checking {check_context} tokens against the CPU decode_attention ...")
+    log(f"checking a {check_context}-token cache against the CPU decode_attention ...")
     small = build_cache(check_context, heads, dim, args, quantize_on)
     cpu_out = decode_attention(queries, small, scale, device="cpu")
     check["cpu_context"] = check_context
