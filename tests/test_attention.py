@@ -142,8 +142,20 @@ def test_errors() -> None:
         decode_attention(good, random_cache(CacheConfig(value_strategy="uniform"), spans=(5,)), 1.0)
     with pytest.raises(NotImplementedError, match="renormalize"):
         decode_attention(good, random_cache(CacheConfig(key_strategy="prod", renormalize=True)), 1.0)
-    with pytest.raises(NotImplementedError, match="CPU only"):
-        decode_attention(good, cache, 1.0, device="cuda")
+
+
+def test_device_cuda_runs_the_gpu_kernels() -> None:
+    """device="cuda" (here Numba's simulator) and a DeviceKVCache reach tq.kernels.attention_cuda."""
+    from tq.kernels.attention_cuda import DeviceKVCache
+
+    cache = random_cache(CacheConfig(key_bits=3), kv_heads=1, dim=16, spans=(20,))
+    queries = np.random.default_rng(6).standard_normal((2, 1, 16)).astype(np.float32)
+    expected = truth(queries, cache, 0.3)
+    assert_close(decode_attention(queries, cache, 0.3, device="cuda"), expected)
+    device_cache = DeviceKVCache(cache)
+    assert_close(decode_attention(queries, device_cache, 0.3), expected)
+    with pytest.raises(ValueError, match="DeviceKVCache"):
+        decode_attention(queries, device_cache, 0.3, device="cpu")
 
 
 def test_bench_record() -> None:

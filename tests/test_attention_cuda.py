@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from numba import cuda
 
+from tests.test_attention import TOLERANCE, assert_close, truth
 from tq.attention import decode_attention_reference
 from tq.kernels import is_gpu_array
 from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda
 from tq.kvcache import CacheConfig, QuantizedKVCache
 
-TOLERANCE = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -39,23 +39,6 @@ def short_switch_interval():
     sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(before)
-
-
-def truth(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> np.ndarray:
-    """float64 softmax(scale q K^T) V on the reconstruction, GQA by repeating KV heads."""
-    group = queries.shape[0] // cache.kv_heads
-    keys = np.repeat(cache.keys().astype(np.float64), group, axis=0)
-    values = np.repeat(cache.values().astype(np.float64), group, axis=0)
-    scores = np.einsum("hqd,htd->hqt", queries.astype(np.float64), keys) * scale
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return np.einsum("hqt,htd->hqd", weights, values)
-
-
-def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.dtype == np.float32 and actual.shape == expected.shape
-    error = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
-    assert error <= TOLERANCE, error
 
 
 def random_cache(config: CacheConfig, kv_heads: int = 1, dim: int = 32, spans=(20, 1, 9), seed: int = 0):

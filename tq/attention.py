@@ -17,28 +17,34 @@ channels. The softmax subtracts the row maximum over all tokens (quantized and e
 Supported: "mse" and "prod" keys and values (any width, fractional too, Haar or Hadamard),
 "exact" streams, any residual window, float32 or float16 norms, ``renormalize`` for "mse"
 streams. Refused with ``NotImplementedError``: the baseline strategies (tq.baselines) and
-``renormalize`` with a "prod" stream. ``device="cuda"`` is not implemented yet.
+``renormalize`` with a "prod" stream. ``device="cuda"`` runs :mod:`tq.kernels.attention_cuda`
+(numba.cuda, split-K flash decoding over the packed streams uploaded as a ``DeviceKVCache``).
 
-Two implementations: :func:`decode_attention_reference` (NumPy, float64, obviously correct,
-for tests) and :func:`decode_attention` (Numba CPU kernels, float32). Per KV head and channel
-group, the queries are rotated once; the score pass then decodes each token's codes into one
-row of unscaled centroids (for 1, 2 and 4 bits by copying 64-bit words of a [256, words] byte
-table: vector gathers) that stays in L1 and takes the dot product with every query of the head;
-the value pass decodes the same way and adds weights[m, t] * row, weights p_t |v_t|, into one
-rotated accumulator per query, rotated back once at the end. Tokens are split into one
-contiguous range per kernel thread (``$TQ_NUM_THREADS``); no [n, d] float array of keys or
-values is ever made, and a step reads each stored byte once per pass.
+Implementations: :func:`decode_attention_reference` (NumPy, float64, obviously correct, for
+tests), the CUDA kernels above, and the Numba CPU kernels of :func:`decode_attention` (float32).
+On the CPU, per KV head and channel group, the queries are rotated once; both passes decode the
+codes of a block of 8 tokens into rows of unscaled centroids (for 1, 2 and 4 bits by 64-bit
+copies, two centroids each, from a [256, words] table per code byte) that stay in L1. The score pass
+takes the dot products of every query of the head with those rows, four rows per sweep over the
+channels; the value pass adds weights[m, t] * row, weights p_t |v_t|, into one rotated
+accumulator per query (each accumulator read and written once per block), rotated back once at
+the end. With at least as many KV heads as kernel threads (``$TQ_NUM_THREADS``) the heads run
+one per thread, else each head's tokens are split over the threads. No [n, d] float array of
+keys or values is ever made; a step reads each stored byte once per pass.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import numba
 import numpy as np
 
+from tq.kernels import resolve_device
 from tq.kernels.cpu import (
     _CHUNK,
     _FASTMATH,
@@ -285,8 +291,8 @@ def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
     Each token's codes are decoded into a row of unscaled centroids c[idx] (rotated domain) that
     stays in L1 and is used at once by every query of the KV head. When whole codes fill the
     row's bytes (1, 2 and 4 bits, size a multiple of 8 / bits) a code byte is decoded by copying
-    64-bit words (two float32 centroids each) from a [256, words] table (``word_table``), which
-    the compiler turns into vector gathers; 8 bits index the centroids directly; other widths
+    64-bit words (two float32 centroids each) from a [256, words] table (``word_table``): half
+    the stores of a float-by-float copy; 8 bits index the centroids directly; other widths
     are unpacked code by code. The method is fixed per kernel: a branch between methods inside
     the token loop cost a third of the speed.
     """
@@ -429,6 +435,11 @@ def _group_values(g: _GroupData, head: int, weights: np.ndarray, chunk: int) -> 
     return result
 
 
+def _attention_cuda() -> ModuleType:
+    """tq.kernels.attention_cuda, imported on first use (it loads numba.cuda)."""
+    return importlib.import_module("tq.kernels.attention_cuda")
+
+
 def _attend_head(
     q: np.ndarray, keys: _StreamData, values: _StreamData, head: int, scale: float, length: int, chunk: int
 ) -> np.ndarray:
@@ -453,31 +464,38 @@ def _attend_head(
     return result
 
 
-def decode_attention(
-    queries: np.ndarray, cache: QuantizedKVCache, scale: float, device: str | None = None
-) -> np.ndarray:
+def decode_attention(queries: Any, cache: Any, scale: float, device: str | None = None) -> Any:
     """Attention of queries over every token of a quantized cache, from the packed codes.
 
     Args:
         queries: float [q_heads, n_queries, head_dim]; q_heads a multiple of cache.kv_heads,
             query head h attends with KV head h // (q_heads // kv_heads) (grouped-query
-            attention); every query attends to every cached token (no causal mask).
-        cache: the layer's :class:`~tq.kvcache.QuantizedKVCache` (not empty).
+            attention); every query attends to every cached token (no causal mask). A NumPy
+            array, or on the GPU path also a float32 GPU array.
+        cache: the layer's :class:`~tq.kvcache.QuantizedKVCache` (not empty), or its
+            :class:`~tq.kernels.attention_cuda.DeviceKVCache` (the packed streams uploaded to
+            the GPU once: the way to run many decode steps there).
         scale: softmax scale of the logits q . k, e.g. 1 / sqrt(head_dim).
-        device: "cpu" (default: the cache's device when that is "cpu" or "auto"); "cuda" is
-            not implemented yet.
+        device: "cpu", "cuda" or "auto" (default: the cache's ``config.device``). "cuda" with a
+            QuantizedKVCache uploads its packed streams on every call.
 
     Returns:
-        float32 [q_heads, n_queries, head_dim]: softmax(scale * q K^T) V.
+        float32 [q_heads, n_queries, head_dim]: softmax(scale * q K^T) V (a Numba device array
+        for GPU queries).
 
     Raises:
         TypeError, ValueError: bad shapes, dtypes, non-finite input, an empty cache.
-        NotImplementedError: baseline strategies, renormalize with "prod", device "cuda".
+        NotImplementedError: baseline strategies, renormalize with "prod".
+        tq.kernels.DeviceUnavailableError: device "cuda" where no GPU can run.
     """
+    if not isinstance(cache, QuantizedKVCache) and isinstance(cache, _attention_cuda().DeviceKVCache):
+        if device not in (None, "cuda", "auto"):
+            raise ValueError(f"a DeviceKVCache lives on the GPU; device={device!r} cannot use it")
+        return _attention_cuda().decode_attention_cuda(queries, cache, scale)
+    if isinstance(cache, QuantizedKVCache) and resolve_device(device or cache.config.device) == "cuda":
+        cuda_path = _attention_cuda()
+        return cuda_path.decode_attention_cuda(queries, cuda_path.DeviceKVCache(cache), scale)
     queries, scale = _check(queries, cache, scale)
-    device = device or ("cpu" if cache.config.device == "auto" else cache.config.device)
-    if device != "cpu":
-        raise NotImplementedError(f"decode_attention runs on the CPU only for now, got device={device!r}")
     keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
     kv_heads, length = cache.kv_heads, len(cache)
     threads = num_threads()
