@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from tq.attention import decode_attention  # noqa: E402
+from tq.bench.attention import torch_fp16_attention  # noqa: E402
 from tq.fileio import write_json  # noqa: E402
 from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda  # noqa: E402
 from tq.kvcache import CacheConfig, QuantizedKVCache  # noqa: E402
@@ -97,16 +98,12 @@ def run_torch(
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Time fp16 attention on the reconstruction -> (rows, the matmul path's output as float32)."""
     fp16_bytes = 2 * cache.kv_heads * len(cache) * cache.head_dim * 2
+    keys, values = cache.keys(), cache.values()
+    matmul_softmax = torch_fp16_attention(torch, queries, keys, values, scale)
+    q_heads = queries.shape[0]
     device = torch.device("cuda")
-    keys = torch.from_numpy(np.ascontiguousarray(cache.keys())).to(device, torch.float16)
-    values = torch.from_numpy(np.ascontiguousarray(cache.values())).to(device, torch.float16)
-    q_heads, n_queries, dim = queries.shape
     q = torch.from_numpy(queries).to(device, torch.float16)
-    grouped = q.reshape(cache.kv_heads, -1, dim)  # the queries of each KV head
-
-    def matmul_softmax():
-        scores = torch.matmul(grouped, keys.transpose(1, 2)) * scale
-        return torch.matmul(torch.softmax(scores, dim=-1), values)
+    keys, values = (torch.from_numpy(array).to(device, torch.float16) for array in (keys, values))
 
     def sdpa():
         return torch.nn.functional.scaled_dot_product_attention(
@@ -122,7 +119,7 @@ def run_torch(
             )
             rows.append(timing_row(impl, times, fp16_bytes))
             if impl == "torch fp16":
-                reference = out.reshape(q_heads, n_queries, dim).float().cpu().numpy()
+                reference = out.float().cpu().numpy()
     return rows, reference
 
 

@@ -169,6 +169,16 @@ def test_bench_record() -> None:
         run_attention(context=10, kv_heads=2, q_heads=3)
 
 
+def test_bench_record_on_cuda() -> None:
+    """The GPU path of the workload (here on Numba's simulator, where torch has no CUDA: the
+    baseline is NumPy's, and the record says so)."""
+    record = run_attention(context=24, dim=16, bits=2, kv_heads=1, q_heads=2, repeats=5, device="cuda")
+    assert record["config"]["device"] == "cuda"
+    assert record["metrics"]["relative_error"] <= TOLERANCE
+    assert record["timing"]["baseline"].startswith("numpy float32")
+    assert record["metrics"]["bytes_read_baseline"] == record["metrics"]["bytes_read_float"]
+
+
 def test_cli_attention_workload(tmp_path, capsys) -> None:
     import json
 

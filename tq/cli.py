@@ -71,7 +71,10 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rotation", choices=ROTATION_KINDS, default="haar")
     bench.add_argument(
-        "--device", choices=DEVICES, default="cpu", help="where quantization runs (auto: a GPU if present)"
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where quantization and attention run (auto: a GPU if present)",
     )
     bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
     synthetic = bench.add_argument_group("synthetic workload")
@@ -203,10 +206,11 @@ def _summary(record: dict) -> str:
         return (
             f"source={record['source']} attention context={config['context']} d={config['dim']} "
             f"bits={config['bits']} heads={config['q_heads']}q/{config['kv_heads']}kv"
-            f"\n  packed {timing['seconds']['packed'] * 1e3:.2f} ms  float32 on the reconstruction "
-            f"{timing['seconds']['float'] * 1e3:.2f} ms  speedup {timing['speedup']:.2f}x"
+            f" device={config['device']}"
+            f"\n  packed {timing['seconds']['packed'] * 1e3:.2f} ms  {timing['baseline']} on the "
+            f"reconstruction {timing['seconds']['float'] * 1e3:.2f} ms  speedup {timing['speedup']:.2f}x"
             f"\n  bytes read {metrics['bytes_read_packed'] / 1e6:.1f} MB vs "
-            f"{metrics['bytes_read_float'] / 1e6:.1f} MB  relative error {metrics['relative_error']:.2e}"
+            f"{metrics['bytes_read_baseline'] / 1e6:.1f} MB  relative error {metrics['relative_error']:.2e}"
         )
     if record["source"] == "trace":
         cache = config["cache"]
