@@ -150,39 +150,49 @@ def _stream(store: _Store, name: str) -> _StreamData:
     return _StreamData(groups, store.quantized, store.buffer[:, store.quantized : store.length])
 
 
-def _check(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> tuple[np.ndarray, float]:
-    """Validate the arguments; return the queries as float32 and the scale as a float."""
-    if not isinstance(cache, QuantizedKVCache):
-        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
-    if not isinstance(queries, np.ndarray) or queries.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(
-            f"queries must be a float numpy array, got {getattr(queries, 'dtype', type(queries).__name__)}"
-        )
-    if (
-        queries.ndim != 3
-        or queries.shape[2] != cache.head_dim
-        or queries.shape[0] < 1
-        or queries.shape[1] < 1
-    ):
-        raise ValueError(
-            f"queries must have shape [q_heads, n_queries, {cache.head_dim}] with q_heads, "
-            f"n_queries >= 1, got {list(queries.shape)}"
-        )
-    if queries.shape[0] % cache.kv_heads:
-        raise ValueError(
-            f"q_heads ({queries.shape[0]}) must be a multiple of the cache's kv_heads ({cache.kv_heads})"
-        )
+def check_scale(scale: object) -> float:
+    """The softmax scale as a float; TypeError or ValueError for a non-number or non-finite one."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise TypeError(f"scale must be a number, got {scale!r}")
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if len(cache) == 0:
-        raise ValueError("the cache is empty: there is nothing to attend to")
+    return float(scale)
+
+
+def check_query_shape(shape: tuple[int, ...], kv_heads: int, head_dim: int) -> None:
+    """ValueError unless ``shape`` is [q_heads, n_queries, head_dim], q_heads a multiple of kv_heads."""
+    if len(shape) != 3 or shape[2] != head_dim or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(
+            f"queries must have shape [q_heads, n_queries, {head_dim}] with q_heads, "
+            f"n_queries >= 1, got {list(shape)}"
+        )
+    if shape[0] % kv_heads:
+        raise ValueError(f"q_heads ({shape[0]}) must be a multiple of the cache's kv_heads ({kv_heads})")
+
+
+def check_host_queries(queries: object, kv_heads: int, head_dim: int) -> None:
+    """TypeError unless a float NumPy array, ValueError for a bad shape (check_query_shape) or a
+    NaN or inf (naming the first)."""
+    if not isinstance(queries, np.ndarray) or queries.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"queries must be a float numpy array, got {getattr(queries, 'dtype', type(queries).__name__)}"
+        )
+    check_query_shape(queries.shape, kv_heads, head_dim)
     finite = np.isfinite(queries)
     if not finite.all():
         head, query, _ = np.argwhere(~finite)[0]
         raise ValueError(f"queries contain NaN or inf (head {head}, query {query})")
-    return np.ascontiguousarray(queries, dtype=np.float32), float(scale)
+
+
+def _check(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> tuple[np.ndarray, float]:
+    """Validate the arguments; return the queries as float32 and the scale as a float."""
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+    check_host_queries(queries, cache.kv_heads, cache.head_dim)
+    scale = check_scale(scale)
+    if len(cache) == 0:
+        raise ValueError("the cache is empty: there is nothing to attend to")
+    return np.ascontiguousarray(queries, dtype=np.float32), scale
 
 
 def _head_queries(queries: np.ndarray, kv_heads: int, head: int) -> np.ndarray:

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32, uint64
 
+from tq.attention import _stream, check_host_queries, check_query_shape, check_scale
 from tq.kernels import is_gpu_array
 from tq.kernels.cuda import THREADS, U, _floats, _pow2_ceil, _pow2_floor, _results, simulated
 from tq.kernels.reference import qjl_scale
@@ -684,8 +685,6 @@ class DeviceKVCache:
     """
 
     def __init__(self, cache: QuantizedKVCache) -> None:
-        from tq.attention import _stream  # tq.attention imports the kernels package
-
         if not isinstance(cache, QuantizedKVCache):
             raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
         if len(cache) == 0:
@@ -837,34 +836,13 @@ def _check(queries: Any, cache: DeviceKVCache, scale: float) -> tuple[Any, bool,
             f"cache must be a DeviceKVCache (DeviceKVCache(quantized_cache) uploads one), "
             f"got {type(cache).__name__}"
         )
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a number, got {scale!r}")
-    if not np.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = check_scale(scale)
     on_device = is_gpu_array(queries)
-    if not on_device and (
-        not isinstance(queries, np.ndarray) or queries.dtype not in (np.float16, np.float32, np.float64)
-    ):
-        raise TypeError(
-            "queries must be a float numpy array or a float32 GPU array, got "
-            f"{getattr(queries, 'dtype', type(queries).__name__)}"
-        )
-    shape = tuple(queries.shape)
-    if len(shape) != 3 or shape[2] != cache.head_dim or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(
-            f"queries must have shape [q_heads, n_queries, {cache.head_dim}] with q_heads, "
-            f"n_queries >= 1, got {list(shape)}"
-        )
-    if shape[0] % cache.kv_heads:
-        raise ValueError(
-            f"q_heads ({shape[0]}) must be a multiple of the cache's kv_heads ({cache.kv_heads})"
-        )
-    if not on_device:
-        finite = np.isfinite(queries)
-        if not finite.all():
-            head, query, _ = np.argwhere(~finite)[0]
-            raise ValueError(f"queries contain NaN or inf (head {head}, query {query})")
-    return _floats(queries, "queries"), on_device, float(scale)
+    if on_device:
+        check_query_shape(tuple(queries.shape), cache.kv_heads, cache.head_dim)
+    else:
+        check_host_queries(queries, cache.kv_heads, cache.head_dim)
+    return _floats(queries, "queries"), on_device, scale
 
 
 def decode_attention_cuda(
