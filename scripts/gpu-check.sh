@@ -20,7 +20,8 @@ export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NUM
 } 2>&1 | tee "$out/environment.txt"
 status=0
 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py \
-    tests/test_attention_cuda.py 2>&1 \
+    tests/test_attention_cuda.py "tests/test_attention.py::test_device_cuda_runs_the_gpu_kernels" \
+    "tests/test_attention.py::test_bench_record_on_cuda" 2>&1 \
     | tee "$out/tests.txt" || status=1
 for rotation in haar hadamard; do
     python3 benchmarks/gpu.py --rotation "$rotation" --json "$out/gpu_$rotation.json" 2>&1 \

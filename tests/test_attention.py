@@ -170,13 +170,16 @@ def test_bench_record() -> None:
 
 
 def test_bench_record_on_cuda() -> None:
-    """The GPU path of the workload (here on Numba's simulator, where torch has no CUDA: the
-    baseline is NumPy's, and the record says so)."""
+    """The GPU path of the workload: the baseline is torch fp16 on a GPU with a CUDA torch, else
+    (Numba's simulator, CPU torch) NumPy's float32, and the record says which."""
+    from tq.bench.attention import _cuda_torch
+
     record = run_attention(context=24, dim=16, bits=2, kv_heads=1, q_heads=2, repeats=5, device="cuda")
     assert record["config"]["device"] == "cuda"
     assert record["metrics"]["relative_error"] <= TOLERANCE
-    assert record["timing"]["baseline"].startswith("numpy float32")
-    assert record["metrics"]["bytes_read_baseline"] == record["metrics"]["bytes_read_float"]
+    fp16 = _cuda_torch() is not None
+    assert record["timing"]["baseline"].startswith("torch fp16" if fp16 else "numpy float32")
+    assert record["metrics"]["bytes_read_baseline"] == record["metrics"]["bytes_read_float"] // (1 + fp16)
 
 
 def test_cli_attention_workload(tmp_path, capsys) -> None:
