@@ -599,6 +599,7 @@ def _combine_kernel(dim: int, value_width: int, exact_values: bool) -> Callable:
     (KV head, query) and rotate back: out = (sums @ matrix[h] + exact sums) / softmax sum."""
     partial_width = value_width + (-(-dim // _CHUNK) * _CHUNK if exact_values else 0)
     d, wv, pw, threads = U(dim), U(value_width), U(partial_width), U(THREADS)
+    sums_floats = max(partial_width, 1)  # a shared array's size must be a compile-time constant
 
     @cuda.jit
     def combine(partial, stats, matrix, out):
@@ -606,7 +607,7 @@ def _combine_kernel(dim: int, value_width: int, exact_values: bool) -> Callable:
         i = uint64(cuda.blockIdx.x)
         h = uint64(cuda.blockIdx.y)
         splits = uint64(partial.shape[2])
-        sums = cuda.shared.array(max(partial_width, 1), float32)
+        sums = cuda.shared.array(sums_floats, float32)
         best = float32(-math.inf)
         for s in range(splits):
             best = max(best, stats[h, i, s, 0])
