@@ -23,7 +23,7 @@ run: $(STAMP)
 # apt) and otherwise says why the test will be skipped.
 test: $(STAMP)
 	bash scripts/install-slurm-packages.sh
-	$(BIN)/ruff check tq tests workflow benchmarks
+	$(BIN)/ruff check tq tests workflow benchmarks scripts
 	$(BIN)/python -m pytest
 
 clean:
