@@ -50,16 +50,20 @@ def random_cache(config: CacheConfig, kv_heads: int = 2, dim: int = 64, spans=(5
     return cache
 
 
-CONFIGS = {
+CONFIGS = {  # shared with tests/test_attention_cuda.py
+    "mse1": CacheConfig(key_bits=1, value_bits=1),
     "mse2": CacheConfig(key_bits=2, value_bits=2),
     "mse3": CacheConfig(key_bits=3, value_bits=3),
     "mse4": CacheConfig(),
+    "mse8": CacheConfig(key_bits=8, value_bits=8),
+    "mse5-7": CacheConfig(key_bits=5, value_bits=7),
     "prod2": CacheConfig(key_strategy="prod", key_bits=2, value_bits=2),
     "prod3": CacheConfig(key_strategy="prod", key_bits=3, value_bits=3),
     "prod4-values": CacheConfig(key_strategy="prod", value_strategy="prod"),
+    "prod7-values": CacheConfig(key_strategy="prod", value_strategy="prod", value_bits=7),
     "frac2.5-3.5": CacheConfig(key_bits=2.5, value_bits=3.5),
     "frac3.5-prod": CacheConfig(key_strategy="prod", key_bits=3.5, value_bits=2.5, residual_length=4),
-    "window": CacheConfig(residual_length=20),
+    "window": CacheConfig(residual_length=10),
     "window-all": CacheConfig(residual_length=500),
     "exact-keys": CacheConfig(key_strategy="exact", value_bits=3),
     "exact-values": CacheConfig(value_strategy="exact", key_bits=3),

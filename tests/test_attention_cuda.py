@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from tests.test_attention import TOLERANCE, assert_close, truth
+from tests.test_attention import CONFIGS, TOLERANCE, assert_close, random_cache, truth
 from tq.attention import decode_attention_reference
 from tq.kernels import is_gpu_array
 from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda
@@ -41,14 +41,9 @@ def short_switch_interval():
     sys.setswitchinterval(before)
 
 
-def random_cache(config: CacheConfig, kv_heads: int = 1, dim: int = 32, spans=(20, 1, 9), seed: int = 0):
-    """A cache filled in several appends (several packed pieces per channel group)."""
-    rng = np.random.default_rng(seed)
-    cache = QuantizedKVCache(kv_heads, dim, config)
-    for t in spans:
-        keys = rng.standard_normal((kv_heads, t, dim)) * np.linspace(0.5, 3.0, dim)  # uneven channels
-        cache.append(keys, rng.standard_normal((kv_heads, t, dim)))
-    return cache
+def cuda_cache(config: CacheConfig, kv_heads: int = 1, dim: int = 32, spans=(20, 1, 9)) -> QuantizedKVCache:
+    """tests/test_attention.py's random cache, at a size the simulator runs in a second or two."""
+    return random_cache(config, kv_heads=kv_heads, dim=dim, spans=spans)
 
 
 def queries_for(cache: QuantizedKVCache, q_heads: int, n_queries: int, seed: int = 1) -> np.ndarray:
@@ -56,30 +51,9 @@ def queries_for(cache: QuantizedKVCache, q_heads: int, n_queries: int, seed: int
     return rng.standard_normal((q_heads, n_queries, cache.head_dim)).astype(np.float32)
 
 
-CONFIGS = {
-    "mse1": CacheConfig(key_bits=1, value_bits=1),
-    "mse2": CacheConfig(key_bits=2, value_bits=2),
-    "mse3": CacheConfig(key_bits=3, value_bits=3),
-    "mse4": CacheConfig(),
-    "mse8": CacheConfig(key_bits=8, value_bits=8),
-    "mse5-7": CacheConfig(key_bits=5, value_bits=7),
-    "prod-keys": CacheConfig(key_strategy="prod", key_bits=3, value_bits=2),
-    "prod-values": CacheConfig(key_strategy="prod", value_strategy="prod", value_bits=7),
-    "frac2.5-3.5": CacheConfig(key_bits=2.5, value_bits=3.5),
-    "frac3.5-prod": CacheConfig(key_strategy="prod", key_bits=3.5, value_bits=2.5, residual_length=4),
-    "window": CacheConfig(residual_length=10),
-    "window-all": CacheConfig(residual_length=500),
-    "exact-keys": CacheConfig(key_strategy="exact", value_bits=3),
-    "exact-values": CacheConfig(value_strategy="exact", key_bits=3),
-    "hadamard": CacheConfig(rotation="hadamard", key_bits=2.5, residual_length=3),
-    "renormalize": CacheConfig(renormalize=True, key_bits=3, value_bits=2.5),
-    "fp16-norms": CacheConfig(norm_dtype="float16", key_strategy="prod"),
-}
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_the_oracle(name) -> None:
-    cache = random_cache(CONFIGS[name])
+    cache = cuda_cache(CONFIGS[name])
     queries = queries_for(cache, 2, 1)  # GQA: 2 query heads on 1 KV head
     out = decode_attention_cuda(queries, DeviceKVCache(cache), 0.3, split_tokens=16)
     assert_close(out, decode_attention_reference(queries, cache, 0.3))
@@ -89,7 +63,7 @@ def test_matches_the_oracle(name) -> None:
 def test_gqa_several_heads_and_queries_on_the_device() -> None:
     """2 KV heads, 4 query heads, 2 queries each (m = 4 per KV head); head_dim 20 (a padded
     last chunk); device queries in, a device array out; the upload is reused."""
-    cache = random_cache(CacheConfig(key_bits=3.5, value_bits=2, residual_length=5), kv_heads=2, dim=20)
+    cache = cuda_cache(CacheConfig(key_bits=3.5, value_bits=2, residual_length=5), kv_heads=2, dim=20)
     device_cache = DeviceKVCache(cache)
     queries = queries_for(cache, 4, 2)
     out = decode_attention_cuda(cuda.to_device(queries), device_cache, 0.25)
@@ -101,7 +75,7 @@ def test_gqa_several_heads_and_queries_on_the_device() -> None:
 
 def test_more_queries_than_a_tile_and_large_logits() -> None:
     """m = 10 queries per KV head: two query tiles of 8; logits of ~100 (max subtraction)."""
-    cache = random_cache(CacheConfig(key_bits=2, value_bits=4), dim=16, spans=(12, 8))
+    cache = cuda_cache(CacheConfig(key_bits=2, value_bits=4), dim=16, spans=(12, 8))
     queries = queries_for(cache, 5, 2) * 30
     out = decode_attention_cuda(queries, DeviceKVCache(cache), 1.0)
     assert np.all(np.isfinite(out))
@@ -109,7 +83,7 @@ def test_more_queries_than_a_tile_and_large_logits() -> None:
 
 
 def test_device_cache_attributes() -> None:
-    cache = random_cache(CacheConfig(residual_length=6), kv_heads=2, dim=32)
+    cache = cuda_cache(CacheConfig(residual_length=6), kv_heads=2, dim=32)
     device_cache = DeviceKVCache(cache)
     assert (device_cache.kv_heads, device_cache.head_dim, device_cache.length) == (2, 32, 30)
     # per quantized token and head: 16 code bytes + a 4-byte norm, per stream; exact: 32 floats
@@ -119,7 +93,7 @@ def test_device_cache_attributes() -> None:
 
 
 def test_errors() -> None:
-    cache = random_cache(CacheConfig(), spans=(5,), kv_heads=2)
+    cache = cuda_cache(CacheConfig(), spans=(5,), kv_heads=2)
     device_cache = DeviceKVCache(cache)
     good = np.zeros((4, 1, 32), np.float32)
     with pytest.raises(ValueError, match="multiple of the cache's kv_heads"):
@@ -147,9 +121,9 @@ def test_errors() -> None:
     with pytest.raises(TypeError, match="QuantizedKVCache"):
         DeviceKVCache(cache.keys())
     with pytest.raises(NotImplementedError, match="'kivi'"):
-        DeviceKVCache(random_cache(CacheConfig(key_strategy="kivi"), spans=(40,)))
+        DeviceKVCache(cuda_cache(CacheConfig(key_strategy="kivi"), spans=(40,)))
     with pytest.raises(NotImplementedError, match="renormalize"):
-        DeviceKVCache(random_cache(CacheConfig(key_strategy="prod", renormalize=True)))
+        DeviceKVCache(cuda_cache(CacheConfig(key_strategy="prod", renormalize=True)))
 
 
 # ---------------------------------------------------------------------------------------------
