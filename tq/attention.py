@@ -278,7 +278,7 @@ def _add_weighted_rows(weights, start, count, block_weights, tile, acc):
 def _score_rows(rotated, tile, size, start, count, scales, out):
     """out[m, start + b] = scales[start + b] * <rotated[m], tile[b, :size]> for the ``count``
     decoded rows of a token block. Four rows share one sweep over the channels (one load of the
-    query per four products, four independent sums): a quarter faster than row by row."""
+    query per four products, four independent sums): 15-20% faster than row by row here."""
     for m in range(rotated.shape[0]):
         for first in range(0, count, 4):
             t0 = t1 = t2 = t3 = np.float32(0.0)
