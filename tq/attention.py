@@ -84,6 +84,14 @@ class _GroupData:
     signs: np.ndarray | None
     gammas: np.ndarray | None
 
+    @functools.cached_property
+    def decoder(self) -> tuple[SimpleNamespace, np.ndarray, np.ndarray]:
+        """(the CPU kernels for this group's width and size, float32 centroids [2^bits], their
+        word table), made once per call and shared by every head and both passes."""
+        kernels = _attention_kernels(self.quantizer.codebook.bits, self.channels.shape[1])
+        centroids = self.quantizer.codebook.centroids.astype(np.float32)
+        return kernels, centroids, kernels.word_table(centroids)
+
 
 @dataclass(frozen=True)
 class _StreamData:
@@ -389,12 +397,10 @@ def _token_chunk(n: int) -> int:
 def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray, chunk: int) -> None:
     """out[m, i] = score estimate of query m against quantized token i for one channel group."""
     quantizer = g.quantizer
-    centroids = quantizer.codebook.centroids.astype(np.float32)
+    kernels, centroids, table = g.decoder
     qg = np.ascontiguousarray(q[:, g.channels[head]])
     rotated = np.ascontiguousarray(qg @ quantizer.rotation.matrix.T, dtype=np.float32)
     codes, scales = g.codes[head], g.scales[head]
-    kernels = _attention_kernels(quantizer.codebook.bits, g.channels.shape[1])
-    table = kernels.word_table(centroids)
     if g.signs is not None:
         projected = np.ascontiguousarray(qg @ quantizer.qjl.T, dtype=np.float32)
         weights = (qjl_scale(qg.shape[1]) * g.gammas[head] * scales).astype(np.float32)
@@ -421,13 +427,11 @@ def _group_values(g: _GroupData, head: int, weights: np.ndarray, chunk: int) -> 
     (accumulated in the rotated domain and rotated back once; Prod adds the sign sums times S)."""
     quantizer = g.quantizer
     size = g.channels.shape[1]
-    centroids = quantizer.codebook.centroids.astype(np.float32)
+    kernels, centroids, table = g.decoder
     codes = g.codes[head]
     n = codes.shape[0]
     w = np.ascontiguousarray(weights * g.scales[head][None, :], dtype=np.float32)
     acc = _accumulators(-(-n // chunk), (len(w), size))  # one per work item
-    kernels = _attention_kernels(quantizer.codebook.bits, g.channels.shape[1])
-    table = kernels.word_table(centroids)
     if g.signs is not None:
         signs = g.signs[head]
         sign_acc = _accumulators(len(acc), (len(w), size))
