@@ -493,6 +493,10 @@ def decode_attention(queries: Any, cache: Any, scale: float, device: str | None 
         device: "cpu", "cuda" or "auto" (default: the cache's ``config.device``). "cuda" with a
             QuantizedKVCache uploads its packed streams on every call.
 
+    Cost: the packed data are read in place when the cache was filled in one append; a cache
+    grown in many appends keeps one packed piece per append, and every call first copies those
+    pieces into one array per channel group (a pass over the whole packed cache).
+
     Returns:
         float32 [q_heads, n_queries, head_dim]: softmax(scale * q K^T) V (a Numba device array
         for GPU queries).
