@@ -16,8 +16,17 @@ from tq.fileio import write_json
 from tq.kvcache import CacheConfig
 from tq.records import make_record
 from tq.report import (
+    BARS_NOTE,
     COORDINATES,
+    Z95,
     RecordError,
+    _distinguishable,
+    _figure,
+    _finish,
+    _mean_by,
+    _plot_lines,
+    _pm,
+    _ranking,
     load_records,
     markdown_table,
     read_summary,
@@ -127,8 +136,10 @@ def _perplexity_record(
     key_strategy: str = "mse",
     value_strategy: str = "mse",
     quantized_layers: list[int] | None = None,
+    se: float | None = None,
 ) -> dict:
-    """A perplexity record with the fields tq.bench.perplexity writes."""
+    """A perplexity record with the fields tq.bench.perplexity writes; with ``se`` also the
+    uncertainty fields of newer records (ratio and top-1 SE ``se``, KL SE ``se / 10``)."""
     cache = CacheConfig(
         key_bits=bits, value_bits=bits, key_strategy=key_strategy, value_strategy=value_strategy
     )
@@ -158,6 +169,20 @@ def _perplexity_record(
         "kv_compression_ratio": 7.0,
         "window_perplexities": {"exact": [17.0, 19.0], "quantized": [17.5, 19.5]},
     }
+    if se is not None:
+        metrics |= {
+            "perplexity_ratio_se": se,
+            "kl_divergence_se": se / 10,
+            "kl_divergence_median": 0.0625,
+            "kl_divergence_p99": 0.875,
+            "kl_divergence_max": 2.5,
+            "top1_agreement_se": se,
+            "delta_p_mean": -0.0125,
+            "delta_p_mean_se": 0.0025,
+            "delta_p_rms": 0.0875,
+            "delta_p_rms_se": 0.005,
+            "per_token": {"exact_nll": [2.9] * 4, "kl": [0.1] * 4},
+        }
     return make_record("real-model", config, metrics, {"seconds": 3.0}, 2)
 
 
@@ -397,7 +422,7 @@ def test_report_tables_are_generated_from_the_records(report, synthetic_records)
     markdown = report.read_text()
     headline = _section(markdown, "## Headline")
     assert "1.375" in headline and "1.062" in headline and "1.031" in headline
-    assert "perplexity (decode)" in headline and "perplexity (window)" in headline
+    assert "perplexity (decode)" in headline and "perplexity (window, quantized context only)" in headline
     assert "compare (teacher-forced)" in headline and "0.625" in headline and "0.875" in headline
     distortion = _section(markdown, "## 1. Distortion")
     for record in synthetic_records:
@@ -426,15 +451,21 @@ def test_distortion_findings_are_computed_from_the_table(report, synthetic_recor
 def test_new_sections_are_computed_from_the_records(report):
     markdown = report.read_text()
     layers = _section(markdown, "## 5. Per-layer sensitivity")
-    assert "ratios 1.000 to 1.250" in layers and "most sensitive by KL: layer 0" in layers
+    assert "ratios 1.000 to 1.250" in layers
+    # Records without standard errors: no claim either way.
+    assert "no layer's ratio is shown to differ from 1.0 (exact): not tested" in layers
     baselines = _section(markdown, "## 6. Compared to what")
-    assert "TurboQuant MSE 1.375" in baselines and "KIVI-style 1.500" in baselines
-    assert baselines.index("TurboQuant MSE 1.375") < baselines.index("KIVI-style 1.500")  # best first
+    assert (
+        "TurboQuant MSE (4.57 stored bits) 1.375 ≈ KIVI-style (4.57 stored bits) 1.5 (≈: not tested"
+        in baselines
+    )
     ablations = _section(markdown, "## 7. Ablations")
-    assert "only keys quantized" in ablations and "perplexity ratio 1.125" in ablations
-    assert "vs 1.375 with the whole cache quantized" in ablations
+    assert "only keys quantized" in ablations and "perplexity ratio 1.125 at" in ablations
+    assert "vs 1.375 with the whole cache quantized (4.57 stored bits): not tested" in ablations
     needle = _section(markdown, "## 8. Needle")
-    assert "4 bits: retrieved 50% of the needles vs 75% with the exact cache" in needle
+    # Binomial SE over the 4 trials of a record: sqrt(0.5 * 0.5 / 4) and sqrt(0.75 * 0.25 / 4).
+    assert "4 bits: retrieved 50 ± 25% of the needles vs 75 ± 22% with the exact cache" in needle
+    assert "| 0.50 ± 0.25 |" in needle and "| 0.50 ± 0.35 |" in needle  # 4 trials; 2 at one length
     # The per-layer runs stay out of the perplexity section and the headline.
     assert "1.25" not in _section(markdown, "## 3. Perplexity")
 
@@ -482,3 +513,199 @@ def test_markdown_table_formats_cells():
         "| - | - |",
         "| 1.235e+05 | z |",
     ]
+
+
+# ------------------------------------------------------------------------- uncertainty
+
+
+def test_plus_minus_shows_the_value_to_the_precision_of_its_error():
+    assert _pm(1.19432, 0.0123) == "1.194 ± 0.012"
+    assert _pm(0.05512, 0.0021) == "0.0551 ± 0.0021"
+    assert _pm(2.7, 0.5) == "2.70 ± 0.50"
+    assert _pm(0.5, 0.25, percent=True) == "50 ± 25%"
+    assert _pm(1.0, 0.0) == "1 ± 0"
+    assert _pm(1.375, np.nan) == "1.375"  # an old record: the value alone
+    assert _pm(np.nan, 0.01) == "-"
+
+
+def test_distinguishable_is_the_95_percent_test_of_two_independent_estimates():
+    assert Z95 == 1.96
+    # 1.96 * sqrt(2) * 0.01 = 0.0277
+    assert _distinguishable(1.0, 0.01, 1.03, 0.01)
+    assert _distinguishable(1.03, 0.01, 1.0, 0.01)
+    assert not _distinguishable(1.0, 0.01, 1.02, 0.01)
+    assert _distinguishable(1.03, 0.01, 1.0, 0.0) and not _distinguishable(1.019, 0.01, 1.0, 0.0)
+    assert not _distinguishable(1.0, np.nan, 5.0, 0.01)  # no standard error: no claim
+
+
+def _ratios(*estimates: tuple[str, float, float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "name": [name for name, _, _ in estimates],
+            "perplexity_ratio": [value for _, value, _ in estimates],
+            "perplexity_ratio_se": [se for _, _, se in estimates],
+            "scored_tokens": 4096.0,
+        }
+    )
+
+
+def test_ranking_orders_only_what_the_intervals_separate():
+    def name(row):
+        return row["name"]
+
+    rows = _ratios(("C", 1.30, 0.02), ("B", 1.06, 0.01), ("A", 1.05, 0.01))
+    assert _ranking(rows, "perplexity_ratio", name) == (
+        "A 1.050 ± 0.010 ≈ B 1.060 ± 0.010 < C 1.300 ± 0.020 (≈: not distinguishable on 4096 tokens)"
+    )
+    separated = _ratios(("A", 1.0, 0.001), ("B", 1.1, 0.001))
+    assert _ranking(separated, "perplexity_ratio", name) == "A 1.0000 ± 0.0010 < B 1.1000 ± 0.0010"
+    # A and C differ, but B is within noise of both: no "<" anywhere.
+    chain = _ratios(("A", 1.00, 0.01), ("B", 1.02, 0.01), ("C", 1.04, 0.01))
+    assert "<" not in _ranking(chain, "perplexity_ratio", name)
+    # A wide interval before a "<" must be separated from everything after it too.
+    wide = _ratios(("A", 1.00, 0.2), ("B", 1.01, 0.001), ("C", 1.10, 0.001))
+    assert _ranking(wide, "perplexity_ratio", name).count("≈") == 3  # two joins and the note
+
+
+def test_mean_of_records_combines_their_standard_errors():
+    table = pd.DataFrame(
+        {
+            "setting": ["a", "a", "b", "b"],
+            "kl_divergence": [0.1, 0.2, 0.3, 0.4],
+            "kl_divergence_se": [0.03, 0.04, 0.01, np.nan],
+        }
+    )
+    means = _mean_by(table, ["setting"], ["kl_divergence", "top1_agreement"]).set_index("setting")
+    assert means.loc["a", "kl_divergence"] == pytest.approx(0.15)
+    assert means.loc["a", "kl_divergence_se"] == pytest.approx(0.025)  # sqrt(0.03² + 0.04²) / 2
+    assert np.isnan(means.loc["b", "kl_divergence_se"])  # one record without an SE
+    assert "top1_agreement_se" not in means
+
+
+def test_plots_draw_95_percent_error_bars_where_there_are_errors():
+    table = pd.DataFrame(
+        {
+            "line": ["x", "x", "y", "y"],
+            "bits": [2.0, 4.0, 2.0, 4.0],
+            "perplexity_ratio": [1.3, 1.05, 1.4, 1.1],
+            "perplexity_ratio_se": [0.02, 0.01, 0.02, np.nan],
+        }
+    )
+    _, axes = _figure(2)
+    assert _plot_lines(axes[0], table, ["line"], "perplexity_ratio", lambda row: row["line"])
+    bars = [container for container in axes[0].containers if hasattr(container, "has_yerr")]
+    assert len(bars) == 2 and all(container.has_yerr for container in bars)
+    segments = bars[0].lines[2][0].get_segments()  # line x: the bar at 2 bits spans ± 1.96 SE
+    assert segments[0][:, 1] == pytest.approx([1.3 - 1.96 * 0.02, 1.3 + 1.96 * 0.02])
+    _finish(axes[0], "ratio", "ratio", table["bits"], bars=True)
+    assert BARS_NOTE in axes[0].get_title() and "95%" in BARS_NOTE
+    without = table.drop(columns="perplexity_ratio_se")
+    assert not _plot_lines(axes[1], without, ["line"], "perplexity_ratio", lambda row: row["line"])
+    assert not axes[1].containers
+
+
+@pytest.fixture(scope="module")
+def uncertain_report(tmp_path_factory):
+    """A report of records with standard errors: MSE and KIVI-style at 4 bits within noise of each
+    other, 2-bit MSE well above both, a keys-only ablation within noise of 2-bit MSE, a
+    window-protocol run, one layer whose ratio stands out and one that does not."""
+    records = [
+        _perplexity_record(4, 1.05, se=0.01),
+        _perplexity_record(4, 1.06, key_strategy="kivi", value_strategy="kivi", se=0.01),
+        _perplexity_record(2, 1.30, se=0.02),
+        _perplexity_record(2, 1.29, value_strategy="exact", se=0.02),
+        _perplexity_record(4, 1.01, protocol="window", se=0.01),
+        _perplexity_record(2, 1.25, quantized_layers=[0], se=0.01),
+        _perplexity_record(2, 1.01, quantized_layers=[1], se=0.01),
+    ]
+    path = tmp_path_factory.mktemp("uncertain") / "report.md"
+    return write_report(summary_table(records), path).read_text()
+
+
+def test_tables_show_value_plus_minus_standard_error(uncertain_report):
+    perplexity = _section(uncertain_report, "## 3. Perplexity")
+    assert "± is one standard error over the scored tokens" in perplexity
+    assert "lower bound" in perplexity
+    for header in ("KL median", "KL p99", "KL max", "Δp mean", "Δp RMS"):
+        assert f"| {header} |" in perplexity, header
+    row = next(line for line in perplexity.splitlines() if "| kivi 4 |" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # ratio, KL, KL median, p99, max, top-1, delta-p mean, delta-p RMS
+    assert cells[8:16] == [
+        "1.060 ± 0.010",
+        "0.1060 ± 0.0010",
+        "0.0625",
+        "0.875",
+        "2.5",
+        "0.943 ± 0.010",
+        "-0.0125 ± 0.0025",
+        "0.0875 ± 0.0050",
+    ]
+    headline = _section(uncertain_report, "## Headline")
+    assert "| 1.300 ± 0.020 |" in headline and "| 0.943 ± 0.010 |" in headline
+    assert "| 0.1060 ± 0.0010 |" in headline
+    assert "| 1.250 ± 0.010 |" in _section(uncertain_report, "## 5. Per-layer")
+    assert "| 1.290 ± 0.020 |" in _section(uncertain_report, "## 7. Ablations")
+
+
+def test_findings_call_settings_different_only_beyond_their_intervals(uncertain_report):
+    perplexity = _section(uncertain_report, "## 3. Perplexity")
+    assert (
+        "- tiny-llama, decode: perplexity ratio (best first): K mse 4 / V mse 4 1.050 ± 0.010 ≈ "
+        "K kivi 4 / V kivi 4 1.060 ± 0.010 < K mse 2 / V exact 1.290 ± 0.020 ≈ "
+        "K mse 2 / V mse 2 1.300 ± 0.020 (≈: not distinguishable on 64 tokens)."
+    ) in perplexity
+    baselines = _section(uncertain_report, "## 6. Compared to what")
+    assert (
+        "TurboQuant MSE (4.57 stored bits) 1.050 ± 0.010 ≈ KIVI-style (4.57 stored bits) 1.060 ± 0.010 "
+        "(≈: not distinguishable on 64 tokens)"
+    ) in baselines
+    ablations = _section(uncertain_report, "## 7. Ablations")
+    assert (
+        "perplexity ratio 1.290 ± 0.020 at 4.57 stored bits vs 1.300 ± 0.020 with the whole cache "
+        "quantized (4.57 stored bits): not distinguishable on 64 tokens."
+    ) in ablations
+    headline = _section(uncertain_report, "## Headline")
+    assert "perplexity (decode): 0 of 4 settings have a perplexity ratio not distinguishable" in headline
+    assert (
+        "perplexity (window, quantized context only): 1 of 1 settings have a perplexity ratio not "
+        "distinguishable from 1.0 (exact) on 64 tokens: K mse 4 / V mse 4 (1.010 ± 0.010)."
+    ) in headline
+    assert "within 0.0" not in uncertain_report
+
+
+def test_layer_sensitivity_names_the_layers_beyond_noise(uncertain_report, tmp_path):
+    layers = _section(uncertain_report, "## 5. Per-layer sensitivity")
+    assert "beyond its 95% interval on 64 tokens for layer 0 (1.250 ± 0.010, KL 0.1250 ± 0.0010)." in layers
+    assert "layer 1 (" not in layers
+    quiet = [
+        _perplexity_record(2, 1.01, quantized_layers=[0], se=0.01),
+        _perplexity_record(2, 0.995, quantized_layers=[1], se=0.01),
+    ]
+    markdown = write_report(summary_table(quiet), tmp_path).read_text()
+    layers = _section(markdown, "## 5. Per-layer sensitivity")
+    assert "no layer's ratio is shown to differ from 1.0 (exact): not distinguishable on 64 tokens" in layers
+
+
+def test_window_protocol_is_labelled_and_decode_leads(uncertain_report):
+    perplexity = _section(uncertain_report, "## 3. Perplexity")
+    table_rows = [line for line in perplexity.splitlines() if line.startswith("| tiny-llama")]
+    protocols = [line.split("|")[2].strip() for line in table_rows]
+    assert protocols == ["decode"] * 4 + ["window, quantized context only"]
+    assert perplexity.index("- tiny-llama, decode:") < perplexity.index("- tiny-llama, window, quantized")
+    headline = _section(uncertain_report, "## Headline")
+    assert headline.index("perplexity (decode)") < headline.index("perplexity (window, quantized context")
+    notes = _section(uncertain_report, "## What these numbers mean")
+    assert notes.index("`decode`") < notes.index("`window` (quantized context only)")
+
+
+def test_old_records_without_errors_show_values_alone(report):
+    markdown = report.read_text()
+    perplexity = _section(markdown, "## 3. Perplexity")
+    row = next(line for line in perplexity.splitlines() if "| kivi 2 |" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert "±" not in row and cells[8] == "1.5" and cells.count("-") == 5  # the newer statistics
+    headline = _section(markdown, "## Headline").splitlines()
+    headline_rows = [line for line in headline if line.startswith("| tiny")]
+    assert headline_rows and not any("±" in line for line in headline_rows)
+    assert "not tested, no standard error recorded" in perplexity

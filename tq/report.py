@@ -9,6 +9,7 @@ and a section without records is replaced by a one-line note.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -126,14 +127,30 @@ HONEST_NOTE = """\
   drifts from the exact one, not how well either predicts a dataset. Only the perplexity section
   scores real text."""
 
+# Protocols in the order the report leads with them, and how the report names them.
+PROTOCOL_ORDER = ("decode", "window")
+PROTOCOL_LABELS = {"window": "window, quantized context only"}
+
 PROTOCOL_NOTES = {
-    "window": "`window`: the context is prefilled in one call and stored in the cache (quantized "
-    "or not); the scored continuation is fed in one more call, so it reads the context through the "
-    "cache but attends to its own tokens exactly. It measures a quantized context only.",
+    "window": "`window` (quantized context only): the context is prefilled in one call and stored in "
+    "the cache (quantized or not); the scored continuation is fed in one more call, so it reads the "
+    "context through the cache but attends to its own tokens exactly. It measures a quantized context "
+    "only, which flatters the cache (DESIGN.md section 10).",
     "decode": "`decode` (DESIGN.md section 10): the context is prefilled, then the continuation is "
     "decoded one token at a time with teacher forcing, every new token's keys and values quantized "
     "as they enter the cache, as a decoding server with a quantized cache would see it.",
 }
+
+
+# A 95% interval is value ± Z95 · SE (normal approximation); every interval in the report uses it.
+Z95 = 1.96
+BARS_NOTE = f"bars: 95% intervals, ± {Z95} SE"
+PLUS_MINUS_NOTE = (
+    "± is one standard error over the scored tokens (for the perplexity ratio, of the mean paired "
+    "per-token NLL difference, as llama.cpp's `--kl-divergence` statistics). Tokens of one text "
+    "window are correlated, so the true uncertainty is larger: read it as a lower bound. Two "
+    f"settings are called different only when their 95% intervals (± {Z95} SE) say so."
+)
 
 
 class RecordError(ValueError):
@@ -278,8 +295,13 @@ def read_summary(path: str | os.PathLike) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ formatting
 
 
+def _missing(value: Any) -> bool:
+    """Whether a cell holds no value (None, NA or NaN)."""
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def _format(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "-"
     if isinstance(value, (float, np.floating)):
         if float(value).is_integer() and abs(value) < 1e6:
@@ -295,6 +317,104 @@ def markdown_table(table: pd.DataFrame, headers: dict[str, str]) -> str:
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_format(row[name]) for name in headers) + " |")
     return "\n".join(lines)
+
+
+def _pm(value: Any, se: Any, percent: bool = False) -> str:
+    """A value and its standard error as "1.194 ± 0.012", both to the SE's second significant
+    digit; the value alone (as :func:`_format` writes it) without an SE, "-" without a value.
+    ``percent``: both as percentages ("50 ± 25%")."""
+    if _missing(value):
+        return "-"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    value = float(value) * scale
+    if _missing(se):
+        return f"{_format(value)}{unit}"
+    se = float(se) * scale
+    if se <= 0:
+        return f"{_format(value)} ± 0{unit}"
+    decimals = max(0, 1 - math.floor(math.log10(se)))
+    return f"{value:.{decimals}f} ± {se:.{decimals}f}{unit}"
+
+
+def _se(row: pd.Series, name: str) -> Any:
+    """The standard error of metric ``name`` in a row (its ``<name>_se`` cell), NaN without one."""
+    return row.get(f"{name}_se", math.nan)
+
+
+def _with_errors(table: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
+    """The table with each column of ``names`` that has a ``<name>_se`` column shown as text
+    "value ± SE" (:func:`_pm`); other columns, and rows without an SE, keep the value alone."""
+    shown = {
+        name: [_pm(value, se) for value, se in zip(table[name], table[f"{name}_se"], strict=True)]
+        for name in names
+        if name in table and f"{name}_se" in table
+    }
+    return table.assign(**shown)
+
+
+def _distinguishable(a: float, se_a: float, b: float, se_b: float) -> bool:
+    """Whether two independent estimates differ beyond their 95% intervals,
+    |a - b| > Z95 · sqrt(se_a² + se_b²) (an exact reference value has se 0). Without both standard
+    errors nothing is claimed: False."""
+    if any(_missing(value) for value in (a, se_a, b, se_b)):
+        return False
+    return abs(a - b) > Z95 * math.hypot(se_a, se_b)
+
+
+def _tokens(rows: pd.DataFrame) -> str:
+    """The scored tokens (per record) behind some rows, as "4096 tokens" or "512 to 4096 tokens"."""
+    counts = _column(rows, "scored_tokens").dropna()
+    if counts.empty:
+        return "an unrecorded number of tokens"
+    low, high = int(counts.min()), int(counts.max())
+    return f"{low} tokens" if low == high else f"{low} to {high} tokens"
+
+
+def _not_distinguishable(rows: pd.DataFrame, metric: str) -> str:
+    """How to say that a difference between some rows is not established: "not distinguishable on
+    N tokens", or that it was not tested where a row has no standard error."""
+    if _column(rows, f"{metric}_se").isna().any():
+        return "not tested, no standard error recorded"
+    return f"not distinguishable on {_tokens(rows)}"
+
+
+def _ranking(rows: pd.DataFrame, metric: str, label: Callable[[pd.Series], str]) -> str:
+    """Rows by ``metric``, lowest first, as "A 1.05 ± 0.01 ≈ B 1.06 ± 0.01 < C 1.30 ± 0.02".
+
+    A "<" stands only where every row before it is below every row after it beyond the 95%
+    intervals (:func:`_distinguishable`); elsewhere "≈", and the text ends by saying what "≈"
+    means. Rows without a value are left out.
+    """
+    rows = rows.dropna(subset=[metric]).sort_values(metric, kind="stable")
+    estimates = [(row[metric], _se(row, metric)) for _, row in rows.iterrows()]
+    parts = []
+    for index, (_, row) in enumerate(rows.iterrows()):
+        if index:
+            separated = all(
+                _distinguishable(*before, *after)
+                for before in estimates[:index]
+                for after in estimates[index:]
+            )
+            parts.append("<" if separated else "≈")
+        parts.append(f"{label(row)} {_pm(row[metric], _se(row, metric))}")
+    note = f" (≈: {_not_distinguishable(rows, metric)})" if "≈" in parts else ""
+    return " ".join(parts) + note
+
+
+def _protocol_label(protocol: Any) -> str:
+    """A perplexity protocol as the report names it ("window, quantized context only")."""
+    return PROTOCOL_LABELS.get(protocol, _format(protocol))
+
+
+def _decode_first(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows reordered, stably, so that the decode protocol leads, then window, then the rest
+    (rows without a protocol last)."""
+    protocols = _column(table, "protocol")
+    rank = [
+        PROTOCOL_ORDER.index(p) if not _missing(p) and p in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
+        for p in protocols
+    ]
+    return table.iloc[np.argsort(rank, kind="stable")]
 
 
 def _strategy(row: pd.Series, part: str) -> str:
@@ -325,11 +445,26 @@ def _varying(table: pd.DataFrame, names: Iterable[str]) -> list[str]:
     return [name for name in names if table[name].nunique(dropna=False) > 1]
 
 
+def _combined_se(errors: pd.Series) -> float:
+    """The standard error of a mean of k independent estimates, sqrt(sum se²) / k; NaN when one
+    of them has no standard error."""
+    if errors.isna().any():
+        return math.nan
+    return math.sqrt((errors**2).sum()) / len(errors)
+
+
 def _mean_by(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
-    """Mean of ``values`` per group of ``keys`` (missing keys form their own group), with a count."""
+    """Mean of ``values`` per group of ``keys`` (missing keys form their own group), with a count.
+
+    A value with a ``<name>_se`` column keeps one: the standard error of the group's mean
+    (:func:`_combined_se`, records taken as independent; a group of one record keeps its own).
+    """
+    errors = [f"{name}_se" for name in values if f"{name}_se" in table]
     table = table.assign(**{name: math.nan for name in values if name not in table})
     grouped = table.groupby(keys, dropna=False, sort=True)
     result = grouped[values].mean()
+    for name in errors:
+        result[name] = grouped[name].agg(_combined_se)
     result["records"] = grouped.size()
     return result.reset_index()
 
@@ -353,24 +488,56 @@ def _figure(panels: int) -> tuple[Any, list[Any]]:
     return figure, list(axes)
 
 
+def _half_width(table: pd.DataFrame, name: str) -> pd.Series | None:
+    """Half-widths of the 95% intervals of a column (Z95 · its ``<name>_se``, 0 where a point has
+    none), or None when no point of it has a standard error."""
+    errors = _column(table, f"{name}_se")
+    return None if errors.isna().all() else Z95 * errors.fillna(0.0)
+
+
+def _draw(
+    axis: Any, x: pd.Series, y: pd.Series, half_width: pd.Series | None, label: str, **style: Any
+) -> str:
+    """One line of points, with error bars of ``half_width`` when given; return its colour."""
+    if half_width is None:
+        (line,) = axis.plot(x, y, marker="o", label=label, **style)
+    else:
+        line = axis.errorbar(x, y, yerr=half_width, marker="o", capsize=3, label=label, **style).lines[0]
+    return line.get_color()
+
+
 def _plot_lines(
     axis: Any,
     table: pd.DataFrame,
     line_keys: list[str],
     y: str,
     label: Callable[[pd.Series], str],
+    x: str = "bits",
     **style: Any,
-) -> None:
-    """One line per group of ``line_keys``: ``y`` against ``bits``, points without a value left out."""
+) -> bool:
+    """One line per group of ``line_keys``: ``y`` against ``x``, points without a value left out,
+    with 95% error bars where ``y`` has standard errors; return whether any bar was drawn."""
+    bars = False
     for _, line in table.groupby(line_keys, dropna=False, sort=True):
-        line = line.dropna(subset=["bits", y]).sort_values("bits")
+        line = line.dropna(subset=[x, y]).sort_values(x)
         if len(line):
-            axis.plot(line["bits"], line[y], marker="o", label=label(line.iloc[0]), **style)
+            half_width = _half_width(line, y)
+            _draw(axis, line[x], line[y], half_width, label(line.iloc[0]), **style)
+            bars = bars or half_width is not None
+    return bars
 
 
-def _finish(axis: Any, title: str, ylabel: str, bits: pd.Series, log: bool = False) -> None:
-    """Titles, the measured bit widths as x ticks, an optional log y axis, grid and legend."""
-    axis.set_title(title, fontsize=10)
+def _title(title: str, bars: bool) -> str:
+    """A plot title, saying what the error bars are when there are any."""
+    return f"{title}\n({BARS_NOTE})" if bars else title
+
+
+def _finish(
+    axis: Any, title: str, ylabel: str, bits: pd.Series, log: bool = False, bars: bool = False
+) -> None:
+    """Titles (with :data:`BARS_NOTE` when ``bars``), the measured bit widths as x ticks, an
+    optional log y axis, grid and legend."""
+    axis.set_title(_title(title, bars), fontsize=10)
     axis.set_xlabel("bits per coordinate")
     axis.set_xticks(sorted(bits.dropna().unique()))
     axis.set_ylabel(ylabel)
@@ -508,16 +675,16 @@ def _quality_section(
     figure, axes = _figure(len(metrics))
     for axis, (name, label, log) in zip(axes, metrics, strict=True):
         data = quantized[quantized[name] > 0] if log else quantized
-        _plot_lines(
+        bars = _plot_lines(
             axis,
             data,
             ["key_strategy", "value_strategy", *settings],
             name,
             lambda row: _line_label(row, settings),
         )
-        _finish(axis, label, label, quantized["bits"], log=log)
+        _finish(axis, label, label, quantized["bits"], log=log, bars=bars)
     _save(figure, out_dir / plot)
-    means = _with_cache_labels(means)
+    means = _with_errors(_with_cache_labels(means), [name for name, _, _ in metrics])
     headers = {
         "model": "model",
         "keys": "keys",
@@ -568,7 +735,8 @@ def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
         },
         out_dir,
         "Teacher-forced comparison of the quantized cache with the exact one on the exact run's "
-        "greedy tokens (a drift measure); free-running columns decode on their own.",
+        "greedy tokens (a drift measure); free-running columns decode on their own. ± and the error "
+        "bars are standard errors over the scored tokens, as in section 3.",
     )
 
 
@@ -583,6 +751,42 @@ def _perplexity_rows(table: pd.DataFrame, per_layer: bool = False) -> pd.DataFra
     rows = table[table["workload"] == "perplexity"]
     one_layer = _column(rows, "quantized_layers").notna()
     return rows[one_layer] if per_layer else rows[~one_layer]
+
+
+def _setting(row: pd.Series) -> str:
+    """A cache setting in words for the findings: "K mse 3 / V mse 3", with any exact residual
+    window or exact layers."""
+    text = f"K {_strategy(row, 'key')} / V {_strategy(row, 'value')}"
+    if pd.notna(row.get("residual_length")) and row["residual_length"] > 0:
+        text += f", last {_format(row['residual_length'])} tokens exact"
+    if pd.notna(row.get("exact_layers")) and row["exact_layers"] != "none":
+        text += f", layers {row['exact_layers']} exact"
+    return text
+
+
+_PERPLEXITY_HEADERS = {
+    "model": "model",
+    "protocol": "protocol",
+    "keys": "keys",
+    "values": "values",
+    "residual_length": "residual",
+    "exact_layers": "exact layers",
+    "exact_perplexity": "ppl exact",
+    "quantized_perplexity": "ppl quantized",
+    "perplexity_ratio": "ratio",
+    "kl_divergence": "KL",
+    "kl_divergence_median": "KL median",
+    "kl_divergence_p99": "KL p99",
+    "kl_divergence_max": "KL max",
+    "top1_agreement": "top-1",
+    "delta_p_mean": "Δp mean",
+    "delta_p_rms": "Δp RMS",
+    "kv_compression_ratio": "KV compression",
+    "scored_tokens": "scored tokens",
+    "records": "records",
+}
+# The perplexity metrics shown as "value ± SE" where the records have an SE.
+_WITH_ERRORS = ("perplexity_ratio", "kl_divergence", "top1_agreement", "delta_p_mean", "delta_p_rms")
 
 
 def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -606,54 +810,57 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "quantized_perplexity",
         "perplexity_ratio",
         "kl_divergence",
+        "kl_divergence_median",
+        "kl_divergence_p99",
+        "kl_divergence_max",
         "top1_agreement",
+        "delta_p_mean",
+        "delta_p_rms",
         "kv_compression_ratio",
         "scored_tokens",
     ]
-    means = _mean_by(rows, keys, metrics)
+    means = _decode_first(_mean_by(rows, keys, metrics))
+    findings = [
+        f"- {_format(model)}, {_protocol_label(protocol)}: perplexity ratio (best first): "
+        f"{_ranking(group, 'perplexity_ratio', _setting)}."
+        for (model, protocol), group in means.groupby(["model", "protocol"], dropna=False, sort=False)
+    ]
+    means = means.assign(protocol=means["protocol"].map(_protocol_label))
     line_keys = ["key_strategy", "value_strategy", *settings]
-    figure, axes = _figure(3)
-    _plot_lines(axes[0], means, line_keys, "quantized_perplexity", lambda row: _line_label(row, settings))
-    for (model, protocol), exact in means.groupby(["model", "protocol"], dropna=False):
+    label = functools.partial(_line_label, settings=settings)
+    figure, axes = _figure(4)
+    _plot_lines(axes[0], means, line_keys, "quantized_perplexity", label)
+    for (model, protocol), exact in means.groupby(["model", "protocol"], dropna=False, sort=False):
         axes[0].axhline(
             exact["exact_perplexity"].mean(),
             color="k",
             linestyle="--",
             linewidth=1,
-            label=f"exact {_format(model)} ({_format(protocol)})",
+            label=f"exact {_format(model)} ({protocol})",
         )
     _finish(axes[0], "perplexity (dashed: exact cache)", "perplexity", means["bits"], log=True)
-    _plot_lines(axes[1], means, line_keys, "perplexity_ratio", lambda row: _line_label(row, settings))
-    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"])
-    _plot_lines(axes[2], means, line_keys, "kv_compression_ratio", lambda row: _line_label(row, settings))
-    _finish(axes[2], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
+    bars = _plot_lines(axes[1], means, line_keys, "perplexity_ratio", label)
+    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"], bars=bars)
+    bars = _plot_lines(axes[2], means[means["kl_divergence"] > 0], line_keys, "kl_divergence", label)
+    _finish(axes[2], "KL(exact || quantized), nats", "KL", means["bits"], log=True, bars=bars)
+    _plot_lines(axes[3], means, line_keys, "kv_compression_ratio", label)
+    _finish(axes[3], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
     _save(figure, out_dir / "perplexity_vs_bits.png")
-    means = _with_cache_labels(means)
-    headers = {
-        "model": "model",
-        "protocol": "protocol",
-        "keys": "keys",
-        "values": "values",
-        "residual_length": "residual",
-        "exact_layers": "exact layers",
-        "exact_perplexity": "ppl exact",
-        "quantized_perplexity": "ppl quantized",
-        "perplexity_ratio": "ratio",
-        "kl_divergence": "KL",
-        "top1_agreement": "top-1",
-        "kv_compression_ratio": "KV compression",
-        "scored_tokens": "scored tokens",
-        "records": "records",
-    }
+    means = _with_errors(_with_cache_labels(means), _WITH_ERRORS)
     return [
         *lines,
-        "Cross-entropy of real text with the exact and the quantized cache "
-        "(see the protocols in the notes below).",
+        "Cross-entropy of real text with the exact and the quantized cache (see the protocols in "
+        "the notes below; the decode protocol leads). KL(exact || quantized) per scored token in "
+        "nats, its median, 99th percentile and maximum; Δp is p_quantized - p_exact of the text's "
+        "next token (mean and RMS over the scored tokens).",
+        "",
+        PLUS_MINUS_NOTE,
         "",
         "![perplexity vs bits](perplexity_vs_bits.png)",
         "",
-        markdown_table(means, headers),
+        markdown_table(means, _PERPLEXITY_HEADERS),
         "",
+        *_what_this_shows(findings),
     ]
 
 
@@ -747,41 +954,63 @@ def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
     ]
 
 
+def _layer_findings(line: pd.DataFrame) -> str:
+    """What the per-layer runs of one model show: the range of the ratios and the layers whose
+    ratio differs from 1.0 (exact) beyond its 95% interval, or that none does."""
+    ratio = "perplexity_ratio"
+    differing = [
+        f"layer {int(row['quantized_layer'])} ({_pm(row[ratio], _se(row, ratio))}, "
+        f"KL {_pm(row['kl_divergence'], _se(row, 'kl_divergence'))})"
+        for _, row in line.iterrows()
+        if _distinguishable(row[ratio], _se(row, ratio), 1.0, 0.0)
+    ]
+    if differing:
+        verdict = (
+            f"ratio differs from 1.0 (exact) beyond its 95% interval on {_tokens(line)} for "
+            + ", ".join(differing)
+        )
+    else:
+        verdict = f"no layer's ratio is shown to differ from 1.0 (exact): {_not_distinguishable(line, ratio)}"
+    ratios = line[ratio]
+    return (
+        f"- {_format(line['model'].iloc[0])} ({_setting(line.iloc[0])}, {len(line)} layers): ratios "
+        f"{ratios.min():.3f} to {ratios.max():.3f}; {verdict}."
+    )
+
+
 def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
     rows = _perplexity_rows(table, per_layer=True)
     lines = ["## 5. Per-layer sensitivity (one layer quantized at a time)", ""]
     if rows.empty:
         return [*lines, "No per-layer sensitivity records: section omitted.", ""]
     rows = rows.assign(quantized_layer=pd.to_numeric(rows["quantized_layers"].astype(str)))
-    keys = ["model", "key_strategy", "value_strategy", "key_bits", "value_bits", "quantized_layer"]
-    means = _mean_by(rows, keys, ["perplexity_ratio", "kl_divergence", "top1_agreement", "scored_tokens"])
+    groups = ["model", "protocol", "key_strategy", "value_strategy", "key_bits", "value_bits"]
+    metrics = ["perplexity_ratio", "kl_divergence", "top1_agreement", "scored_tokens"]
+    means = _decode_first(_mean_by(rows, [*groups, "quantized_layer"], metrics))
     figure, axes = _figure(1)
-    for model, line in means.groupby("model", dropna=False, sort=True):
-        axes[0].plot(line["quantized_layer"], line["perplexity_ratio"], marker="o", label=_format(model))
+    bars = _plot_lines(
+        axes[0],
+        means.assign(protocol=means["protocol"].map(_protocol_label)),
+        ["model", "protocol"],
+        "perplexity_ratio",
+        lambda row: f"{_format(row['model'])} ({row['protocol']})",
+        x="quantized_layer",
+    )
     axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
-    axes[0].set_title("perplexity ratio with only this layer quantized", fontsize=10)
+    axes[0].set_title(_title("perplexity ratio with only this layer quantized", bars), fontsize=10)
     axes[0].set_xlabel("layer")
     axes[0].set_ylabel("ratio quantized / exact")
     axes[0].grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     _save(figure, out_dir / "layer_sensitivity.png")
-    findings = []
-    for model, line in means.groupby("model", dropna=False, sort=True):
-        ranked = line.sort_values("kl_divergence", ascending=False)
-        top = ", ".join(
-            f"layer {int(row['quantized_layer'])} (KL {row['kl_divergence']:.3g}, ratio "
-            f"{row['perplexity_ratio']:.3f})"
-            for _, row in ranked.head(3).iterrows()
-        )
-        setting = f"{_strategy(ranked.iloc[0], 'key')} keys, {_strategy(ranked.iloc[0], 'value')} values"
-        ratios = line["perplexity_ratio"]
-        findings.append(
-            f"- {_format(model)} ({setting}, {len(line)} layers): ratios {ratios.min():.3f} to "
-            f"{ratios.max():.3f} (median {ratios.median():.3f}); the most sensitive by KL: {top}."
-        )
-    means = _with_cache_labels(means)
+    findings = [_layer_findings(line) for _, line in means.groupby(groups, dropna=False, sort=False)]
+    means = _with_errors(
+        _with_cache_labels(means.assign(protocol=means["protocol"].map(_protocol_label))),
+        ["perplexity_ratio", "kl_divergence", "top1_agreement"],
+    )
     headers = {
         "model": "model",
+        "protocol": "protocol",
         "quantized_layer": "layer",
         "keys": "keys",
         "values": "values",
@@ -794,7 +1023,8 @@ def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         *lines,
         "Perplexity with the cache setting applied to one layer and every other layer exact "
         "(short windows: the per-layer differences are paired on the same text). Layers whose "
-        "ratio stands out are candidates for `exact_first_layers` / `exact_last_layers`.",
+        "ratio stands out beyond its 95% interval are candidates for `exact_first_layers` / "
+        "`exact_last_layers`.",
         "",
         "![per-layer sensitivity](layer_sensitivity.png)",
         "",
@@ -832,8 +1062,10 @@ def _is_ablation(row: pd.Series) -> bool:
 
 
 def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and cache setting: perplexity ratio, KL and stored bits from the perplexity
-    records, top-1 agreement from compare mode (teacher-forced)."""
+    """Per model, perplexity protocol and cache setting (decode protocol first): perplexity ratio,
+    KL, scored tokens and stored bits from the perplexity records, top-1 agreement from compare
+    mode (teacher-forced, joined to every protocol of the same setting); standard errors where
+    the records have them."""
     keys = [
         "model",
         "key_strategy",
@@ -845,7 +1077,9 @@ def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
         "exact_layers",
     ]
     perplexity = _mean_by(
-        _perplexity_rows(table), keys, ["perplexity_ratio", "kl_divergence", "kv_compression_ratio"]
+        _perplexity_rows(table),
+        [*keys, "protocol"],
+        ["perplexity_ratio", "kl_divergence", "kv_compression_ratio", "scored_tokens"],
     )
     compare = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
     top1 = _mean_by(compare, keys, ["top1_agreement"]).drop(columns="records")
@@ -853,15 +1087,22 @@ def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
     merged["stored_bits"] = 32.0 / merged["kv_compression_ratio"]
     merged["method"] = merged.apply(_method, axis=1)
     merged["ablation"] = merged.apply(_is_ablation, axis=1)
-    return merged
+    return _decode_first(merged)
 
 
 _QUALITY_HEADERS = {
+    "protocol": "protocol",
     "perplexity_ratio": "ppl ratio",
     "top1_agreement": "top-1 (compare)",
     "kl_divergence": "KL (ppl text)",
     "stored_bits": "stored bits/coord",
 }
+
+
+def _shown_quality(quality: pd.DataFrame) -> pd.DataFrame:
+    """Rows of :func:`_real_quality` as the tables show them: "value ± SE", protocols named."""
+    quality = quality.assign(protocol=quality["protocol"].map(_protocol_label))
+    return _with_errors(quality, ["perplexity_ratio", "top1_agreement", "kl_divergence"])
 
 
 def _section_baselines(quality: pd.DataFrame) -> list[str]:
@@ -870,21 +1111,19 @@ def _section_baselines(quality: pd.DataFrame) -> list[str]:
     quality = quality[~quality["ablation"]]
     if quality.empty or quality["method"].nunique() < 2:
         return [*lines, "Fewer than two quantization methods in the records: section omitted.", ""]
-    quality = quality.sort_values(["model", "bits", "perplexity_ratio"], na_position="last")
+    quality = _decode_first(quality.sort_values(["model", "bits", "perplexity_ratio"], na_position="last"))
     headers = {"model": "model", "bits": "code bits", "method": "method", **_QUALITY_HEADERS}
     findings = []
-    for (model, bits), group in quality.groupby(["model", "bits"], sort=True):
-        if group["method"].nunique() < 2:
-            continue
+    for (model, protocol, bits), group in quality.groupby(["model", "protocol", "bits"], sort=False):
         ranked = group.dropna(subset=["perplexity_ratio"])
-        order = "; ".join(
-            f"{row['method']} {row['perplexity_ratio']:.3f}"
-            + (f" (top-1 {row['top1_agreement']:.3f})" if pd.notna(row["top1_agreement"]) else "")
-            + f" at {row['stored_bits']:.2f} stored bits"
-            for _, row in ranked.iterrows()
+        if ranked["method"].nunique() < 2:
+            continue
+        order = _ranking(
+            ranked, "perplexity_ratio", lambda row: f"{row['method']} ({row['stored_bits']:.2f} stored bits)"
         )
         findings.append(
-            f"- {_format(model)}, {_format(bits)} code bits, perplexity ratio (best first): {order}."
+            f"- {_format(model)}, {_protocol_label(protocol)}, {_format(bits)} code bits, perplexity "
+            f"ratio (best first): {order}."
         )
     return [
         *lines,
@@ -893,12 +1132,48 @@ def _section_baselines(quality: pd.DataFrame) -> list[str]:
         "zero points, outlier channel indices) over the context's fp32 size, as 32 / KV compression. "
         "Perplexity contexts are long (the `perplexity` config); compare-mode prompts are mostly "
         "short, and KIVI-style keeps up to `group_size` - 1 recent keys exact, so on short prompts "
-        "its top-1 mostly measures exact keys: the perplexity columns are the fairer comparison.",
+        "its top-1 mostly measures exact keys: the perplexity columns are the fairer comparison. "
+        "In a ranking, `<` separates settings whose 95% intervals do not overlap in the sense of "
+        "section 3; `≈` joins settings the records cannot tell apart.",
         "",
-        markdown_table(quality, headers),
+        markdown_table(_shown_quality(quality), headers),
         "",
         *_what_this_shows(findings or ["- No bit width has two methods measured on the same model."]),
     ]
+
+
+def _ablation_what(row: pd.Series) -> tuple[str, set[str], set[float]]:
+    """What an ablation keeps exact, in words, with the strategies and widths it quantizes with."""
+    parts = [
+        ("keys", row["key_strategy"], row["key_bits"]),
+        ("values", row["value_strategy"], row["value_bits"]),
+    ]
+    quantized = [(name, strategy, bits) for name, strategy, bits in parts if strategy != "exact"]
+    what = []
+    if len(quantized) == 1:
+        what.append(f"only {quantized[0][0]} quantized")
+    if pd.notna(row["residual_length"]) and row["residual_length"] > 0:
+        what.append(f"last {_format(row['residual_length'])} tokens exact")
+    if pd.notna(row["exact_layers"]) and row["exact_layers"] != "none":
+        what.append(f"layers {row['exact_layers']} exact")
+    return ", ".join(what), {strategy for _, strategy, _ in quantized}, {bits for _, _, bits in quantized}
+
+
+def _against_whole_cache(row: pd.Series, reference: pd.DataFrame) -> str:
+    """An ablation's ratio against the same quantizer on the whole cache (one reference row), with
+    whether the 95% intervals tell them apart; empty without a reference."""
+    ratio = "perplexity_ratio"
+    if len(reference) != 1 or pd.isna(reference[ratio].iloc[0]):
+        return ""
+    other = reference.iloc[0]
+    if _distinguishable(row[ratio], _se(row, ratio), other[ratio], _se(other, ratio)):
+        verdict = "lower" if row[ratio] < other[ratio] else "higher"
+    else:
+        verdict = _not_distinguishable(pd.DataFrame([row, other]), ratio)
+    return (
+        f" vs {_pm(other[ratio], _se(other, ratio))} with the whole cache quantized "
+        f"({other['stored_bits']:.2f} stored bits): {verdict}"
+    )
 
 
 def _section_ablations(quality: pd.DataFrame) -> list[str]:
@@ -909,40 +1184,22 @@ def _section_ablations(quality: pd.DataFrame) -> list[str]:
         return [*lines, "No ablation settings in the records: section omitted.", ""]
     plain = quality[~quality["ablation"]]
     findings = []
-    for _, row in ablations.iterrows():
-        parts = [
-            ("keys", row["key_strategy"], row["key_bits"]),
-            ("values", row["value_strategy"], row["value_bits"]),
-        ]
-        quantized = [(name, strategy, bits) for name, strategy, bits in parts if strategy != "exact"]
-        what = []
-        if len(quantized) == 1:
-            what.append(f"only {quantized[0][0]} quantized")
-        if pd.notna(row["residual_length"]) and row["residual_length"] > 0:
-            what.append(f"last {_format(row['residual_length'])} tokens exact")
-        if pd.notna(row["exact_layers"]) and row["exact_layers"] != "none":
-            what.append(f"layers {row['exact_layers']} exact")
-        strategies = {strategy for _, strategy, _ in quantized}
-        widths = {bits for _, _, bits in quantized}
+    for _, row in ablations.dropna(subset=["perplexity_ratio"]).iterrows():
+        what, strategies, widths = _ablation_what(row)
         reference = plain[
             (plain["model"] == row["model"])
+            & plain["protocol"].eq(row["protocol"]).fillna(False).astype(bool)
             & plain["key_strategy"].isin(strategies)
             & plain["value_strategy"].isin(strategies)
             & plain["key_bits"].isin(widths)
             & plain["value_bits"].isin(widths)
         ]
-        against = (
-            f" vs {reference['perplexity_ratio'].iloc[0]:.3f} with the whole cache quantized"
-            f" ({reference['stored_bits'].iloc[0]:.2f} stored bits)"
-            if len(reference) == 1 and pd.notna(reference["perplexity_ratio"].iloc[0])
-            else ""
-        )
         findings.append(
-            f"- {_format(row['model'])}, {', '.join(what)} ({_method(row)} at "
+            f"- {_format(row['model'])}, {_protocol_label(row['protocol'])}, {what} ({_method(row)} at "
             f"{'/'.join(_format(b) for b in sorted(widths))} bits): perplexity ratio "
-            f"{row['perplexity_ratio']:.3f} at {row['stored_bits']:.2f} stored bits{against}."
+            f"{_pm(row['perplexity_ratio'], _se(row, 'perplexity_ratio'))} at {row['stored_bits']:.2f} "
+            f"stored bits{_against_whole_cache(row, reference)}."
         )
-    ablations = _with_cache_labels(ablations)
     headers = {
         "model": "model",
         "keys": "keys",
@@ -956,12 +1213,31 @@ def _section_ablations(quality: pd.DataFrame) -> list[str]:
         "Settings that keep part of the cache exact: keys-only or values-only quantization, a "
         "residual window of recent exact tokens, or exact first and last layers (config: `kv_caches` "
         "entries with an `exact` strategy, `residual_length`, `exact_first_layers`, "
-        "`exact_last_layers`).",
+        "`exact_last_layers`). Lower or higher means beyond the 95% intervals (section 3).",
         "",
-        markdown_table(ablations, headers),
+        markdown_table(_shown_quality(_with_cache_labels(ablations)), headers),
         "",
-        *_what_this_shows(findings),
+        *_what_this_shows(findings or ["- No ablation setting has a perplexity measurement."]),
     ]
+
+
+def _binomial_se(rate: pd.Series, trials: pd.Series) -> pd.Series:
+    """The standard error of a rate over n trials, sqrt(p (1 - p) / n)."""
+    return np.sqrt(rate * (1.0 - rate) / trials)
+
+
+def _with_needle_errors(rows: pd.DataFrame, rates: list[str], lengths: list[int]) -> pd.DataFrame:
+    """Needle records with a binomial ``<rate>_se`` for each rate: a per-length rate over that
+    length's trials (``by_length.<n>.trials``), an overall one over all of them."""
+    counts = rows.reindex(columns=[f"by_length.{length}.trials" for length in lengths])
+    total = counts.sum(axis=1, min_count=1)
+    pattern = re.compile(r"^by_length\.(\d+)\.")
+    errors = {}
+    for rate in rates:
+        match = pattern.match(rate)
+        trials = _column(rows, f"by_length.{match.group(1)}.trials") if match else total
+        errors[f"{rate}_se"] = _binomial_se(_column(rows, rate), trials)
+    return rows.assign(**errors)
 
 
 def _section_needle(table: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -974,18 +1250,21 @@ def _section_needle(table: pd.DataFrame, out_dir: Path) -> list[str]:
     per_length = [
         f"by_length.{length}.{side}_retrieval" for length in by_length for side in ("exact", "quantized")
     ]
-    metrics = [
-        "exact_retrieval", "quantized_retrieval", "answer_agreement", "kv_compression_ratio", *per_length
-    ]
-    means = _mean_by(rows, ["model", "key_strategy", "key_bits", "bits"], metrics)
+    rates = ["exact_retrieval", "quantized_retrieval", "answer_agreement", *per_length]
+    rows = _with_needle_errors(rows, rates, by_length)
+    means = _mean_by(rows, ["model", "key_strategy", "key_bits", "bits"], [*rates, "kv_compression_ratio"])
     figure, axes = _figure(1)
+    bars = False
     for length in by_length:
         column = f"by_length.{length}.quantized_retrieval"
         for model, line in means.groupby("model", sort=True):
-            axes[0].plot(line["bits"], line[column], marker="o", label=f"{_format(model)} {length} tokens")
+            half_width = _half_width(line, column)
+            bars = bars or half_width is not None
+            label = f"{_format(model)} {length} tokens"
+            color = _draw(axes[0], line["bits"], line[column], half_width, label)
             exact = line[f"by_length.{length}.exact_retrieval"].mean()
-            axes[0].axhline(exact, linestyle="--", linewidth=1, color=axes[0].lines[-1].get_color())
-    _finish(axes[0], "needle retrieval (dashed: exact cache)", "retrieval rate", means["bits"])
+            axes[0].axhline(exact, linestyle="--", linewidth=1, color=color)
+    _finish(axes[0], "needle retrieval (dashed: exact cache)", "retrieval rate", means["bits"], bars=bars)
     _save(figure, out_dir / "needle.png")
     headers = {
         "model": "model",
@@ -998,23 +1277,52 @@ def _section_needle(table: pd.DataFrame, out_dir: Path) -> list[str]:
     for length in by_length:
         headers[f"by_length.{length}.quantized_retrieval"] = f"quantized @{length}"
     findings = [
-        f"- {_format(row['model'])}, {_format(row['bits'])} bits: retrieved {row['quantized_retrieval']:.0%} "
-        f"of the needles vs {row['exact_retrieval']:.0%} with the exact cache; identical answers in "
-        f"{row['answer_agreement']:.0%} of the prompts."
+        f"- {_format(row['model'])}, {_format(row['bits'])} bits: retrieved "
+        f"{_pm(row['quantized_retrieval'], _se(row, 'quantized_retrieval'), percent=True)} of the needles "
+        f"vs {_pm(row['exact_retrieval'], _se(row, 'exact_retrieval'), percent=True)} with the exact "
+        f"cache; identical answers in "
+        f"{_pm(row['answer_agreement'], _se(row, 'answer_agreement'), percent=True)} of the prompts."
         for _, row in means.iterrows()
     ]
     return [
         *lines,
         "A number hidden at several depths of Wikipedia filler, asked for after it, answered greedily "
         "with the exact cache and with a TurboQuant MSE cache (the whole haystack goes through the "
-        "quantized cache). A needle counts as retrieved when its number appears in the answer.",
+        "quantized cache). A needle counts as retrieved when its number appears in the answer. "
+        "± is the binomial standard error of a rate over its trials, sqrt(p (1 - p) / n).",
         "",
         "![needle](needle.png)",
         "",
-        markdown_table(means, headers),
+        markdown_table(_with_errors(means, rates), headers),
         "",
         *_what_this_shows(findings),
     ]
+
+
+def _headline_findings(means: pd.DataFrame) -> list[str]:
+    """Per model and measure, how many settings have a perplexity ratio not distinguishable from
+    1.0 (exact), and which."""
+    findings = []
+    ratio = "perplexity_ratio"
+    for (model, measure), group in means.groupby(["model", "measure"], dropna=False, sort=False):
+        if group[ratio].isna().all():
+            continue
+        tested = group[group[ratio].notna() & _column(group, f"{ratio}_se").notna()]
+        if tested.empty:
+            findings.append(f"- {_format(model)}, {measure}: no standard errors recorded, nothing tested.")
+            continue
+        exact_like = [
+            f"{_setting(row)} ({_pm(row[ratio], row[f'{ratio}_se'])})"
+            for _, row in tested.iterrows()
+            if not _distinguishable(row[ratio], row[f"{ratio}_se"], 1.0, 0.0)
+        ]
+        findings.append(
+            f"- {_format(model)}, {measure}: {len(exact_like)} of {len(tested)} settings have a perplexity "
+            f"ratio not distinguishable from 1.0 (exact) on {_tokens(tested)}"
+            + (": " + "; ".join(exact_like) if exact_like else "")
+            + "."
+        )
+    return findings
 
 
 def _headline(table: pd.DataFrame) -> list[str]:
@@ -1024,7 +1332,7 @@ def _headline(table: pd.DataFrame) -> list[str]:
     if not perplexity.empty:
         kinds.append(
             perplexity.assign(
-                measure="perplexity (" + perplexity["protocol"].fillna("?") + ")",
+                measure=[f"perplexity ({_protocol_label(p)})" for p in perplexity["protocol"]],
                 kv=_column(perplexity, "kv_compression_ratio"),
             )
         )
@@ -1047,10 +1355,13 @@ def _headline(table: pd.DataFrame) -> list[str]:
         "value_bits",
         "residual_length",
         "exact_layers",
+        "protocol",
         "measure",
     ]
-    means = _mean_by(rows, keys, ["perplexity_ratio", "top1_agreement", "kl_divergence", "kv"])
-    means = _with_cache_labels(means)
+    quality = ["perplexity_ratio", "top1_agreement", "kl_divergence"]
+    means = _decode_first(_mean_by(rows, keys, [*quality, "kv", "scored_tokens"]))
+    findings = _headline_findings(means)
+    means = _with_errors(_with_cache_labels(means), quality)
     headers = {
         "model": "model",
         "bits": "bits",
@@ -1069,16 +1380,19 @@ def _headline(table: pd.DataFrame) -> list[str]:
         *lines,
         "Per model and bit width: perplexity ratio (quantized / exact), top-1 agreement "
         "and KL(exact || quantized) of the next-token distribution, and KV-cache compression "
-        "against fp32 (all stored bytes counted).",
+        "against fp32 (all stored bytes counted); the decode protocol leads. ± is one standard "
+        "error over the scored tokens (section 3).",
         "",
         markdown_table(means, headers),
         "",
+        *(_what_this_shows(findings) if findings else []),
     ]
 
 
 def _notes(table: pd.DataFrame) -> list[str]:
     lines = ["## What these numbers mean (and do not)", "", HONEST_NOTE, ""]
-    protocols = sorted(table.loc[table["workload"] == "perplexity", "protocol"].dropna().unique())
+    used = table.loc[table["workload"] == "perplexity", ["protocol"]].dropna().drop_duplicates()
+    protocols = list(_decode_first(used.sort_values("protocol"))["protocol"])
     if protocols:
         lines.append(f"Perplexity protocol{'s' if len(protocols) > 1 else ''} used in this report:")
         lines += [f"- {PROTOCOL_NOTES.get(protocol, f'`{protocol}`')}" for protocol in protocols]
@@ -1097,7 +1411,9 @@ def write_report(
     ``quality_compare.png``, ``perplexity_vs_bits.png``, ``throughput.png``), each written only
     when its section has records. Sections: headline table, distortion, attention quality on
     traces, real-model compare, perplexity and KV memory, throughput, and what the numbers mean.
-    Everything is written atomically.
+    Real-model figures are shown as "value ± SE" where the records carry standard errors, plots
+    draw 95% error bars, and findings call settings different only when :func:`_distinguishable`
+    says so. Everything is written atomically.
     """
     out = Path(out)
     path = out if out.suffix == ".md" else out / REPORT_NAME

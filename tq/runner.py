@@ -24,6 +24,12 @@ import numpy as np
 from tq.kvcache import CacheConfig, MultiHeadKVCache
 
 Past = list[tuple[np.ndarray, np.ndarray]]
+# One quantized cache per sequence of a batch; a single cache stands for a batch of one.
+Caches = MultiHeadKVCache | Sequence[MultiHeadKVCache]
+
+
+def _cache_list(caches: Caches) -> list[MultiHeadKVCache]:
+    return [caches] if isinstance(caches, MultiHeadKVCache) else list(caches)
 
 
 @dataclass
@@ -67,26 +73,34 @@ class RealModelRunner:
         self.session = bundle.session(threads)
         self._inputs = set(bundle.input_names)
 
-    def _empty_past(self) -> Past:
-        shape = (1, self.bundle.kv_heads, 0, self.bundle.head_dim)
+    def _empty_past(self, batch: int = 1) -> Past:
+        shape = (batch, self.bundle.kv_heads, 0, self.bundle.head_dim)
         return [
             (np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.bundle.num_layers)
         ]
 
-    def run(self, input_ids: Sequence[int], past: Past) -> tuple[np.ndarray, Past]:
-        """One graph call: new tokens [s] after ``past`` -> (logits float32 [s, vocab], presents).
+    def run(self, input_ids: Sequence[int] | np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
+        """One graph call: new tokens after ``past`` -> (logits float32, presents).
 
-        ``past`` holds one (key, value) pair per layer, each float32 [1, kv_heads, past_len, d];
+        ``input_ids`` is [s] (one sequence) or [batch, s] (independent sequences of one length,
+        one ONNX Runtime call for all of them); the logits are [s, vocab] or [batch, s, vocab].
+        ``past`` holds one (key, value) pair per layer, each float32 [batch, kv_heads, past_len, d];
         the presents have past_len + s positions.
         """
-        ids = np.asarray(input_ids, dtype=np.int64)[None, :]
-        past_len = past[0][0].shape[2]
+        ids = np.asarray(input_ids, dtype=np.int64)
+        single = ids.ndim == 1
+        ids = ids[None, :] if single else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [s] or [batch, s] with s >= 1, got shape {ids.shape}")
+        batch, past_len = ids.shape[0], past[0][0].shape[2]
+        if past[0][0].shape[0] != batch:
+            raise ValueError(f"the past holds {past[0][0].shape[0]} sequences, input_ids {batch}")
         total = past_len + ids.shape[1]
         feeds: dict[str, np.ndarray] = {"input_ids": ids}
         if "attention_mask" in self._inputs:
-            feeds["attention_mask"] = np.ones((1, total), np.int64)
+            feeds["attention_mask"] = np.ones((batch, total), np.int64)
         if "position_ids" in self._inputs:
-            feeds["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
+            feeds["position_ids"] = np.repeat(np.arange(past_len, total, dtype=np.int64)[None, :], batch, 0)
         if "cache_position" in self._inputs:
             feeds["cache_position"] = np.arange(past_len, total, dtype=np.int64)
         if "use_cache_branch" in self._inputs:
@@ -97,7 +111,7 @@ class RealModelRunner:
         names = ["logits"] + [f"present.{i}.{kind}" for i in range(len(past)) for kind in ("key", "value")]
         outputs = self.session.run(names, feeds)
         presents = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(len(past))]
-        return outputs[0][0], presents
+        return (outputs[0][0] if single else outputs[0]), presents
 
     def new_cache(
         self, config: CacheConfig, layer_configs: dict[int, CacheConfig] | None = None
@@ -107,41 +121,97 @@ class RealModelRunner:
         return MultiHeadKVCache(b.num_layers, b.kv_heads, b.head_dim, config, layer_configs)
 
     @staticmethod
-    def quantize_presents(cache: MultiHeadKVCache, presents: Past, past_len: int) -> Past:
-        """Append positions past_len.. of the presents to the cache (all layers in one step) and
-        return the past for the next call: the cache's reconstruction.
+    def quantize_presents(caches: Caches, presents: Past, past_len: int) -> Past:
+        """Append positions past_len.. of the presents to the caches (all layers in one step per
+        sequence) and return the past for the next call: the caches' reconstruction.
 
-        The graph's presents are the past it was given followed by the new positions, so only
-        the positions that changed (the new ones, and any that just left the exact window) are
-        overwritten with their reconstruction, in place: no copy of the whole cache per step.
+        ``caches`` is one :class:`MultiHeadKVCache` per sequence of the batch (a single cache for
+        a batch of one). The graph's presents are the past it was given followed by the new
+        positions, so only the positions that changed (the new ones, and any that just left the
+        exact window) are overwritten with their reconstruction, in place: no copy of the whole
+        cache per step.
         """
-        unchanged = [min(layer.quantized_tokens, past_len) for layer in cache.layers]
-        cache.append_all(
-            [key[0, :, past_len:] for key, _ in presents], [value[0, :, past_len:] for _, value in presents]
-        )
-        past = []
-        for layer, (key, value), start in zip(cache.layers, presents, unchanged, strict=True):
-            key, value = np.require(key, requirements="CW"), np.require(value, requirements="CW")
-            key[0, :, start:] = layer.keys()[:, start:]
-            value[0, :, start:] = layer.values()[:, start:]
-            past.append((key, value))
+        caches = _cache_list(caches)
+        if len(caches) != presents[0][0].shape[0]:
+            raise ValueError(f"{len(caches)} caches for a batch of {presents[0][0].shape[0]} sequences")
+        past = [(np.require(k, requirements="CW"), np.require(v, requirements="CW")) for k, v in presents]
+        for row, cache in enumerate(caches):
+            unchanged = [min(layer.quantized_tokens, past_len) for layer in cache.layers]
+            cache.append_all(
+                [key[row, :, past_len:] for key, _ in past], [value[row, :, past_len:] for _, value in past]
+            )
+            for layer, (key, value), start in zip(cache.layers, past, unchanged, strict=True):
+                key[row, :, start:] = layer.keys()[:, start:]
+                value[row, :, start:] = layer.values()[:, start:]
         return past
 
     def prefill(
-        self, prompt_ids: Sequence[int], cache: MultiHeadKVCache | None = None
+        self, prompt_ids: Sequence[int] | np.ndarray, cache: Caches | None = None
     ) -> tuple[np.ndarray, Past]:
-        """Run the prompt: (logits [len(prompt), vocab], past for the next call)."""
-        logits, presents = self.run(prompt_ids, self._empty_past())
+        """Run the prompt(s) ([s] or [batch, s]): (logits, past for the next call)."""
+        ids = np.asarray(prompt_ids)
+        logits, presents = self.run(ids, self._empty_past(1 if ids.ndim == 1 else ids.shape[0]))
         return logits, presents if cache is None else self.quantize_presents(cache, presents, 0)
 
     def extend(
-        self, input_ids: Sequence[int], past: Past, cache: MultiHeadKVCache | None = None
+        self, input_ids: Sequence[int] | np.ndarray, past: Past, cache: Caches | None = None
     ) -> tuple[np.ndarray, Past]:
         """Run tokens after ``past``; quantize their keys and values into ``cache`` if given."""
         logits, presents = self.run(input_ids, past)
         return logits, presents if cache is None else self.quantize_presents(
             cache, presents, past[0][0].shape[2]
         )
+
+    def teacher_force(
+        self,
+        prompts: np.ndarray,
+        forced: np.ndarray,
+        caches: Sequence[MultiHeadKVCache] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Decode ``batch`` independent sequences token by token along given tokens.
+
+        Each prompt of ``prompts`` (int [batch, p]) is prefilled in a call of its own (a prefill is
+        bound by computation, so batching it gains nothing and costs memory); then every step feeds
+        the next forced token of every sequence (``forced`` int [batch, steps]) in one call, so the
+        model's weights are read once per step for the whole batch. With ``caches`` (one per
+        sequence) every new token's keys and values are quantized as they enter.
+
+        Returns:
+            float32 [batch, steps, vocab]: row t of a sequence holds the logits that predict
+            ``forced[:, t]`` (row 0 from the prefill), as :meth:`generate` with ``forced_tokens``.
+        """
+        prompts, forced = np.asarray(prompts, np.int64), np.asarray(forced, np.int64)
+        if (
+            prompts.ndim != 2
+            or forced.ndim != 2
+            or prompts.shape[0] != forced.shape[0]
+            or prompts.shape[1] == 0
+        ):
+            raise ValueError(
+                f"need prompts [batch, p >= 1] and forced tokens [batch, steps], got {prompts.shape} and "
+                f"{forced.shape}"
+            )
+        batch, steps = forced.shape
+        if caches is not None and len(caches) != batch:
+            raise ValueError(f"{len(caches)} caches for a batch of {batch} sequences")
+        rows, pasts = [], []
+        for index, prompt in enumerate(prompts):
+            logits, past = self.prefill(prompt, None if caches is None else caches[index])
+            rows.append(logits[-1])
+            pasts.append(past)
+        past = [
+            tuple(np.concatenate([seq[layer][part] for seq in pasts]) for part in (0, 1))
+            for layer in range(len(pasts[0]))
+        ]
+        out = np.empty((batch, steps, rows[0].shape[-1]), np.float32)
+        out[:, 0] = rows
+        for step in range(1, steps):
+            logits, past = self.extend(forced[:, step - 1 : step], past, caches)
+            out[:, step] = logits[:, -1]
+            if on_step is not None:
+                on_step(step)
+        return out
 
     def generate(
         self,
