@@ -19,6 +19,7 @@ from tq.bench.needle import (
     render_chat,
     retrieved,
     run_needle,
+    run_needle_sweep,
 )
 from tq.cli import main
 from tq.kvcache import CacheConfig
@@ -182,6 +183,25 @@ def test_exact_cache_through_the_quantized_path_gives_the_exact_answers(tiny):
     assert record["timing"]["prefill_seconds"] > 0
     assert set(record["timing"]["by_length"]) == {str(length) for length in TINY_LENGTHS}
     json.dumps(record, allow_nan=False)
+
+
+def test_a_sweep_shares_the_exact_side_and_equals_separate_runs(tiny):
+    """One prefill and exact answer per prompt for several caches gives each cache the record a
+    run of its own would give."""
+    configs = [CacheConfig(key_bits=2, value_bits=2), CacheConfig(key_bits=4, value_bits=3)]
+    options = {"context_lengths": TINY_LENGTHS[:1], "depths": (0.5,), "trials": 2, "max_new_tokens": 5}
+    sweep = run_needle_sweep(tiny, configs, text=FILLER, **options)
+    assert [record["config"]["cache"] for record in sweep] == [config.describe() for config in configs]
+    for config, record in zip(configs, sweep, strict=True):
+        alone = run_needle(tiny, config, text=FILLER, **options)
+        fields = ("exact_answer", "quantized_answer", "same_answer", "prompt_tokens")
+        assert [{f: row[f] for f in fields} for row in record["metrics"]["trials"]] == [
+            {f: row[f] for f in fields} for row in alone["metrics"]["trials"]
+        ]
+        assert record["metrics"]["kv_nbytes"] == alone["metrics"]["kv_nbytes"]
+        assert record["timing"]["configs_sharing_prefill"] == 2
+    with pytest.raises(NeedleError, match="no cache configurations"):
+        run_needle_sweep(tiny, [], text=FILLER, **options)
 
 
 def test_needle_cli_writes_a_record(tiny, tmp_path, monkeypatch, capsys):

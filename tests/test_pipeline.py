@@ -32,7 +32,8 @@ def write_config(workdir: Path, name: str, text: str) -> str:
 # The quick sweep's jobs: 1 model (2 traces: layers 0 and 1 x head 0), synthetic d 16 x b {2, 3}
 # x {mse, prod}, 4 cache settings (a KIVI-style baseline with its own group size, a keys-only one
 # with its own residual window) on each trace, in compare mode and for perplexity, and the
-# per-layer sensitivity of its 2 layers, and one needle run (2 bits, one short haystack).
+# per-layer sensitivity of its 2 layers (the exact references of the perplexity and of the
+# per-layer windows, one each), and one needle run (2 bits, one short haystack).
 QUICK_JOBS = {
     "hf_checkpoint": 1,
     "bundle": 1,
@@ -42,6 +43,7 @@ QUICK_JOBS = {
     "trace_eval": 8,
     "baseline": 1,
     "compare": 4,
+    "perplexity_reference": 2,
     "perplexity": 4,
     "layer_sensitivity": 2,
     "needle": 1,
@@ -52,7 +54,7 @@ QUICK_JOBS = {
 # The default sweep: SmolLM2, 2 layers x 3 KV heads = 6 traces; synthetic d {64, 128} x b 1..4
 # x {mse, prod} less Prod at b = 1 (14); 15 cache settings (6 TurboQuant, 5 baselines, 4
 # ablations) on each trace (90), in compare mode (15) and for perplexity (15); 30 layers alone;
-# needles at 4 bit widths.
+# needles at 4 bit widths in one job (each prompt's prefill shared by every width).
 DEFAULT_JOBS = QUICK_JOBS | {
     "traces": 6,
     "synthetic": 14,
@@ -60,7 +62,6 @@ DEFAULT_JOBS = QUICK_JOBS | {
     "compare": 15,
     "perplexity": 15,
     "layer_sensitivity": 30,
-    "needle": 4,
 }
 
 
@@ -136,6 +137,7 @@ def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run)
     source.write_text(original + "\n# edited\n")
     try:
         assert dry_run(quick_workdir, QUICK) == {
+            "perplexity_reference": 2,
             "perplexity": 4,
             "layer_sensitivity": 2,
             "aggregate": 1,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from tq import metrics
-from tq.bench.perplexity import run_perplexity
+from tq.bench.perplexity import perplexity_reference, run_perplexity
 from tq.bench.real_model import run_real_model
+from tq.cli import main
 from tq.kvcache import CacheConfig
 from tq.models import ModelBundle
+from tq.reference import KL_TOLERANCE
 from tq.runner import RealModelRunner
 
 PROMPTS = [
@@ -54,20 +58,59 @@ def test_compare_workload_on_smollm2(smollm2_bundle):
 
 
 def test_wikipedia_perplexity_on_smollm2(smollm2_bundle, persistent_cache_dir):
-    def run(bits: int, protocol: str, windows: int) -> dict:
+    reference = perplexity_reference(smollm2_bundle, 2, 320, 192, threads=2, cache=persistent_cache_dir)
+
+    def run(bits: int, protocol: str, windows: int = 2) -> dict:
         config = CacheConfig(key_bits=bits, value_bits=bits)
         record = run_perplexity(
             smollm2_bundle, config, windows=windows, window=320, context=192, threads=2,
-            cache=persistent_cache_dir, protocol=protocol,
+            protocol=protocol, reference=reference if windows == 2 else None, cache=persistent_cache_dir,
         )  # fmt: skip
         return record["metrics"]
 
-    eight, two = run(8, "window", 2), run(2, "window", 2)
+    eight, two = run(8, "window"), run(2, "window")
     # SmolLM2-135M on English Wikipedia: about 18.5 over 1024-token windows (DESIGN.md section 10)
     assert 8 < eight["exact_perplexity"] < 40
     assert eight["perplexity_ratio"] == pytest.approx(1.0, abs=0.01)
     assert two["perplexity_ratio"] > eight["perplexity_ratio"]
     assert two["exact_perplexity"] == eight["exact_perplexity"]
-    # token by token, every scored token's keys and values are quantized too: a larger effect
-    decoded = run(2, "decode", 1)
+    # token by token, every scored token's keys and values are quantized too: a larger effect,
+    # beyond the window protocol's by more than both intervals
+    decoded = run(2, "decode")
     assert decoded["perplexity_ratio"] > 1.3
+    gap = decoded["perplexity_ratio"] - two["perplexity_ratio"]
+    assert gap > 2 * np.hypot(decoded["perplexity_ratio_se"], two["perplexity_ratio_se"])
+
+
+def test_the_exact_reference_matches_the_exact_decode_loop_on_smollm2(smollm2_bundle, persistent_cache_dir):
+    """The reference's one call per window equals decoding the exact model token by token, and
+    its compact encoding keeps KL(exact || quantized) within KL_TOLERANCE of the computation from
+    the full logits (the figure DESIGN.md and tq.reference state)."""
+    bundle = ModelBundle.load(smollm2_bundle)
+    runner = RealModelRunner(bundle, threads=2)
+    reference = perplexity_reference(smollm2_bundle, 1, 320, 192, threads=2, cache=persistent_cache_dir)
+    tokens, targets = reference.sequence(0)
+    decoded = runner.generate(tokens[:192].tolist(), 0, forced_tokens=targets.tolist()).logits
+    single = runner.prefill(tokens[:-1])[0][191:]
+    np.testing.assert_allclose(decoded, single, rtol=0, atol=1e-4 * np.abs(single).max())
+    cache = runner.new_cache(CacheConfig(key_bits=2, value_bits=2))
+    quantized = runner.generate(tokens[:192].tolist(), 0, cache, forced_tokens=targets.tolist()).logits
+    log_p, log_q = metrics.log_softmax(single), metrics.log_softmax(quantized)
+    full = np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+    compact = reference.compare(0, quantized)["kl"]
+    assert full.mean() > 0.05  # a 2-bit cache: far from a trivial comparison
+    assert np.abs(compact - full).max() < KL_TOLERANCE
+
+
+def test_the_reference_crates_headline_command_on_smollm2(smollm2_bundle, tmp_path, capsys):
+    """Once a ZeroDivisionError traceback (the tokens/s ratio); now a record, with any speed that
+    cannot be computed null and its reason given."""
+    out = tmp_path / "out.json"
+    args = ["bench", "--workload", "real-model", "--real-model-dir", str(smollm2_bundle)]
+    args += ["--prompt", "Explain why the sky looks blue at noon but red at sunset.", "--real-eval-mode"]
+    args += ["compare", "--bits", "4", "--max-new-tokens", "12", "--threads", "2", "--json", str(out)]
+    assert main(args) == 0
+    metrics_ = json.loads(out.read_text())["metrics"]
+    ratio = metrics_["decode_speed_ratio"]
+    assert (ratio is None and metrics_["decode_speed_ratio_reason"]) or ratio > 0
+    assert "Traceback" not in capsys.readouterr().err

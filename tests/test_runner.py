@@ -154,3 +154,116 @@ def test_quantize_presents_handles_every_layer_at_once():
         np.testing.assert_array_equal(key[0], layer.keys())
         np.testing.assert_array_equal(value[0], layer.values())
         assert np.any(key != exact_key)
+
+
+@pytest.mark.parametrize("config", [None, CacheConfig(key_bits=3, value_bits=2)], ids=["exact", "quantized"])
+def test_batched_decode_equals_the_one_sequence_loop(tiny, config):
+    """Several sequences in one graph call, each with its own cache, give the logits of one
+    sequence at a time within 1e-4 of the logit scale."""
+    bundle = ModelBundle.load(tiny[1])
+    runner = RealModelRunner(bundle)
+    rng = np.random.default_rng(0)
+    vocabulary = bundle.encode(PROMPT)
+    prompts = rng.choice(vocabulary, (3, 7))
+    forced = rng.choice(vocabulary, (3, 9))
+    caches = None if config is None else [runner.new_cache(config) for _ in range(3)]
+    steps: list[int] = []
+    batched = runner.teacher_force(prompts, forced, caches, on_step=steps.append)
+    assert batched.shape[:2] == (3, 9) and steps == list(range(1, 9))
+    for row in range(3):
+        cache = None if config is None else runner.new_cache(config)
+        single = runner.generate(prompts[row].tolist(), 0, cache, forced_tokens=forced[row].tolist()).logits
+        scale = np.abs(single).max()
+        np.testing.assert_allclose(batched[row], single, rtol=0, atol=1e-4 * scale)
+        if cache is not None:
+            assert caches[row].nbytes == cache.nbytes
+            np.testing.assert_array_equal(caches[row].layers[0].keys(), cache.layers[0].keys())
+
+
+def test_teacher_force_refuses_mismatched_shapes(tiny):
+    runner = RealModelRunner(ModelBundle.load(tiny[1]))
+    with pytest.raises(ValueError, match="need prompts"):
+        runner.teacher_force(np.zeros((2, 3)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="1 caches for a batch of 2"):
+        runner.teacher_force(np.zeros((2, 3)), np.zeros((2, 4)), [runner.new_cache(EXACT)])
+
+
+def test_compare_with_no_decode_step_reports_speed_as_null(tiny, tmp_path):
+    """A compare run whose answers end at their first token has no decode speed: null with the
+    reason, not a ZeroDivisionError (the reference crate's headline command once ended so)."""
+    out = tmp_path / "record.json"
+    args = ["bench", "--workload", "real-model", "--real-model-dir", str(tiny[1]), "--prompt", PROMPT]
+    args += ["--real-eval-mode", "compare", "--bits", "4", "--max-new-tokens", "1", "--json", str(out)]
+    assert main(args) == 0
+    record = json.loads(out.read_text())
+    assert record["metrics"]["decode_speed_ratio"] is None
+    assert "no decode step" in record["metrics"]["decode_speed_ratio_reason"]
+    assert record["timing"]["exact"]["decode_tokens_per_s"] is None
+
+
+def test_compare_reads_the_baseline_reference(tiny, tmp_path):
+    """Compare mode with the exact mode's reference gives the metrics of a compare run that
+    makes its own exact runs, and refuses a reference of other prompts or settings."""
+    from tq.reference import ReferenceError
+
+    path = tmp_path / "baseline.safetensors"
+    prompts = [PROMPT, "keys and values"]
+    baseline = run_real_model(tiny[1], prompts, "exact", max_new_tokens=6, reference_out=path)
+    config = CacheConfig(key_bits=3, value_bits=3)
+    own = run_real_model(tiny[1], prompts, "compare", config, max_new_tokens=6)["metrics"]
+    read = run_real_model(tiny[1], prompts, "compare", config, max_new_tokens=6, reference=path)
+    for name in ("logit_rmse", "kl_divergence", "kl_divergence_se", "top1_agreement", "perplexity_ratio"):
+        assert read["metrics"][name] == pytest.approx(own[name], rel=1e-6, abs=1e-9), name
+    assert read["config"]["exact_runs"] == "read from the reference"
+    assert read["timing"]["exact"] == baseline["timing"]["exact"]
+    with pytest.raises(ReferenceError, match="prompt 0 is not the one"):
+        run_real_model(
+            tiny[1],
+            ["another prompt", "keys and values"],
+            "compare",
+            config,
+            max_new_tokens=6,
+            reference=path,
+        )
+    with pytest.raises(ReferenceError, match="max_new_tokens=6, this job needs max_new_tokens=5"):
+        run_real_model(tiny[1], prompts, "compare", config, max_new_tokens=5, reference=path)
+
+
+def _tiny_perplexity(tiny, cache_dir, **options) -> dict:
+    from tq.bench.perplexity import run_perplexity
+
+    settings = {"windows": 3, "window": 48, "context": 24, "cache": cache_dir}
+    return run_perplexity(tiny[1], CacheConfig(key_bits=2, value_bits=2), **(settings | options))
+
+
+def test_perplexity_batches_and_references_agree(tiny, tmp_path, persistent_cache_dir):
+    """Decoding the windows together, or one at a time, or against a saved reference gives the
+    same per-token values; a reference made for other windows is refused."""
+    from tq.bench.perplexity import perplexity_reference
+    from tq.reference import ReferenceError
+
+    one = _tiny_perplexity(tiny, persistent_cache_dir, batch=1)
+    path = tmp_path / "reference.safetensors"
+    perplexity_reference(tiny[1], 3, 48, 24, cache=persistent_cache_dir).save(path)
+    together = _tiny_perplexity(tiny, persistent_cache_dir, batch=2, reference=path)
+    for name in ("exact_nll", "quantized_nll", "kl", "delta_p"):
+        np.testing.assert_allclose(
+            one["metrics"]["per_token"][name], together["metrics"]["per_token"][name], atol=1e-5
+        )
+    metrics = together["metrics"]
+    assert metrics["scored_tokens"] == 72 == len(metrics["per_token"]["kl"])
+    assert metrics["perplexity_ratio_se"] > 0 and metrics["kl_divergence_se"] > 0
+    assert together["config"]["batch"] == 2 and together["config"]["reference"] == str(path)
+    with pytest.raises(ReferenceError, match="made for windows=3, this job needs windows=2"):
+        _tiny_perplexity(tiny, persistent_cache_dir, windows=2, reference=path)
+
+
+def test_perplexity_protocols_share_the_exact_side(tiny, persistent_cache_dir):
+    decode = _tiny_perplexity(tiny, persistent_cache_dir)["metrics"]
+    window = _tiny_perplexity(tiny, persistent_cache_dir, protocol="window")["metrics"]
+    assert window["exact_perplexity"] == decode["exact_perplexity"]
+    assert window["perplexity_ratio"] != decode["perplexity_ratio"]
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        _tiny_perplexity(tiny, persistent_cache_dir, protocol="sliding")
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        _tiny_perplexity(tiny, persistent_cache_dir, batch=0)

@@ -33,6 +33,7 @@ RULE_THREADS = {
     "trace_eval": 1,
     "baseline": 2,
     "compare": 2,
+    "perplexity_reference": 2,
     "perplexity": 2,
     "layer_sensitivity": 2,
     "needle": 2,

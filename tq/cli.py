@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from tq.bench.attention import run_attention
@@ -21,7 +22,7 @@ from tq.bench.needle import (
     DEFAULT_TRIALS,
     run_needle,
 )
-from tq.bench.perplexity import PROTOCOLS, run_perplexity
+from tq.bench.perplexity import DEFAULT_BATCH, PROTOCOLS, run_perplexity
 from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
 from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
@@ -121,7 +122,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
     real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
-    real.add_argument("--windows", type=int, default=8, help="perplexity: number of text windows")
+    real.add_argument("--windows", type=int, default=4, help="perplexity: number of text windows")
     real.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window")
     real.add_argument(
         "--context",
@@ -131,8 +132,15 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument(
         "--protocol",
         choices=PROTOCOLS,
-        default="window",
-        help="perplexity: score the continuation in one call (window) or token by token (decode)",
+        default="decode",
+        help="perplexity: decode the continuation token by token, each token quantized as it enters "
+        "(decode, default), or score it in one call against a quantized context (window)",
+    )
+    real.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"perplexity: windows decoded per ONNX Runtime call (default {DEFAULT_BATCH}; 1: one at a time)",
     )
     needle = bench.add_argument_group(
         "needle workload",
@@ -162,6 +170,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _pm(metrics: dict, name: str, spec: str) -> str:
+    """``metrics[name]`` as "value ± SE" (the SE from ``<name>_se`` when the record has one)."""
+    se = metrics.get(f"{name}_se")
+    return f"{metrics[name]:{spec}}" + ("" if se is None else f" ± {se:{spec}}")
+
+
 def _summary(record: dict) -> str:
     config, metrics, timing = record["config"], record["metrics"], record["timing"]
     if config["workload"] == "perplexity":
@@ -169,8 +183,10 @@ def _summary(record: dict) -> str:
             f"source=real-model perplexity {config['model']} windows={config['windows']}x{config['window']} "
             f"context={config['context']} protocol={config['protocol']}"
             f"\n  perplexity exact {metrics['exact_perplexity']:.3f}  quantized "
-            f"{metrics['quantized_perplexity']:.3f}  ratio {metrics['perplexity_ratio']:.4f}"
-            f"  KL {metrics['kl_divergence']:.4g}  top-1 {metrics['top1_agreement']:.4f}"
+            f"{metrics['quantized_perplexity']:.3f}  ratio {_pm(metrics, 'perplexity_ratio', '.4f')}"
+            f"  KL {_pm(metrics, 'kl_divergence', '.4g')}  top-1 {_pm(metrics, 'top1_agreement', '.4f')}"
+            f"  ({metrics['scored_tokens']} tokens, ± one standard error)"
+            f"\n  {timing['scored_tokens_per_s']:.1f} scored tokens/s"
         )
     if config["workload"] == "needle":
         lines = [
@@ -190,14 +206,20 @@ def _summary(record: dict) -> str:
     if config["workload"] == "real-model":
         lines = [f"source=real-model {config['model']} mode={config['mode']} prompts={config['prompts']}"]
         for mode, speed in timing.items():
+            decode = speed.get("decode_tokens_per_s")
             lines.append(
-                f"  {mode}: prefill {speed['prefill_seconds_mean'] * 1e3:.1f} ms, "
-                f"decode {speed['decode_tokens_per_s']:.1f} tokens/s"
+                f"  {mode}: prefill {speed.get('prefill_seconds_mean', math.nan) * 1e3:.1f} ms, "
+                + (
+                    f"decode {decode:.1f} tokens/s"
+                    if decode is not None
+                    else "decode speed: none (no decode step)"
+                )
             )
         if config["mode"] == "compare":
             lines.append(
                 f"  logit RMSE {metrics['logit_rmse']:.4f}  top-1 {metrics['top1_agreement']:.4f}  "
-                f"top-{config['top_k']} {metrics['topk_agreement']:.4f}  KL {metrics['kl_divergence']:.4g}  "
+                f"top-{config['top_k']} {metrics['topk_agreement']:.4f}  "
+                f"KL {_pm(metrics, 'kl_divergence', '.4g')}  "
                 f"token match {metrics['token_match_rate']:.3f}  "
                 f"KV {metrics['quantized_kv']['kv_compression_ratio']:.2f}x"
             )
@@ -297,6 +319,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
             window=args.window,
             context=512 if args.context is None else args.context,
             protocol=args.protocol,
+            batch=args.batch,
             **_real_model_inputs(args),
         )
     if args.workload == "needle":

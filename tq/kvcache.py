@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -510,6 +511,10 @@ class MultiHeadKVCache:
         """Add new tokens to every layer at once (one decode step): keys[L], values[L] are
         [kv_heads, new_tokens, head_dim]. Layers that share a configuration are quantized in
         one kernel call per stream."""
+        _quantize_spans(self._push_all(keys, values))
+
+    def _push_all(self, keys: list[np.ndarray], values: list[np.ndarray]) -> list[tuple[_Store, slice]]:
+        """Check and buffer one step's tokens in every layer; return the spans to quantize."""
         if len(keys) != len(self.layers) or len(values) != len(self.layers):
             raise ValueError(
                 f"need keys and values for all {len(self.layers)} layers, got {len(keys)} and {len(values)}"
@@ -518,7 +523,7 @@ class MultiHeadKVCache:
         pending = []
         for layer, (k, v) in zip(self.layers, checked, strict=True):
             pending.extend(layer._push(k, v))
-        _quantize_spans(pending)
+        return pending
 
     @property
     def nbytes(self) -> int:
@@ -548,3 +553,20 @@ def exact_layers(num_layers: int, first: int = 0, last: int = 0) -> dict[int, Ca
     exact = CacheConfig(key_strategy="exact", value_strategy="exact")
     chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
     return {layer: exact for layer in sorted(chosen)}
+
+
+def append_batch(
+    caches: Sequence[MultiHeadKVCache], keys: list[np.ndarray], values: list[np.ndarray]
+) -> None:
+    """One decode step of several independent sequences, each with its own cache: keys[L] and
+    values[L] are [len(caches), kv_heads, new_tokens, head_dim]. The same as
+    ``caches[i].append_all([k[i] for k in keys], [v[i] for v in values])`` for every i, but
+    caches that share a configuration are quantized in one kernel call per stream for all of them.
+    """
+    for name, arrays in (("keys", keys), ("values", values)):
+        if any(array.shape[0] != len(caches) for array in arrays):
+            raise ValueError(f"{name} must hold {len(caches)} sequences in their first axis")
+    pending = []
+    for row, cache in enumerate(caches):
+        pending.extend(cache._push_all([k[row] for k in keys], [v[row] for v in values]))
+    _quantize_spans(pending)

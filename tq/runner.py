@@ -21,9 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tq.kvcache import CacheConfig, MultiHeadKVCache
+from tq.kvcache import CacheConfig, MultiHeadKVCache, append_batch
 
 Past = list[tuple[np.ndarray, np.ndarray]]
+# Prompt tokens per prefill call. Measured on SmolLM2-135M, 2 threads: a 4096-token prompt takes
+# 27.8 s in one call and 14.6 s in calls of 512 (the same logits to the bit); 1024 tokens 2.5 s
+# vs 2.2 s.
+PREFILL_CHUNK = 512
 # One quantized cache per sequence of a batch; a single cache stands for a batch of one.
 Caches = MultiHeadKVCache | Sequence[MultiHeadKVCache]
 
@@ -135,12 +139,12 @@ class RealModelRunner:
         if len(caches) != presents[0][0].shape[0]:
             raise ValueError(f"{len(caches)} caches for a batch of {presents[0][0].shape[0]} sequences")
         past = [(np.require(k, requirements="CW"), np.require(v, requirements="CW")) for k, v in presents]
+        unchanged = [[min(layer.quantized_tokens, past_len) for layer in cache.layers] for cache in caches]
+        append_batch(
+            caches, [key[:, :, past_len:] for key, _ in past], [value[:, :, past_len:] for _, value in past]
+        )
         for row, cache in enumerate(caches):
-            unchanged = [min(layer.quantized_tokens, past_len) for layer in cache.layers]
-            cache.append_all(
-                [key[row, :, past_len:] for key, _ in past], [value[row, :, past_len:] for _, value in past]
-            )
-            for layer, (key, value), start in zip(cache.layers, past, unchanged, strict=True):
+            for layer, (key, value), start in zip(cache.layers, past, unchanged[row], strict=True):
                 key[row, :, start:] = layer.keys()[:, start:]
                 value[row, :, start:] = layer.values()[:, start:]
         return past
@@ -148,10 +152,20 @@ class RealModelRunner:
     def prefill(
         self, prompt_ids: Sequence[int] | np.ndarray, cache: Caches | None = None
     ) -> tuple[np.ndarray, Past]:
-        """Run the prompt(s) ([s] or [batch, s]): (logits, past for the next call)."""
+        """Run the prompt(s) ([s] or [batch, s]): (logits, past for the next call).
+
+        The prompt runs in calls of :data:`PREFILL_CHUNK` tokens, each attending exactly to
+        the keys and values of the chunks before it (what one call computes, in less time);
+        with ``cache``, every prompt token is then quantized into it at once.
+        """
         ids = np.asarray(prompt_ids)
-        logits, presents = self.run(ids, self._empty_past(1 if ids.ndim == 1 else ids.shape[0]))
-        return logits, presents if cache is None else self.quantize_presents(cache, presents, 0)
+        past = self._empty_past(1 if ids.ndim == 1 else ids.shape[0])
+        parts = []
+        for start in range(0, max(ids.shape[-1], 1), PREFILL_CHUNK):
+            logits, past = self.run(ids[..., start : start + PREFILL_CHUNK], past)
+            parts.append(logits)
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+        return logits, past if cache is None else self.quantize_presents(cache, past, 0)
 
     def extend(
         self, input_ids: Sequence[int] | np.ndarray, past: Past, cache: Caches | None = None

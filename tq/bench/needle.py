@@ -436,8 +436,39 @@ def run_needle(
         NeedleError: bad depths, lengths (too short for the template, or beyond the model's
             positions), trials or max_new_tokens.
     """
+    return run_needle_sweep(
+        bundle_dir, [config], context_lengths, depths, trials, max_new_tokens, exact_first_layers,
+        exact_last_layers, threads, seed, cache, text,
+    )[0]  # fmt: skip
+
+
+def run_needle_sweep(
+    bundle_dir: str | os.PathLike,
+    configs: Sequence[CacheConfig],
+    context_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = DEFAULT_TRIALS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    exact_first_layers: int = 0,
+    exact_last_layers: int = 0,
+    threads: int | None = None,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    text: str | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_needle` for several cache configurations at once: one record per config.
+
+    The exact side of a prompt (its prefill, which dominates the cost at long contexts, and the
+    exact answer) is computed once and shared by every configuration; each one then quantizes
+    its own copy of the prefill's keys and values and answers through it. The records are what
+    separate :func:`run_needle` calls would give (the same prompts, the same exact answers);
+    their ``seconds`` is the whole sweep's, and ``config_seconds`` this configuration's share
+    (quantizing and answering).
+    """
     from tq.models.bundle import ModelBundle
 
+    if not configs:
+        raise NeedleError("no cache configurations given")
     context_lengths = [int(length) for length in context_lengths]
     depths = [float(depth) for depth in depths]
     bundle = ModelBundle.load(bundle_dir)
@@ -453,53 +484,102 @@ def run_needle(
         for trial in range(trials)
     ]
     progress = Progress("tq bench needle")
-    rows: list[dict[str, Any]] = []
-    kv_nbytes = kv_float = 0
+    rows: list[list[dict[str, Any]]] = [[] for _ in configs]
+    kv_bytes = [[0, 0] for _ in configs]
+    config_seconds = [0.0 for _ in configs]
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         tick = time.perf_counter()
         _, presents = runner.prefill(prompt.context_ids)
         prefill_s = time.perf_counter() - tick
         exact, exact_s = _answer(runner, presents, prompt.query_ids, max_new_tokens, None)
-        kv = runner.new_cache(config, layer_configs)
-        tick = time.perf_counter()
-        # The exact run is done with these presents: quantize them in place.
-        past = runner.quantize_presents(kv, presents, 0)
-        quantize_s = time.perf_counter() - tick
-        quantized, quantized_s = _answer(runner, past, prompt.query_ids, max_new_tokens, kv)
-        kv_nbytes += kv.nbytes
-        kv_float += kv.float_nbytes
-        exact_text, quantized_text = bundle.decode(exact), bundle.decode(quantized)
-        row = {
-            "context_length": prompt.context_length,
-            "depth": prompt.depth,
-            "trial": prompt.trial,
-            "name": prompt.name,
-            "number": prompt.number,
-            "prompt_tokens": prompt.length,
-            "needle_position": prompt.needle_start,
-            "actual_depth": prompt.actual_depth,
-            "text_offset": prompt.text_offset,
-            "exact_answer": exact_text,
-            "quantized_answer": quantized_text,
-            "exact_retrieved": retrieved(exact_text, prompt.number),
-            "quantized_retrieved": retrieved(quantized_text, prompt.number),
-            "same_answer": exact == quantized,
-            "exact_tokens": len(exact),
-            "quantized_tokens": len(quantized),
-            "prefill_seconds": prefill_s,
-            "quantize_seconds": quantize_s,
-            "exact_answer_seconds": exact_s,
-            "quantized_answer_seconds": quantized_s,
-        }
-        rows.append(row)
-        mark = {True: "found", False: "missed"}
+        exact_text = bundle.decode(exact)
+        marks = []
+        for number, config in enumerate(configs):
+            kv = runner.new_cache(config, layer_configs)
+            tick = time.perf_counter()
+            # quantize_presents overwrites the past it is given: the last config may take the
+            # exact presents themselves, the others a copy.
+            own = presents if number == len(configs) - 1 else [(k.copy(), v.copy()) for k, v in presents]
+            past = runner.quantize_presents(kv, own, 0)
+            quantize_s = time.perf_counter() - tick
+            quantized, quantized_s = _answer(runner, past, prompt.query_ids, max_new_tokens, kv)
+            config_seconds[number] += quantize_s + quantized_s
+            kv_bytes[number][0] += kv.nbytes
+            kv_bytes[number][1] += kv.float_nbytes
+            quantized_text = bundle.decode(quantized)
+            rows[number].append(
+                {
+                    "context_length": prompt.context_length,
+                    "depth": prompt.depth,
+                    "trial": prompt.trial,
+                    "name": prompt.name,
+                    "number": prompt.number,
+                    "prompt_tokens": prompt.length,
+                    "needle_position": prompt.needle_start,
+                    "actual_depth": prompt.actual_depth,
+                    "text_offset": prompt.text_offset,
+                    "exact_answer": exact_text,
+                    "quantized_answer": quantized_text,
+                    "exact_retrieved": retrieved(exact_text, prompt.number),
+                    "quantized_retrieved": retrieved(quantized_text, prompt.number),
+                    "same_answer": exact == quantized,
+                    "exact_tokens": len(exact),
+                    "quantized_tokens": len(quantized),
+                    "prefill_seconds": prefill_s,
+                    "quantize_seconds": quantize_s,
+                    "exact_answer_seconds": exact_s,
+                    "quantized_answer_seconds": quantized_s,
+                }
+            )
+            marks.append({True: "found", False: "missed"}[rows[number][-1]["quantized_retrieved"]])
         progress(
             f"{index + 1}/{len(prompts)} length {prompt.context_length} depth {prompt.depth} "
-            f"trial {prompt.trial}: exact {mark[row['exact_retrieved']]}, "
-            f"quantized {mark[row['quantized_retrieved']]}"
+            f"trial {prompt.trial}: exact {'found' if retrieved(exact_text, prompt.number) else 'missed'}, "
+            f"quantized {', '.join(marks)}"
         )
     seconds = time.perf_counter() - start
+    shared = {
+        "workload": "needle",
+        "bundle": os.fspath(bundle_dir),
+        "model": bundle.info.get("preset") or bundle.path.name,
+        "context_lengths": context_lengths,
+        "depths": depths,
+        "trials": trials,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "threads": threads,
+    }
+    details = {
+        "exact_layers": sorted(layer_configs),
+        "chat_format": builder.chat,
+        "needle": NEEDLE,
+        "question": QUESTION,
+        "text": "Wikipedia excerpt of the gensim wheel (tq.corpus)" if text is None else "given text",
+        "note": "The context is prefilled once with exact attention; the quantized run stores every "
+        "context token quantized and the question and answer read the haystack through that cache.",
+    }
+    return [
+        _needle_record(
+            shared | {"cache": config.describe()} | details,
+            rows[number],
+            kv_bytes[number],
+            {
+                "seconds": seconds,
+                "config_seconds": config_seconds[number],
+                "configs_sharing_prefill": len(configs),
+            },
+        )
+        for number, config in enumerate(configs)
+    ]
+
+
+def _needle_record(
+    record_config: dict[str, Any], rows: list[dict[str, Any]], kv_bytes: list[int], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """One configuration's record from its per-prompt rows."""
+    context_lengths, depths = record_config["context_lengths"], record_config["depths"]
+    kv_nbytes, kv_float = kv_bytes
     cells = [
         {"context_length": length, "depth": depth, **_rates(rows, length, depth)}
         for length in context_lengths
@@ -515,27 +595,8 @@ def run_needle(
         "trials": rows,
     }
     timing = {
-        "seconds": seconds,
+        **seconds,
         "by_length": {str(length): _timing(rows, length) for length in context_lengths},
         **_timing(rows),
     }
-    record_config = {
-        "workload": "needle",
-        "bundle": os.fspath(bundle_dir),
-        "model": bundle.info.get("preset") or bundle.path.name,
-        "context_lengths": context_lengths,
-        "depths": depths,
-        "trials": trials,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "threads": threads,
-        "cache": config.describe(),
-        "exact_layers": sorted(layer_configs),
-        "chat_format": builder.chat,
-        "needle": NEEDLE,
-        "question": QUESTION,
-        "text": "Wikipedia excerpt of the gensim wheel (tq.corpus)" if text is None else "given text",
-        "note": "The context is prefilled once with exact attention; the quantized run stores every "
-        "context token quantized and the question and answer read the haystack through that cache.",
-    }
-    return make_record("real-model", record_config, metrics, timing, threads or 0)
+    return make_record("real-model", record_config, metrics, timing, record_config["threads"] or 0)

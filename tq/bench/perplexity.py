@@ -1,41 +1,140 @@
 """Perplexity on real text (the Wikipedia excerpt of :mod:`tq.corpus`), exact vs quantized cache.
 
 Each window of ``window`` tokens is split into a context of ``context`` tokens and a scored
-continuation of window - context tokens. Two protocols:
+continuation of window - context tokens. The exact side is the model's run on the whole window
+in one call (:func:`perplexity_reference`; one :class:`~tq.reference.ExactReference` per model and
+(windows, window, context), computed once and shared by every cache setting). The quantized
+side has two protocols:
 
-- ``window`` (default; two calls per window and cache): tokens 0..context-2 are prefilled in one
-  call (their attention is exact) and their keys and values go into the cache, quantized or not;
-  one more call feeds tokens context-1..window-2 against that cache and scores its logits on
-  tokens context..window-1. Every scored prediction reads the context through the (quantized)
-  cache, but the scored tokens attend to each other's exact keys and values (the graph computes
-  them within the call), so this measures a quantized *context* only.
-- ``decode`` (DESIGN.md section 10; window - context calls per window and cache): tokens
-  0..context-1 are prefilled, then the continuation is decoded one token at a time with teacher
-  forcing, every new token's keys and values quantized as they enter the cache: what a decoding
-  server with a quantized cache would see.
+- ``decode`` (default; DESIGN.md section 10): tokens 0..context-1 are prefilled, then the
+  continuation is decoded one token at a time with teacher forcing, every new token's keys and
+  values quantized as they enter the cache: what a decoding server with a quantized cache sees.
+  ``batch`` windows are decoded together, one ONNX Runtime call per step for all of them
+  (:meth:`~tq.runner.RealModelRunner.teacher_force`).
+- ``window`` ("quantized context only"; two calls per window): tokens 0..context-2 are prefilled
+  (exact attention) and their keys and values go into the quantized cache; one more call feeds
+  tokens context-1..window-2 against that cache. The scored tokens attend to each other's exact
+  keys and values (the graph computes them within the call), so only the context is quantized.
 
-Metrics: exact and quantized perplexity and their ratio, mean KL(exact || quantized) and top-1
-agreement over the scored tokens.
+Metrics (:func:`tq.stats.quality_summary`, per token then mean ± standard error): exact and
+quantized perplexity and their ratio, KL(exact || quantized) with median, p99 and maximum, top-1
+agreement, and the change in the probability of the true next token. The record keeps the
+per-token values (``per_token``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tq import metrics
 from tq.bench.synthetic import Progress
 from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
+from tq.reference import ExactReference
 from tq.runner import RealModelRunner
+from tq.stats import PER_TOKEN_FIELDS, quality_summary
 
-PROTOCOLS = ("window", "decode")
+if TYPE_CHECKING:
+    from tq.models.bundle import ModelBundle
+
+PROTOCOLS = ("decode", "window")
+# Windows decoded per ONNX Runtime call. Measured on SmolLM2-135M, 2 threads, 1k-token windows
+# (benchmarks/perplexity_decode.py): decode throughput rises with the batch up to 16 sequences.
+DEFAULT_BATCH = 16
+TEXT = "Wikipedia excerpt of the gensim wheel (tq.corpus)"
 # Characters of text encoded per token needed, with a wide margin (English BPE: about 4-5).
 _CHARS_PER_TOKEN = 8
+
+
+def _model_name(bundle: ModelBundle) -> str:
+    return bundle.info.get("preset") or bundle.path.name
+
+
+def _check_shape(windows: int, window: int, context: int) -> None:
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
+    if not 2 <= context < window:
+        raise ValueError(f"need 2 <= context < window, got context={context}, window={window}")
+
+
+def reference_settings(bundle: ModelBundle, windows: int, window: int, context: int) -> dict[str, Any]:
+    """What a perplexity reference is made for (:meth:`ExactReference.require` checks it)."""
+    return {
+        "workload": "perplexity",
+        "model": _model_name(bundle),
+        "text": TEXT,
+        "windows": windows,
+        "window": window,
+        "context": context,
+    }
+
+
+def text_windows(
+    bundle: ModelBundle, windows: int, window: int, cache: os.PathLike | None = None
+) -> np.ndarray:
+    """The first ``windows`` windows of ``window`` tokens of the corpus text: int64 [windows, window]."""
+    from tq.corpus import corpus_text, token_windows
+
+    text = corpus_text(cache)
+    ids = bundle.encode(text[: windows * window * _CHARS_PER_TOKEN])
+    if len(ids) < windows * window:
+        ids = bundle.encode(text)
+    return np.asarray(token_windows(ids, window, windows), np.int64)
+
+
+def perplexity_reference(
+    bundle_dir: str | os.PathLike,
+    windows: int = 4,
+    window: int = 1024,
+    context: int = 512,
+    threads: int | None = None,
+    cache: os.PathLike | None = None,
+) -> ExactReference:
+    """The exact run on the perplexity windows: one graph call per window over tokens
+    0..window-2, whose logits at positions context-1.. predict the scored tokens (compact
+    encoding). Equal to the exact decode loop within float rounding: attention is causal, so a
+    position sees the same tokens either way."""
+    from tq.models.bundle import ModelBundle
+
+    _check_shape(windows, window, context)
+    bundle = ModelBundle.load(bundle_dir)
+    runner = RealModelRunner(bundle, threads)
+    tokens = text_windows(bundle, windows, window, cache)
+    progress = Progress("tq perplexity reference")
+
+    def sequences() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for index, row in enumerate(tokens):
+            logits, _ = runner.prefill(row[:-1])
+            progress(f"window {index + 1}/{windows}")
+            yield row, row[context:], logits[context - 1 :]
+
+    return ExactReference.from_sequences(
+        sequences(), "compact", reference_settings(bundle, windows, window, context)
+    )
+
+
+def _layer_configs(
+    num_layers: int, exact_first_layers: int, exact_last_layers: int, quantized_layers: Sequence[int] | None
+) -> dict[int, CacheConfig]:
+    """The per-layer exact overrides of a cache (see :func:`run_perplexity`)."""
+    if quantized_layers is None:
+        return exact_layers(num_layers, exact_first_layers, exact_last_layers)
+    if exact_first_layers or exact_last_layers:
+        raise ValueError("give quantized_layers or exact_first_layers/exact_last_layers, not both")
+    outside = sorted(set(quantized_layers) - set(range(num_layers)))
+    if outside or not quantized_layers:
+        raise ValueError(
+            f"quantized_layers must name layers of the model (0..{num_layers - 1}), "
+            f"got {list(quantized_layers)}"
+        )
+    configs = exact_layers(num_layers, first=num_layers)
+    for layer in quantized_layers:
+        del configs[layer]
+    return configs
 
 
 def run_perplexity(
@@ -43,95 +142,92 @@ def run_perplexity(
     config: CacheConfig | None = None,
     exact_first_layers: int = 0,
     exact_last_layers: int = 0,
-    windows: int = 8,
+    windows: int = 4,
     window: int = 1024,
     context: int = 512,
     threads: int | None = None,
     cache: os.PathLike | None = None,
-    protocol: str = "window",
+    protocol: str = "decode",
     quantized_layers: Sequence[int] | None = None,
+    reference: ExactReference | str | os.PathLike | None = None,
+    batch: int = DEFAULT_BATCH,
 ) -> dict[str, Any]:
-    """Exact vs quantized perplexity over ``windows`` windows; return a ``real-model`` record.
+    """Exact vs quantized perplexity over ``windows`` windows; return a ``perplexity`` record.
 
-    ``quantized_layers`` quantizes only those layers and keeps every other one exact (per-layer
-    sensitivity); it replaces ``exact_first_layers`` / ``exact_last_layers``.
+    Args:
+        reference: the exact run (:func:`perplexity_reference`, or a file it was saved to) for
+            these windows; computed here when not given.
+        batch: windows decoded per graph call (``decode`` protocol; 1 = one window at a time).
+        quantized_layers: quantize only those layers and keep every other one exact (per-layer
+            sensitivity); replaces ``exact_first_layers`` / ``exact_last_layers``.
     """
-    from tq.corpus import corpus_text, token_windows
     from tq.models.bundle import ModelBundle
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if not 2 <= context < window:
-        raise ValueError(f"need 2 <= context < window, got context={context}, window={window}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    _check_shape(windows, window, context)
     config = config or CacheConfig()
     bundle = ModelBundle.load(bundle_dir)
+    layer_configs = _layer_configs(bundle.num_layers, exact_first_layers, exact_last_layers, quantized_layers)
+    start = time.perf_counter()
+    if reference is None:
+        reference = perplexity_reference(bundle_dir, windows, window, context, threads, cache)
+        reference_source = "computed in this run"
+    elif isinstance(reference, ExactReference):
+        reference_source = "given"
+    else:
+        reference_source = os.fspath(reference)
+        reference = ExactReference.load(reference)
+    reference.require(**reference_settings(bundle, windows, window, context))
+    reference_seconds = time.perf_counter() - start
     runner = RealModelRunner(bundle, threads)
-    layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
-    if quantized_layers is not None:
-        if exact_first_layers or exact_last_layers:
-            raise ValueError("give quantized_layers or exact_first_layers/exact_last_layers, not both")
-        outside = sorted(set(quantized_layers) - set(range(bundle.num_layers)))
-        if outside or not quantized_layers:
-            raise ValueError(
-                f"quantized_layers must name layers of the model (0..{bundle.num_layers - 1}), got "
-                f"{list(quantized_layers)}"
-            )
-        layer_configs = exact_layers(bundle.num_layers, first=bundle.num_layers)
-        for layer in quantized_layers:
-            del layer_configs[layer]
-    text = corpus_text(cache)
-    ids = bundle.encode(text[: windows * window * _CHARS_PER_TOKEN])
-    if len(ids) < windows * window:
-        ids = bundle.encode(text)
-    batches = token_windows(ids, window, windows)
+    tokens = np.stack([reference.sequence(index)[0] for index in range(windows)])
     progress = Progress("tq bench perplexity")
-    exact_nll, quantized_nll, kl, agree = [], [], [], []
+    per_token: list[dict[str, np.ndarray]] = []
     kv_nbytes = kv_float = 0
     start = time.perf_counter()
-    for index, tokens in enumerate(batches):
-        targets = tokens[context:]
-        kv = runner.new_cache(config, layer_configs)
-        if protocol == "window":
-            _, presents = runner.prefill(tokens[: context - 1])
-            exact_logits, _ = runner.extend(tokens[context - 1 : -1], presents)
-            quantized_past = runner.quantize_presents(kv, presents, 0)
-            quantized_logits, _ = runner.extend(tokens[context - 1 : -1], quantized_past)
+    for first in range(0, windows, batch if protocol == "decode" else 1):
+        rows = tokens[first : first + batch] if protocol == "decode" else tokens[first : first + 1]
+        caches = [runner.new_cache(config, layer_configs) for _ in rows]
+        if protocol == "decode":
+            steps = window - context
+            logits = runner.teacher_force(
+                rows[:, :context],
+                rows[:, context:],
+                caches,
+                on_step=lambda step, first=first, rows=rows, steps=steps: (
+                    step % 64 == 0
+                    and progress(f"windows {first + 1}-{first + len(rows)}/{windows}: step {step}/{steps}")
+                ),
+            )
         else:
-            exact_logits = runner.generate(tokens[:context], 0, forced_tokens=targets).logits
-            quantized_logits = runner.generate(tokens[:context], 0, cache=kv, forced_tokens=targets).logits
-        kv_nbytes += kv.nbytes
-        kv_float += kv.float_nbytes
-        exact_nll.append(metrics.cross_entropy(exact_logits, targets))
-        quantized_nll.append(metrics.cross_entropy(quantized_logits, targets))
-        kl.append(metrics.kl_divergence(exact_logits, quantized_logits))
-        agree.append(metrics.top1_agreement(exact_logits, quantized_logits))
-        progress(
-            f"window {index + 1}/{windows}: perplexity exact {np.exp(exact_nll[-1]):.2f}, "
-            f"quantized {np.exp(quantized_nll[-1]):.2f}"
-        )
+            _, presents = runner.prefill(rows[0, : context - 1])
+            past = runner.quantize_presents(caches[0], presents, 0)
+            logits = runner.extend(rows[0, context - 1 : -1], past)[0][None]
+        for offset, cache_of_window in enumerate(caches):
+            per_token.append(reference.compare(first + offset, logits[offset]))
+            kv_nbytes += cache_of_window.nbytes
+            kv_float += cache_of_window.float_nbytes
+        progress(f"windows {first + len(rows)}/{windows} done")
     seconds = time.perf_counter() - start
-    exact_ppl = metrics.perplexity(float(np.mean(exact_nll)))
-    quantized_ppl = metrics.perplexity(float(np.mean(quantized_nll)))
-    result = {
-        "exact_perplexity": exact_ppl,
-        "quantized_perplexity": quantized_ppl,
-        "perplexity_ratio": quantized_ppl / exact_ppl,
-        "kl_divergence": float(np.mean(kl)),
-        "top1_agreement": float(np.mean(agree)),
-        "scored_tokens": windows * (window - context),
+    values = {name: np.concatenate([part[name] for part in per_token]) for name in PER_TOKEN_FIELDS}
+    result = quality_summary(values) | {
         "context_kv_nbytes": kv_nbytes,
         "context_kv_float_nbytes": kv_float,
         "kv_compression_ratio": kv_float / kv_nbytes,
         "window_perplexities": {
-            "exact": np.exp(exact_nll).tolist(),
-            "quantized": np.exp(quantized_nll).tolist(),
+            side: [float(np.exp(part[f"{side}_nll"].mean())) for part in per_token]
+            for side in ("exact", "quantized")
         },
+        "per_token": {name: values[name].tolist() for name in PER_TOKEN_FIELDS},
     }
     record_config = {
         "workload": "perplexity",
         "bundle": os.fspath(bundle_dir),
-        "model": bundle.info.get("preset") or bundle.path.name,
-        "text": "Wikipedia excerpt of the gensim wheel (tq.corpus)",
+        "model": _model_name(bundle),
+        "text": TEXT,
         "windows": windows,
         "window": window,
         "context": context,
@@ -140,5 +236,12 @@ def run_perplexity(
         "exact_layers": sorted(layer_configs),
         "quantized_layers": None if quantized_layers is None else sorted(quantized_layers),
         "protocol": protocol,
+        "batch": batch if protocol == "decode" else 1,
+        "reference": reference_source,
     }
-    return make_record("real-model", record_config, result, {"seconds": seconds}, threads or 0)
+    timing = {
+        "seconds": seconds,
+        "scored_tokens_per_s": result["scored_tokens"] / seconds,
+        "reference_seconds": reference_seconds,
+    }
+    return make_record("real-model", record_config, result, timing, threads or 0)

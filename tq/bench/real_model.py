@@ -11,8 +11,14 @@ Modes (the reference crate's ``--real-eval-mode``):
   its own (token match rate, first divergence step; ``divergence_rate`` is the share of prompts
   whose free-running tokens differ from the exact run's anywhere).
 
-Timing: prefill latency and decode tokens/s per mode (same threads). KV memory: bytes the cache
-stores at the end vs fp32.
+Compare mode scores the quantized runs against an :class:`~tq.reference.ExactReference` of the
+exact runs (``reference``): the file the exact mode writes with ``reference_out`` (the pipeline's
+``baseline`` job), or, without one, the exact runs made here. Every teacher-forced figure is a
+mean over the forced tokens with its standard error (:mod:`tq.stats`).
+
+Timing: prefill latency and decode tokens/s per mode (same threads). A speed that cannot be
+computed (no decode step: every answer ended at its first token) is null, with the reason in
+``<name>_reason``. KV memory: bytes the cache stores at the end vs fp32.
 """
 
 from __future__ import annotations
@@ -23,24 +29,38 @@ from typing import Any
 
 import numpy as np
 
-from tq import metrics
 from tq.bench.synthetic import Progress
 from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
+from tq.reference import ExactReference, ReferenceError
 from tq.runner import Generation, RealModelRunner
+from tq.stats import PER_TOKEN_FIELDS, mean_se, quality_summary
 
 MODES = ("exact", "quantized", "compare")
 DEFAULT_TOP_K = 5
+_NO_DECODE_STEP = "no decode step: every answer ended at its first token (the prefill's)"
 
 
-def _timing(runs: Sequence[Generation]) -> dict[str, float]:
+def _timing(runs: Sequence[Generation]) -> dict[str, Any]:
     decode_steps = sum(len(run.tokens) - 1 for run in runs)
     decode_seconds = sum(run.decode_seconds for run in runs)
-    return {
+    timing: dict[str, Any] = {
         "prefill_seconds_mean": float(np.mean([run.prefill_seconds for run in runs])),
-        "decode_tokens_per_s": decode_steps / decode_seconds if decode_seconds > 0 else float("nan"),
+        "decode_tokens_per_s": decode_steps / decode_seconds if decode_steps and decode_seconds > 0 else None,
         "generated_tokens": sum(len(run.tokens) for run in runs),
     }
+    if timing["decode_tokens_per_s"] is None:
+        timing["decode_tokens_per_s_reason"] = _NO_DECODE_STEP
+    return timing
+
+
+def speed_ratio(quantized: dict[str, Any], exact: dict[str, Any]) -> dict[str, Any]:
+    """``decode_speed_ratio`` = quantized / exact decode tokens/s, or None with the reason."""
+    for side, timing in (("quantized", quantized), ("exact", exact)):
+        if timing.get("decode_tokens_per_s") is None:
+            reason = timing.get("decode_tokens_per_s_reason", "no decode speed")
+            return {"decode_speed_ratio": None, "decode_speed_ratio_reason": f"{side} run: {reason}"}
+    return {"decode_speed_ratio": quantized["decode_tokens_per_s"] / exact["decode_tokens_per_s"]}
 
 
 def _memory(runs: Sequence[Generation]) -> dict[str, float]:
@@ -53,33 +73,74 @@ def _memory(runs: Sequence[Generation]) -> dict[str, float]:
     }
 
 
+def reference_settings(model: str, max_new_tokens: int) -> dict[str, Any]:
+    """What a prompt-suite reference is made for (:meth:`ExactReference.require` checks it)."""
+    return {"workload": "real-model", "model": model, "max_new_tokens": max_new_tokens}
+
+
+def prompt_reference(
+    prompt_ids: Sequence[Sequence[int]], exact: Sequence[Generation], settings: dict[str, Any]
+) -> ExactReference:
+    """The exact runs of the prompts as a reference (float32 logits: the logit RMSE needs them)."""
+    runs = ((ids, run.tokens, run.logits) for ids, run in zip(prompt_ids, exact, strict=True))
+    return ExactReference.from_sequences(runs, "float32", settings)
+
+
 def compare_metrics(
-    exact: Sequence[Generation], forced: Sequence[Generation], free: Sequence[Generation], top_k: int
+    reference: ExactReference, forced: Sequence[Generation], free: Sequence[Generation], top_k: int
 ) -> dict[str, Any]:
-    """Drift of teacher-forced and free-running quantized runs against the exact runs."""
-    exact_logits = np.concatenate([run.logits for run in exact])
+    """Drift of teacher-forced and free-running quantized runs against the exact runs.
+
+    ``forced[i]`` follows the exact tokens of the reference's sequence i; ``free[i]`` decodes on
+    its own. Teacher-forced figures have standard errors over the forced tokens.
+    """
+    from tq import metrics
+
+    parts = [reference.compare(index, run.logits) for index, run in enumerate(forced)]
+    values = {name: np.concatenate([part[name] for part in parts]) for name in PER_TOKEN_FIELDS}
+    exact_logits = np.concatenate([reference.logits(reference.rows(i)) for i in range(len(forced))])
     forced_logits = np.concatenate([run.logits for run in forced])
-    targets = np.concatenate([run.tokens for run in exact])
-    nll = metrics.cross_entropy(forced_logits, targets)
-    divergence = [metrics.first_divergence(e.tokens, f.tokens) for e, f in zip(exact, free, strict=True)]
+    squared = np.mean((exact_logits.astype(np.float64) - forced_logits) ** 2, axis=1)
+    mean_squared, mean_squared_se = mean_se(squared)
+    rmse = float(np.sqrt(mean_squared))
+    exact_tokens = [reference.sequence(i)[1].tolist() for i in range(len(free))]
+    divergence = [metrics.first_divergence(e, f.tokens) for e, f in zip(exact_tokens, free, strict=True)]
+    compared = [min(len(e), len(f.tokens)) for e, f in zip(exact_tokens, free, strict=True)]
     matched = sum(
-        min(len(e.tokens), len(f.tokens)) * metrics.token_match_rate(e.tokens, f.tokens)
-        for e, f in zip(exact, free, strict=True)
+        n * metrics.token_match_rate(e, f.tokens)
+        for n, e, f in zip(compared, exact_tokens, free, strict=True)
     )
-    compared = sum(min(len(e.tokens), len(f.tokens)) for e, f in zip(exact, free, strict=True))
-    return {
-        "logit_rmse": metrics.logit_rmse(exact_logits, forced_logits),
+    summary = quality_summary(values)
+    return summary | {
+        "logit_rmse": rmse,
+        "logit_rmse_se": None if mean_squared_se is None or rmse == 0 else mean_squared_se / (2 * rmse),
         "topk_agreement": metrics.topk_agreement(exact_logits, forced_logits, top_k),
-        "top1_agreement": metrics.top1_agreement(exact_logits, forced_logits),
-        "kl_divergence": metrics.kl_divergence(exact_logits, forced_logits),
-        "cross_entropy": nll,
-        "perplexity": metrics.perplexity(nll),
-        "exact_cross_entropy": metrics.cross_entropy(exact_logits, targets),
-        "token_match_rate": matched / compared if compared else 1.0,
-        "divergence_rate": float(np.mean([step is not None for step in divergence])),
+        "cross_entropy": float(values["quantized_nll"].mean()),
+        "perplexity": summary["quantized_perplexity"],
+        "exact_cross_entropy": float(values["exact_nll"].mean()),
+        "token_match_rate": matched / sum(compared) if sum(compared) else 1.0,
+        "divergence_rate": float(np.mean([step is not None for step in divergence])) if divergence else 0.0,
         "first_divergence_steps": divergence,
-        "teacher_forced_steps": len(targets),
+        "teacher_forced_steps": summary["scored_tokens"],
     }
+
+
+def _load_reference(
+    reference: ExactReference | str | os.PathLike,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: dict[str, Any],
+) -> ExactReference:
+    if not isinstance(reference, ExactReference):
+        reference = ExactReference.load(reference)
+    reference.require(**settings)
+    if reference.sequences != len(prompt_ids):
+        raise ReferenceError(
+            f"the exact reference holds {reference.sequences} prompts, this job {len(prompt_ids)}"
+        )
+    for index, ids in enumerate(prompt_ids):
+        if reference.sequence(index)[0].tolist() != list(ids):
+            raise ReferenceError(f"prompt {index} is not the one the exact reference was made from")
+    return reference
 
 
 def run_real_model(
@@ -92,8 +153,17 @@ def run_real_model(
     max_new_tokens: int = 16,
     top_k: int = DEFAULT_TOP_K,
     threads: int | None = None,
+    reference: ExactReference | str | os.PathLike | None = None,
+    reference_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run prompts through a bundle in one mode; return a ``real-model`` result record."""
+    """Run prompts through a bundle in one mode; return a ``real-model`` result record.
+
+    Args:
+        reference: compare mode: the exact runs (a reference written by the exact mode with
+            ``reference_out``, or its file) instead of running them again; the record's exact
+            timing is then the one stored with the reference.
+        reference_out: exact mode: also write the exact runs there as a reference.
+    """
     from tq.models.bundle import ModelBundle
 
     if mode not in MODES:
@@ -102,23 +172,36 @@ def run_real_model(
         raise ValueError("no prompts given")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if reference is not None and mode != "compare":
+        raise ValueError("a reference is read in compare mode only")
+    if reference_out is not None and mode != "exact":
+        raise ValueError("a reference is written in exact mode only")
     config = config or CacheConfig()
     bundle = ModelBundle.load(bundle_dir)
+    model = bundle.info.get("preset") or bundle.path.name
+    settings = reference_settings(model, max_new_tokens)
     runner = RealModelRunner(bundle, threads)
     layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
+    prompt_ids = [bundle.encode(prompt) for prompt in prompts]
+    if reference is not None:
+        reference = _load_reference(reference, prompt_ids, settings)
+    run_exact = mode == "exact" or (mode == "compare" and reference is None)
     progress = Progress(f"tq bench real-model {mode}")
     exact: list[Generation] = []
     forced: list[Generation] = []
     free: list[Generation] = []
     per_prompt = []
-    for index, prompt in enumerate(prompts):
-        ids = bundle.encode(prompt)
+    for index, ids in enumerate(prompt_ids):
         row: dict[str, Any] = {"prompt_tokens": len(ids)}
-        if mode in ("exact", "compare"):
+        if run_exact:
             exact.append(runner.generate(ids, max_new_tokens))
-            row["exact_text"] = bundle.decode(exact[-1].tokens)
+            exact_tokens = exact[-1].tokens
+        elif mode == "compare":
+            exact_tokens = reference.sequence(index)[1].tolist()
+        if mode != "quantized":
+            row["exact_text"] = bundle.decode(exact_tokens)
         if mode == "compare":
-            forced.append(runner.generate(ids, 0, runner.new_cache(config, layer_configs), exact[-1].tokens))
+            forced.append(runner.generate(ids, 0, runner.new_cache(config, layer_configs), exact_tokens))
         if mode in ("quantized", "compare"):
             free.append(runner.generate(ids, max_new_tokens, runner.new_cache(config, layer_configs)))
             row["quantized_text"] = bundle.decode(free[-1].tokens)
@@ -129,19 +212,23 @@ def run_real_model(
     if exact:
         timing["exact"] = _timing(exact)
         result["exact_kv"] = _memory(exact)
+    if reference_out is not None:
+        prompt_reference(prompt_ids, exact, settings | {"timing": timing["exact"]}).save(reference_out)
     if free:
         timing["quantized"] = _timing(free)
         result["quantized_kv"] = _memory(free)
     if mode == "compare":
-        result.update(compare_metrics(exact, forced, free, top_k))
-        result["decode_speed_ratio"] = (
-            timing["quantized"]["decode_tokens_per_s"] / timing["exact"]["decode_tokens_per_s"]
-        )
+        if reference is None:
+            reference = prompt_reference(prompt_ids, exact, settings)
+        else:
+            timing["exact"] = reference.config.get("timing", {})
+        result.update(compare_metrics(reference, forced, free, top_k))
+        result.update(speed_ratio(timing["quantized"], timing["exact"]))
     result["per_prompt"] = per_prompt
     record_config = {
         "workload": "real-model",
         "bundle": os.fspath(bundle_dir),
-        "model": bundle.info.get("preset") or bundle.path.name,
+        "model": model,
         "mode": mode,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -149,6 +236,7 @@ def run_real_model(
         "threads": threads,
         "cache": config.describe() if mode != "exact" else None,
         "exact_layers": sorted(layer_configs),
+        "exact_runs": "read from the reference" if mode == "compare" and not exact else "run here",
         "note": "ONNX Runtime computes float attention over the cache's reconstruction; the current "
         "call's own keys and values are exact and are quantized for later calls.",
     }

@@ -361,7 +361,8 @@ class ModelBundle:
 
     def session(self, threads: int | None = None) -> onnxruntime.InferenceSession:
         """A new ONNX Runtime session on the CPU execution provider, with ``threads`` intra-op
-        threads (``None``: ONNX Runtime's default, one per core) and one inter-op thread."""
+        threads (``None``: ONNX Runtime's default, one per core) that do not spin while idle,
+        and one inter-op thread."""
         import onnxruntime
 
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -371,6 +372,10 @@ class ModelBundle:
         if threads is not None:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Idle ORT threads sleep instead of spinning: between graph calls the decode loop runs
+        # the cache's Numba kernels on the same cores, and spinning threads starved them (on 2
+        # cores a batched quantized decode step ran at half speed, or at random speeds).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return onnxruntime.InferenceSession(
             str(self.path / MODEL_ONNX), sess_options=options, providers=["CPUExecutionProvider"]
         )

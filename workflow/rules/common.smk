@@ -143,6 +143,21 @@ def exact_layer_params(wildcards) -> dict:
     return {k: v for k, v in _options(wildcards).items() if k.startswith("exact_")}
 
 
+def perplexity_params(section: str) -> dict:
+    """The protocol, batch and windows of config section ``section`` (perplexity or
+    layer_sensitivity)."""
+    return {name: config[section][name] for name in ("protocol", "batch", "windows", "window", "context")}
+
+
+def perplexity_reference_file(section: str) -> str:
+    """The exact reference a job of config section ``section`` reads ({model} left open)."""
+    settings = config[section]
+    return (
+        f"results/reference/{{model}}/perplexity-{settings['windows']}x{settings['window']}"
+        f"-c{settings['context']}.safetensors"
+    )
+
+
 PROMPTS = config["prompts"]
 SUITE = Path(PROMPTS["file"]).stem
 

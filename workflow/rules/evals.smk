@@ -26,12 +26,14 @@ rule trace_eval:
 
 
 rule baseline:
-    """The exact decode loop on the prompt suite: reference text, speed and KV size."""
+    """The exact decode loop on the prompt suite: reference text, speed and KV size, and the exact
+    runs (tokens and logits) that every compare job reads instead of running them again."""
     input:
         bundle=rules.bundle.output[0],
         prompts=PROMPTS["file"],
     output:
-        "results/baseline/{model}/{suite}.json",
+        record="results/baseline/{model}/{suite}.json",
+        reference="results/baseline/{model}/{suite}.reference.safetensors",
     params:
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
@@ -52,10 +54,12 @@ rule baseline:
 
 
 rule compare:
-    """Exact and quantized decode loops side by side (teacher-forced and free-running)."""
+    """The quantized decode loop against the baseline's exact runs (teacher-forced and
+    free-running)."""
     input:
         bundle=rules.bundle.output[0],
         prompts=PROMPTS["file"],
+        reference=rules.baseline.output.reference,
     output:
         f"results/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.json",
     params:
@@ -79,19 +83,45 @@ rule compare:
         "../scripts/real_model.py"
 
 
-rule perplexity:
+rule perplexity_reference:
+    """The exact model's run on the perplexity windows (one per model and windows x window,
+    context), read by every perplexity and per-layer job: they run only the quantized side."""
     input:
         bundle=rules.bundle.output[0],
         corpus=rules.corpus.output[0],
+    output:
+        "results/reference/{model}/perplexity-{windows}x{window}-c{context}.safetensors",
+    wildcard_constraints:
+        windows=r"\d+",
+        window=r"\d+",
+        context=r"\d+",
+    params:
+        source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
+    log:
+        "results/logs/reference/{model}/perplexity-{windows}x{window}-c{context}.log",
+    benchmark:
+        "results/benchmarks/reference/{model}/perplexity-{windows}x{window}-c{context}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    threads: 2
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/perplexity_reference.py"
+
+
+rule perplexity:
+    """Perplexity with a cache setting (the quantized side; the exact one is the reference)."""
+    input:
+        bundle=rules.bundle.output[0],
+        reference=perplexity_reference_file("perplexity"),
     output:
         f"results/perplexity/{{model}}/{CACHE_PATTERN}.json",
     params:
         cache=cache_params,
         exact_layers=exact_layer_params,
-        protocol=config["perplexity"]["protocol"],
-        windows=config["perplexity"]["windows"],
-        window=config["perplexity"]["window"],
-        context=config["perplexity"]["context"],
+        **perplexity_params("perplexity"),
         source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
     log:
         f"results/logs/perplexity/{{model}}/{CACHE_PATTERN}.log",
@@ -112,7 +142,7 @@ rule layer_sensitivity:
     layer exact: which layers are sensitive to quantization."""
     input:
         bundle=rules.bundle.output[0],
-        corpus=rules.corpus.output[0],
+        reference=perplexity_reference_file("layer_sensitivity"),
     output:
         "results/layer_sensitivity/{model}/layer{layer}.json",
     params:
@@ -122,10 +152,7 @@ rule layer_sensitivity:
         }
         | cache_fields(CACHE_OPTIONS),
         quantized_layers=lambda wildcards: [int(wildcards.layer)],
-        protocol=config["perplexity"]["protocol"],
-        windows=config["layer_sensitivity"]["windows"],
-        window=config["layer_sensitivity"]["window"],
-        context=config["layer_sensitivity"]["context"],
+        **perplexity_params("layer_sensitivity"),
         source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
     log:
         "results/logs/layer_sensitivity/{model}/layer{layer}.log",
@@ -141,36 +168,37 @@ rule layer_sensitivity:
         "../scripts/perplexity.py"
 
 
-rule needle:
-    """Needle-in-a-haystack retrieval with the exact and a {bits}-bit TurboQuant MSE cache."""
-    input:
-        bundle=rules.bundle.output[0],
-        corpus=rules.corpus.output[0],
-    output:
-        "results/needle/{model}/b{bits}.json",
-    wildcard_constraints:
-        bits=BITS,
-    params:
-        cache=lambda wildcards: {
-            "key_bits": _bits(wildcards.bits),
-            "value_bits": _bits(wildcards.bits),
-            **cache_fields(CACHE_OPTIONS),
-        },
-        context_lengths=config["needle"]["context_lengths"],
-        depths=config["needle"]["depths"],
-        trials=config["needle"]["trials"],
-        max_new_tokens=config["needle"]["max_new_tokens"],
-        seed=config["needle"]["seed"],
-        source_hash=tq_sources_hash("tq.bench.needle"),
-    log:
-        "results/logs/needle/{model}/b{bits}.log",
-    benchmark:
-        "results/benchmarks/needle/{model}/b{bits}.tsv"
-    resources:
-        mem_mb=12000,
-        runtime=60,
-    threads: 2
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/needle.py"
+if config["needle"]["bits"]:
+
+    rule needle:
+        """Needle-in-a-haystack retrieval with the exact cache and a TurboQuant MSE cache of each
+        width in needle.bits: one job per model, so that each prompt's prefill (most of the cost
+        at 4k tokens) and exact answer are computed once and shared by every width."""
+        input:
+            bundle=rules.bundle.output[0],
+            corpus=rules.corpus.output[0],
+        output:
+            [f"results/needle/{{model}}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]],
+        params:
+            caches=[
+                {"key_bits": bits, "value_bits": bits, **cache_fields(CACHE_OPTIONS)}
+                for bits in config["needle"]["bits"]
+            ],
+            context_lengths=config["needle"]["context_lengths"],
+            depths=config["needle"]["depths"],
+            trials=config["needle"]["trials"],
+            max_new_tokens=config["needle"]["max_new_tokens"],
+            seed=config["needle"]["seed"],
+            source_hash=tq_sources_hash("tq.bench.needle"),
+        log:
+            "results/logs/needle/{model}.log",
+        benchmark:
+            "results/benchmarks/needle/{model}.tsv"
+        resources:
+            mem_mb=12000,
+            runtime=60,
+        threads: 2
+        conda:
+            CONDA_ENV
+        script:
+            "../scripts/needle.py"

@@ -1,10 +1,11 @@
-"""Needle-in-a-haystack retrieval, exact vs quantized cache (tq.bench.needle.run_needle)."""
+"""Needle-in-a-haystack retrieval, exact vs quantized caches of each width
+(tq.bench.needle.run_needle_sweep): one record per width, in the order of the rule's outputs."""
 
 import os
 import sys
 from pathlib import Path
 
-from tq.bench.needle import run_needle
+from tq.bench.needle import run_needle_sweep
 from tq.kvcache import CacheConfig
 from tq.records import write_record
 
@@ -12,9 +13,9 @@ with open(snakemake.log[0], "w") as log:
     sys.stderr = log
     os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
     params = snakemake.params
-    record = run_needle(
+    records = run_needle_sweep(
         snakemake.input.bundle,
-        CacheConfig(**params.cache),
+        [CacheConfig(**cache) for cache in params.caches],
         context_lengths=params.context_lengths,
         depths=params.depths,
         trials=params.trials,
@@ -23,4 +24,5 @@ with open(snakemake.log[0], "w") as log:
         seed=params.seed,
         text=Path(snakemake.input.corpus).read_text(),
     )
-    write_record(snakemake.output[0], record)
+    for path, record in zip(snakemake.output, records, strict=True):
+        write_record(path, record)

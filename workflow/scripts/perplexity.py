@@ -1,5 +1,6 @@
 """Exact vs quantized perplexity on the Wikipedia text (tq.bench.perplexity.run_perplexity):
-rule perplexity (a cache setting) and rule layer_sensitivity (one layer quantized)."""
+rule perplexity (a cache setting) and rule layer_sensitivity (one layer quantized), both reading
+the exact side from the reference of rule perplexity_reference."""
 
 import os
 import sys
@@ -19,6 +20,8 @@ with open(snakemake.log[0], "w") as log:
         window=params.window,
         context=params.context,
         protocol=params.protocol,
+        batch=params.batch,
+        reference=snakemake.input.reference,
         threads=snakemake.threads,
         **(
             {"quantized_layers": params.quantized_layers}

@@ -1,4 +1,5 @@
-"""The decode loop on the prompt suite: exact mode (rule baseline) or compare mode (rule compare)."""
+"""The decode loop on the prompt suite: exact mode (rule baseline, which also writes the exact runs
+as a reference) or compare mode (rule compare, which reads them)."""
 
 import os
 import sys
@@ -14,9 +15,14 @@ with open(snakemake.log[0], "w") as log:
     params = snakemake.params
     prompts = read_prompts(snakemake.input.prompts)[: params.limit]
     if snakemake.rule == "baseline":
-        options = {"mode": "exact"}
+        options = {"mode": "exact", "reference_out": snakemake.output.reference}
     else:
-        options = {"mode": "compare", "config": CacheConfig(**params.cache), **params.exact_layers}
+        options = {
+            "mode": "compare",
+            "config": CacheConfig(**params.cache),
+            "reference": snakemake.input.reference,
+            **params.exact_layers,
+        }
     record = run_real_model(
         snakemake.input.bundle,
         prompts,
@@ -25,4 +31,4 @@ with open(snakemake.log[0], "w") as log:
         threads=snakemake.threads,
         **options,
     )
-    write_record(snakemake.output[0], record)
+    write_record(snakemake.output[0], record)  # the record (baseline: output.record)

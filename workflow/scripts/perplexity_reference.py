@@ -1,0 +1,20 @@
+"""The exact run on the perplexity windows (tq.bench.perplexity.perplexity_reference): rule
+perplexity_reference, read by rules perplexity and layer_sensitivity."""
+
+import os
+import sys
+
+from tq.bench.perplexity import perplexity_reference
+
+with open(snakemake.log[0], "w") as log:
+    sys.stderr = log
+    os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
+    wildcards = snakemake.wildcards
+    reference = perplexity_reference(
+        snakemake.input.bundle,
+        windows=int(wildcards.windows),
+        window=int(wildcards.window),
+        context=int(wildcards.context),
+        threads=snakemake.threads,
+    )
+    reference.save(snakemake.output[0])
