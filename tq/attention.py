@@ -49,7 +49,6 @@ from tq.kernels.cpu import (
     _CHUNK,
     _FASTMATH,
     _add_sign_scores,
-    _blas_controller,
     _jit,
     _jit_in_memory,
     _pool,
@@ -57,6 +56,7 @@ from tq.kernels.cpu import (
     _run_chunks,
     _unpack_sign_row,
     num_threads,
+    single_threaded_blas,
 )
 from tq.kernels.reference import qjl_scale
 from tq.kvcache import TURBOQUANT_STRATEGIES, QuantizedKVCache, _Store
@@ -522,7 +522,7 @@ def decode_attention(queries: Any, cache: Any, scale: float, device: str | None 
         return _attend_head(_head_queries(queries, kv_heads, head), keys, values, head, scale, length, chunk)
 
     if threads > 1 and kv_heads >= threads:  # one head per thread at a time, tokens not split
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        with single_threaded_blas():
             results = list(_pool(threads).map(lambda head: attend(head, length), range(kv_heads)))
     else:
         results = [attend(head, _token_chunk(length)) for head in range(kv_heads)]

@@ -345,10 +345,12 @@ class _Store:
         norm_size = 2 if self.config.norm_dtype == "float16" else 4
         for group in self.groups:
             for batch, start, stop in group.pieces:
-                piece = batch.rows(start, stop)
-                total += piece.nbytes
-                if piece.norms is not None:  # held as float32, stored at norm_dtype
-                    total += len(piece) * (norm_size - piece.norms.itemsize)
+                # A batch's arrays all scale with its rows (per-channel baselines hold whole
+                # groups), so a piece's share is proportional to its rows.
+                rows = stop - start
+                total += batch.nbytes * rows // len(batch)
+                if batch.norms is not None:  # held as float32, stored at norm_dtype
+                    total += rows * (norm_size - batch.norms.itemsize)
             if len(self.groups) > 1:
                 total += group.channels.size * 2  # uint16 channel indices, once per head
         return total

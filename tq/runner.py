@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tq.kernels.cpu import single_threaded_blas
 from tq.kvcache import CacheConfig, MultiHeadKVCache, append_batch
 
 Past = list[tuple[np.ndarray, np.ndarray]]
@@ -140,9 +141,12 @@ class RealModelRunner:
             raise ValueError(f"{len(caches)} caches for a batch of {presents[0][0].shape[0]} sequences")
         past = [(np.require(k, requirements="CW"), np.require(v, requirements="CW")) for k, v in presents]
         unchanged = [[min(layer.quantized_tokens, past_len) for layer in cache.layers] for cache in caches]
-        append_batch(
-            caches, [key[:, :, past_len:] for key, _ in past], [value[:, :, past_len:] for _, value in past]
-        )
+        with single_threaded_blas():  # a step's rotations are small; see single_threaded_blas
+            append_batch(
+                caches,
+                [key[:, :, past_len:] for key, _ in past],
+                [value[:, :, past_len:] for _, value in past],
+            )
         for row, cache in enumerate(caches):
             for layer, (key, value), start in zip(cache.layers, past, unchanged[row], strict=True):
                 key[row, :, start:] = layer.keys()[:, start:]

@@ -24,9 +24,10 @@ Score: retrieval = the needle's number appears as a whole number in the decoded 
 (thousands groups written with a comma or a space count: ``48,213`` is 48213). Reported per
 (context length, depth) and overall, for both runs, with how often the two runs agree.
 
-Cost: one prefill per prompt (shared by both runs) and two short answers. On SmolLM2-135M with
-2 threads a prefill takes about 4 s at 1k tokens, 10 s at 2k and 40 s at 4k, so the default
-run (3 lengths x 3 depths x 4 trials) takes about 15 minutes.
+Cost: one prefill per prompt, shared by the exact run and, in :func:`run_needle_sweep`, by every
+cache configuration, and one short answer per run. On SmolLM2-135M with 2 threads a prefill
+(in 512-token calls, :data:`tq.runner.PREFILL_CHUNK`) takes about 2 s at 1k tokens and 15 s at
+4k; the trials are not batched, since a prefill is bound by computation, not by reading weights.
 """
 
 from __future__ import annotations
