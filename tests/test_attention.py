@@ -23,11 +23,17 @@ TOLERANCE = 1e-5
 IMPLEMENTATIONS = [decode_attention, decode_attention_reference]
 
 
-def truth(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> np.ndarray:
-    """float64 softmax(scale q K^T) V on the reconstruction, GQA by repeating KV heads."""
+def truth(
+    queries: np.ndarray, cache: QuantizedKVCache, scale: float, start: int = 0, new=None
+) -> np.ndarray:
+    """float64 softmax(scale q K^T) V on the reconstruction of tokens start.. and the exact new
+    (keys, values), GQA by repeating KV heads."""
     group = queries.shape[0] // cache.kv_heads
-    keys = np.repeat(cache.keys().astype(np.float64), group, axis=0)
-    values = np.repeat(cache.values().astype(np.float64), group, axis=0)
+    keys, values = cache.keys()[:, start:], cache.values()[:, start:]
+    if new is not None:
+        keys, values = np.concatenate([keys, new[0]], axis=1), np.concatenate([values, new[1]], axis=1)
+    keys = np.repeat(keys.astype(np.float64), group, axis=0)
+    values = np.repeat(values.astype(np.float64), group, axis=0)
     scores = np.einsum("hqd,htd->hqt", queries.astype(np.float64), keys) * scale
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
@@ -79,6 +85,41 @@ def test_matches_reconstruct_then_attend(name, attention) -> None:
     cache = random_cache(CONFIGS[name])
     queries = np.random.default_rng(1).standard_normal((6, 3, 64)).astype(np.float32)  # GQA 6 on 2
     assert_close(attention(queries, cache, 0.3), truth(queries, cache, 0.3))
+
+
+@pytest.mark.parametrize("name", ["mse3", "prod3", "frac3.5-prod", "window", "exact-keys"])
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
+@pytest.mark.parametrize("start", [0, 20, 60, 81])
+def test_window_and_new_tokens(name, attention, start) -> None:
+    """``start`` (a sliding window: from inside the quantized tokens, in the exact window, or
+    past every cached token) and exact ``new_keys`` / ``new_values`` after the cached tokens."""
+    cache = random_cache(CONFIGS[name])  # 81 tokens
+    rng = np.random.default_rng(5)
+    new = rng.standard_normal((2, 2, 2, 64)).astype(np.float32)
+    queries = rng.standard_normal((4, 1, 64)).astype(np.float32)
+    out = attention(queries, cache, 0.3, start=start, new_keys=new[0], new_values=new[1])
+    assert_close(out, truth(queries, cache, 0.3, start, new))
+    if start < len(cache):
+        assert_close(attention(queries, cache, 0.3, start=start), truth(queries, cache, 0.3, start))
+
+
+@pytest.mark.parametrize("name", ["mse3", "prod3", "frac3.5-prod", "window", "exact-values"])
+def test_cache_without_reconstruction(name) -> None:
+    """A cache that keeps no float copy of its quantized tokens stores the same codes: the same
+    attention, the same keys() (rebuilt from the codes), the same nbytes, smaller buffers."""
+    kept = random_cache(CONFIGS[name])
+    packed = QuantizedKVCache(2, 64, CONFIGS[name], keep_reconstruction=False)
+    rng = np.random.default_rng(0)  # random_cache's draws, replayed
+    for t in (50, 1, 30):
+        keys = rng.standard_normal((2, t, 64)) * np.linspace(0.5, 3.0, 64)
+        packed.append(keys, rng.standard_normal((2, t, 64)))
+    queries = np.random.default_rng(1).standard_normal((4, 2, 64)).astype(np.float32)
+    assert_close(decode_attention(queries, packed, 0.3), truth(queries, kept, 0.3))
+    for part in ("keys", "values"):
+        expected, scale = getattr(kept, part)(), np.abs(getattr(kept, part)()).max()
+        np.testing.assert_allclose(getattr(packed, part)(), expected, rtol=0, atol=1e-6 * scale)
+    assert packed.nbytes == kept.nbytes
+    assert packed.buffer_nbytes < kept.buffer_nbytes
 
 
 def test_one_token_one_head_and_large_logits() -> None:
@@ -146,6 +187,14 @@ def test_errors() -> None:
         decode_attention(good, random_cache(CacheConfig(value_strategy="uniform"), spans=(5,)), 1.0)
     with pytest.raises(NotImplementedError, match="renormalize"):
         decode_attention(good, random_cache(CacheConfig(key_strategy="prod", renormalize=True)), 1.0)
+    with pytest.raises(ValueError, match=r"start must be an integer in \[0, 5\]"):
+        decode_attention(good, cache, 1.0, start=6)
+    with pytest.raises(ValueError, match="together"):
+        decode_attention(good, cache, 1.0, new_keys=np.zeros((2, 1, 64), np.float32))
+    with pytest.raises(ValueError, match="new_values must have shape"):
+        decode_attention(good, cache, 1.0, new_keys=good[:2], new_values=good[:1])
+    with pytest.raises(ValueError, match="empty"):
+        decode_attention(good, cache, 1.0, start=5)
 
 
 def test_device_cuda_runs_the_gpu_kernels() -> None:

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from tq.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers, split_widths
+from tq.kvcache import (
+    CacheConfig,
+    MultiHeadKVCache,
+    QuantizedKVCache,
+    append_each,
+    exact_layers,
+    split_widths,
+)
 
 HEADS, DIM = 3, 64
 
@@ -344,3 +351,43 @@ def test_append_all_equals_appending_layer_by_layer(name):
 def test_overrides_outside_the_model_are_refused():
     with pytest.raises(ValueError, match=r"layer overrides \[7\] are outside the model's layers 0..5"):
         MultiHeadKVCache(6, HEADS, DIM, layer_configs={7: CacheConfig()})
+
+
+@pytest.mark.parametrize("name", ["mse4", "window", "kivi", "uniform"])
+def test_keep_reconstruction_false_stores_the_same_tokens(name):
+    """Without the float reconstruction the cache stores the same codes and rebuilds the same
+    keys and values from them (baselines too); its working buffer holds only the exact window."""
+    keys, values = _tokens(40, 60)
+    kept, packed = (
+        QuantizedKVCache(HEADS, DIM, CONFIGS[name], keep_reconstruction=flag) for flag in (True, False)
+    )
+    for cache in (kept, packed):
+        _fill(cache, keys, values, [20, 1, 1, 30, 8])
+    np.testing.assert_allclose(packed.keys(), kept.keys(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(packed.values(), kept.values(), rtol=1e-6, atol=1e-6)
+    assert packed.nbytes == kept.nbytes and packed.quantized_tokens == kept.quantized_tokens
+    assert packed.buffer_nbytes < kept.buffer_nbytes
+    assert packed.keys().flags.writeable is False
+
+
+def test_copy_is_independent():
+    cache = QuantizedKVCache(HEADS, DIM, CONFIGS["prod3"])
+    _fill(cache, *_tokens(41, 12), [12])
+    twin = cache.copy()
+    twin.append(*_tokens(42, 3))
+    assert len(cache) == 12 and len(twin) == 15
+    np.testing.assert_array_equal(twin.keys()[:, :12], cache.keys())
+    assert twin._keys.groups[0].quantizer is cache._keys.groups[0].quantizer  # shared, not copied
+
+
+def test_append_each_checks_everything_before_adding_anything():
+    caches = [QuantizedKVCache(HEADS, DIM), QuantizedKVCache(HEADS, DIM)]
+    good, bad = _tokens(43, 2), _tokens(44, 2)
+    bad[0][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        append_each(caches, [good[0], bad[0]], [good[1], bad[1]])
+    assert [len(cache) for cache in caches] == [0, 0]
+    append_each(caches, [good[0], good[0] * 2], [good[1], good[1]])
+    single = QuantizedKVCache(HEADS, DIM)
+    single.append(good[0] * 2, good[1])
+    np.testing.assert_allclose(caches[1].keys(), single.keys(), rtol=1e-6, atol=1e-6)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -59,148 +58,34 @@ from tq.kernels.cpu import (
     single_threaded_blas,
 )
 from tq.kernels.reference import qjl_scale
-from tq.kvcache import TURBOQUANT_STRATEGIES, QuantizedKVCache, _Store
+from tq.kvcache import QuantizedKVCache
+from tq.packed_view import (
+    PackedCache,
+    PackedGroup,
+    PackedStream,
+    check_host_queries,
+    check_scale,
+    packed_cache,
+)
 from tq.packing import unpack_codes, unpack_signs
-from tq.quantizers import TurboQuantProd
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
 _jit_inline = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True, inline="always")
 
 
-@dataclass(frozen=True)
-class _GroupData:
-    """One channel group's quantized tokens of every KV head, in token order.
-
-    codes uint8 [kv_heads, n, bytes]; scales float32 [kv_heads, n] (the norms, or for a
-    renormalized "mse" stream norm / |c[idx]|); signs uint8 [kv_heads, n, ceil(size/8)] and
-    gammas float32 [kv_heads, n] for Prod (else None); channels int64 [kv_heads, size].
-    """
-
-    quantizer: object
-    channels: np.ndarray
-    codes: np.ndarray
-    scales: np.ndarray
-    signs: np.ndarray | None
-    gammas: np.ndarray | None
-
-    @functools.cached_property
-    def decoder(self) -> tuple[SimpleNamespace, np.ndarray, np.ndarray]:
-        """(the CPU kernels for this group's width and size, float32 centroids [2^bits], their
-        word table), made once per call and shared by every head and both passes."""
-        kernels = _attention_kernels(self.quantizer.codebook.bits, self.channels.shape[1])
-        centroids = self.quantizer.codebook.centroids.astype(np.float32)
-        return kernels, centroids, kernels.word_table(centroids)
-
-
-@dataclass(frozen=True)
-class _StreamData:
-    """A stream's quantized tokens (channel groups) and its exact tokens [kv_heads, e, d]."""
-
-    groups: list[_GroupData]
-    quantized: int
-    exact: np.ndarray
-
-
-def _concat(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
-
-
-def _stream(store: _Store, name: str) -> _StreamData:
-    """Gather one stream's packed data per KV head (views when it was quantized in one span)."""
-    if store.strategy not in (*TURBOQUANT_STRATEGIES, "exact"):
-        raise NotImplementedError(
-            f"decode_attention does not support {name} strategy {store.strategy!r} (baseline "
-            "strategies are out of scope); use 'mse', 'prod' or 'exact', or attend over "
-            f"cache.{name}s()"
-        )
-    if store.strategy == "prod" and store.config.renormalize:
-        raise NotImplementedError(
-            f"decode_attention does not support renormalize=True with {name} strategy 'prod'"
-        )
-    kv_heads = store.kv_heads
-    if store.strategy == "exact":
-        return _StreamData([], 0, store.buffer[:, : store.length])
-    groups = []
-    for group in store.groups:
-        codes, scales, signs, gammas = [], [], [], []
-        for batch, start, stop in group.pieces:
-            piece = batch.rows(start, stop)
-            t = (stop - start) // kv_heads
-            codes.append(piece.codes.reshape(kv_heads, t, -1))
-            scales.append(piece.norms.reshape(kv_heads, t))
-            if isinstance(group.quantizer, TurboQuantProd):
-                signs.append(piece.signs.reshape(kv_heads, t, -1))
-                gammas.append(piece.gammas.reshape(kv_heads, t))
-        if not codes:
-            continue
-        group_codes = _concat(codes)
-        group_scales = _concat(scales)
-        if store.config.renormalize:  # the reconstruction is rescaled to the stored norm
-            quantizer = group.quantizer
-            centroids = quantizer.codebook.centroids.astype(np.float64)
-            size = group.channels.shape[1]
-            indices = unpack_codes(group_codes.reshape(-1, group_codes.shape[2]), size, quantizer.bits)
-            lengths = np.sqrt(np.sum(centroids[indices] ** 2, axis=1)).reshape(group_scales.shape)
-            group_scales = np.where(
-                lengths > 0, group_scales / np.where(lengths > 0, lengths, 1.0), 0.0
-            ).astype(np.float32)
-        groups.append(
-            _GroupData(
-                group.quantizer,
-                group.channels,
-                group_codes,
-                group_scales,
-                _concat(signs) if signs else None,
-                _concat(gammas) if gammas else None,
-            )
-        )
-    return _StreamData(groups, store.quantized, store.buffer[:, store.quantized : store.length])
-
-
-def check_scale(scale: object) -> float:
-    """The softmax scale as a float; TypeError or ValueError for a non-number or non-finite one."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a number, got {scale!r}")
-    if not np.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
-
-
-def check_query_shape(shape: tuple[int, ...], kv_heads: int, head_dim: int) -> None:
-    """ValueError unless ``shape`` is [q_heads, n_queries, head_dim], q_heads a multiple of kv_heads."""
-    if len(shape) != 3 or shape[2] != head_dim or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(
-            f"queries must have shape [q_heads, n_queries, {head_dim}] with q_heads, "
-            f"n_queries >= 1, got {list(shape)}"
-        )
-    if shape[0] % kv_heads:
-        raise ValueError(f"q_heads ({shape[0]}) must be a multiple of the cache's kv_heads ({kv_heads})")
-
-
-def check_host_queries(queries: object, kv_heads: int, head_dim: int) -> None:
-    """TypeError unless a float NumPy array, ValueError for a bad shape (check_query_shape) or a
-    NaN or inf (naming the first)."""
-    if not isinstance(queries, np.ndarray) or queries.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(
-            f"queries must be a float numpy array, got {getattr(queries, 'dtype', type(queries).__name__)}"
-        )
-    check_query_shape(queries.shape, kv_heads, head_dim)
-    finite = np.isfinite(queries)
-    if not finite.all():
-        head, query, _ = np.argwhere(~finite)[0]
-        raise ValueError(f"queries contain NaN or inf (head {head}, query {query})")
-
-
-def _check(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> tuple[np.ndarray, float]:
-    """Validate the arguments; return the queries as float32 and the scale as a float."""
-    if not isinstance(cache, QuantizedKVCache):
-        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+def _check(
+    queries: np.ndarray,
+    cache: QuantizedKVCache,
+    scale: float,
+    start: int,
+    new_keys: np.ndarray | None,
+    new_values: np.ndarray | None,
+) -> tuple[np.ndarray, PackedCache, float]:
+    """Validate the arguments; return the queries as float32, the packed view and the scale."""
+    view = packed_cache(cache, start, new_keys, new_values)
     check_host_queries(queries, cache.kv_heads, cache.head_dim)
-    scale = check_scale(scale)
-    if len(cache) == 0:
-        raise ValueError("the cache is empty: there is nothing to attend to")
-    return np.ascontiguousarray(queries, dtype=np.float32), scale
+    return np.ascontiguousarray(queries, dtype=np.float32), view, check_scale(scale)
 
 
 def _head_queries(queries: np.ndarray, kv_heads: int, head: int) -> np.ndarray:
@@ -213,11 +98,19 @@ def _head_queries(queries: np.ndarray, kv_heads: int, head: int) -> np.ndarray:
 # The NumPy oracle
 
 
-def decode_attention_reference(queries: np.ndarray, cache: QuantizedKVCache, scale: float) -> np.ndarray:
+def decode_attention_reference(
+    queries: np.ndarray,
+    cache: QuantizedKVCache,
+    scale: float,
+    *,
+    start: int = 0,
+    new_keys: np.ndarray | None = None,
+    new_values: np.ndarray | None = None,
+) -> np.ndarray:
     """The float64 NumPy version of :func:`decode_attention` (same arguments and result): unpack
     the codes, score in the rotated domain, accumulate values there, rotate back per query."""
-    queries, scale = _check(queries, cache, scale)
-    keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
+    queries, view, scale = _check(queries, cache, scale, start, new_keys, new_values)
+    keys, values = view.keys, view.values
     kv_heads, dim = cache.kv_heads, cache.head_dim
     out = np.empty(queries.shape, np.float32)
     group_size = queries.shape[0] // kv_heads
@@ -394,10 +287,24 @@ def _token_chunk(n: int) -> int:
     return max(_CHUNK, -(-n // num_threads()))
 
 
-def _group_scores(g: _GroupData, head: int, q: np.ndarray, out: np.ndarray, chunk: int) -> None:
+@functools.cache
+def _decoder(bits: int, size: int, centroids: bytes) -> tuple[SimpleNamespace, np.ndarray, np.ndarray]:
+    """(the CPU kernels for a group's width and size, its float32 centroids [2^bits], their word
+    table): made once per codebook, shared by every call, head and pass."""
+    kernels = _attention_kernels(bits, size)
+    values = np.frombuffer(centroids, np.float32).copy()
+    return kernels, values, kernels.word_table(values)
+
+
+def _group_decoder(g: PackedGroup) -> tuple[SimpleNamespace, np.ndarray, np.ndarray]:
+    codebook = g.quantizer.codebook
+    return _decoder(codebook.bits, g.channels.shape[1], codebook.centroids.astype(np.float32).tobytes())
+
+
+def _group_scores(g: PackedGroup, head: int, q: np.ndarray, out: np.ndarray, chunk: int) -> None:
     """out[m, i] = score estimate of query m against quantized token i for one channel group."""
     quantizer = g.quantizer
-    kernels, centroids, table = g.decoder
+    kernels, centroids, table = _group_decoder(g)
     qg = np.ascontiguousarray(q[:, g.channels[head]])
     rotated = np.ascontiguousarray(qg @ quantizer.rotation.matrix.T, dtype=np.float32)
     codes, scales = g.codes[head], g.scales[head]
@@ -422,12 +329,12 @@ def _accumulators(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
     return [row[:size].reshape(shape) for row in buffer]
 
 
-def _group_values(g: _GroupData, head: int, weights: np.ndarray, chunk: int) -> np.ndarray:
+def _group_values(g: PackedGroup, head: int, weights: np.ndarray, chunk: int) -> np.ndarray:
     """sum_i weights[m, i] * value_i over one channel group's channels -> float32 [m, size]
     (accumulated in the rotated domain and rotated back once; Prod adds the sign sums times S)."""
     quantizer = g.quantizer
     size = g.channels.shape[1]
-    kernels, centroids, table = g.decoder
+    kernels, centroids, table = _group_decoder(g)
     codes = g.codes[head]
     n = codes.shape[0]
     w = np.ascontiguousarray(weights * g.scales[head][None, :], dtype=np.float32)
@@ -455,7 +362,7 @@ def _attention_cuda() -> ModuleType:
 
 
 def _attend_head(
-    q: np.ndarray, keys: _StreamData, values: _StreamData, head: int, scale: float, length: int, chunk: int
+    q: np.ndarray, keys: PackedStream, values: PackedStream, head: int, scale: float, length: int, chunk: int
 ) -> np.ndarray:
     """Attention of one KV head's queries q float32 [m, d] over all ``length`` tokens ->
     float32 [m, d]; the packed passes split the tokens into ranges of ``chunk``."""
@@ -478,8 +385,17 @@ def _attend_head(
     return result
 
 
-def decode_attention(queries: Any, cache: Any, scale: float, device: str | None = None) -> Any:
-    """Attention of queries over every token of a quantized cache, from the packed codes.
+def decode_attention(
+    queries: Any,
+    cache: Any,
+    scale: float,
+    device: str | None = None,
+    *,
+    start: int = 0,
+    new_keys: np.ndarray | None = None,
+    new_values: np.ndarray | None = None,
+) -> Any:
+    """Attention of queries over the tokens of a quantized cache, from the packed codes.
 
     Args:
         queries: float [q_heads, n_queries, head_dim]; q_heads a multiple of cache.kv_heads,
@@ -492,10 +408,15 @@ def decode_attention(queries: Any, cache: Any, scale: float, device: str | None 
         scale: softmax scale of the logits q . k, e.g. 1 / sqrt(head_dim).
         device: "cpu", "cuda" or "auto" (default: the cache's ``config.device``). "cuda" with a
             QuantizedKVCache uploads its packed streams on every call.
+        start: attend to the cache's tokens start..len(cache)-1 only (a sliding window).
+        new_keys, new_values: float [kv_heads, n, head_dim], exact tokens attended to after the
+            cached ones (a decode step's own key and value, before they enter the cache).
+            ``start``, ``new_keys`` and ``new_values`` need a QuantizedKVCache.
 
-    Cost: the packed data are read in place when the cache was filled in one append; a cache
-    grown in many appends keeps one packed piece per append, and every call first copies those
-    pieces into one array per channel group (a pass over the whole packed cache).
+    Cost: the packed data are read in place. A cache grown in many appends keeps one packed
+    piece per append; a call first merges them into one batch per channel group, in the cache
+    (a copy of the packed bytes, once per call that finds new pieces: in a decode loop, one
+    pass over the packed cache per step, much less than the attention's own passes).
 
     Returns:
         float32 [q_heads, n_queries, head_dim]: softmax(scale * q K^T) V (a Numba device array
@@ -509,13 +430,16 @@ def decode_attention(queries: Any, cache: Any, scale: float, device: str | None 
     if not isinstance(cache, QuantizedKVCache) and isinstance(cache, _attention_cuda().DeviceKVCache):
         if device not in (None, "cuda", "auto"):
             raise ValueError(f"a DeviceKVCache lives on the GPU; device={device!r} cannot use it")
+        if start or new_keys is not None or new_values is not None:
+            raise ValueError("start, new_keys and new_values need a QuantizedKVCache, not a DeviceKVCache")
         return _attention_cuda().decode_attention_cuda(queries, cache, scale)
     if isinstance(cache, QuantizedKVCache) and resolve_device(device or cache.config.device) == "cuda":
         cuda_path = _attention_cuda()
-        return cuda_path.decode_attention_cuda(queries, cuda_path.DeviceKVCache(cache), scale)
-    queries, scale = _check(queries, cache, scale)
-    keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
-    kv_heads, length = cache.kv_heads, len(cache)
+        view = packed_cache(cache, start, new_keys, new_values)
+        return cuda_path.decode_attention_cuda(queries, cuda_path.DeviceKVCache(view), scale)
+    queries, view, scale = _check(queries, cache, scale, start, new_keys, new_values)
+    keys, values = view.keys, view.values
+    kv_heads, length = cache.kv_heads, view.length
     threads = num_threads()
 
     def attend(head: int, chunk: int) -> np.ndarray:

@@ -11,12 +11,17 @@ outlier channel indices of each head are stored once. For the baseline strategie
 (tq.baselines: "uniform", "rotated-uniform", "kivi"): the packed codes and a float16 zero point
 and scale per group. ``exact`` tokens and the tokens of the residual window are stored as fp32.
 ``keys()`` and ``values()`` return a float32 reconstruction that the cache maintains as tokens
-arrive (a working buffer for the decode loop, not counted in ``nbytes``);
-``dequantize_stored()`` rebuilds it from the stored codes alone.
+arrive (a working buffer for the decode loop, not counted in ``nbytes``; ``buffer_nbytes``);
+``dequantize_stored()`` rebuilds it from the stored codes alone. A cache made with
+``keep_reconstruction=False`` keeps no float copy of its quantized tokens (only the exact
+window): attention reads the packed codes (:func:`tq.attention.decode_attention`), and
+``keys()`` / ``values()`` rebuild from the codes on each call.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -165,7 +170,7 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
     """
     buckets: dict[tuple, list[tuple[_Store, slice, np.ndarray]]] = {}
     for store, span in pending:
-        tokens = np.ascontiguousarray(store.buffer[:, span])
+        tokens = np.ascontiguousarray(store.buffer[:, store.local(span)])
         if not store.groups:
             store._make_groups(tokens)
         key = (
@@ -194,8 +199,7 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
                 store._scatter(store.groups[index], block, out)
                 start = stop
         for (store, span, _), out in zip(members, outs, strict=True):
-            store.buffer[:, span] = out
-            store.quantized = span.stop
+            store.absorb(span, out)
 
 
 class _Store:
@@ -207,9 +211,21 @@ class _Store:
     leave the exact window in multiples of ``flush`` tokens: the quantizer's rows per group
     (group_size for per-channel keys, else 1), so per-channel groups never straddle heads or
     layers when several spans are quantized as one batch.
+
+    ``buffer`` [kv_heads, capacity, head_dim] holds positions ``offset`` onwards: all tokens
+    (reconstructed, then exact) when the reconstruction is kept, else only the exact window
+    (``offset`` = ``quantized``).
     """
 
-    def __init__(self, kv_heads: int, head_dim: int, part: str, seed: int, config: CacheConfig) -> None:
+    def __init__(
+        self,
+        kv_heads: int,
+        head_dim: int,
+        part: str,
+        seed: int,
+        config: CacheConfig,
+        keep_reconstruction: bool,
+    ) -> None:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.strategy = strategy = getattr(config, f"{part}_strategy")
@@ -225,9 +241,30 @@ class _Store:
             )
             self.groups.append(_Group(quantizer, np.tile(np.arange(head_dim), (kv_heads, 1))))
             self.flush = quantizer.rows_per_group
+        self.keep_reconstruction = keep_reconstruction or strategy == "exact"
         self.quantized = 0  # tokens in the quantized store (the oldest ones)
         self.length = 0  # all tokens
+        self.offset = 0  # the position of buffer[:, 0]
         self.buffer = np.empty((kv_heads, 0, head_dim), np.float32)
+
+    def local(self, span: slice) -> slice:
+        """Positions start..stop-1 as a slice of ``buffer``."""
+        return slice(span.start - self.offset, span.stop - self.offset)
+
+    def absorb(self, span: slice, reconstruction: np.ndarray) -> None:
+        """Positions ``span`` (the oldest exact ones) are now in the quantized store: keep their
+        reconstruction [kv_heads, t, head_dim], or drop them from the buffer."""
+        if self.keep_reconstruction:
+            self.buffer[:, self.local(span)] = reconstruction
+        else:
+            kept = self.buffer[:, self.local(slice(span.stop, self.length))]
+            self.buffer[:, : kept.shape[1]] = kept
+            self.offset = span.stop
+        self.quantized = span.stop
+
+    def exact(self) -> np.ndarray:
+        """The exact tokens (the residual window, or all of an exact stream) [kv_heads, e, head_dim]."""
+        return self.buffer[:, self.local(slice(self.quantized, self.length))]
 
     def check(self, name: str, tokens: np.ndarray) -> None:
         """Refuse finite tokens [kv_heads, t, head_dim] that this stream cannot store: a norm
@@ -252,10 +289,12 @@ class _Store:
                 )
 
     def _ensure_capacity(self, length: int) -> None:
-        if length > self.buffer.shape[1]:
-            capacity = max(length, 2 * self.buffer.shape[1], 16)
+        """Room in ``buffer`` for positions up to ``length``."""
+        needed, held = length - self.offset, self.length - self.offset
+        if needed > self.buffer.shape[1]:
+            capacity = max(needed, 2 * self.buffer.shape[1], 16)
             grown = np.empty((self.kv_heads, capacity, self.head_dim), np.float32)
-            grown[:, : self.length] = self.buffer[:, : self.length]
+            grown[:, :held] = self.buffer[:, :held]
             self.buffer = grown
 
     def _make_groups(self, tokens: np.ndarray) -> None:
@@ -307,7 +346,7 @@ class _Store:
         exact window and must be quantized (None if none do)."""
         t = tokens.shape[1]
         self._ensure_capacity(self.length + t)
-        self.buffer[:, self.length : self.length + t] = tokens
+        self.buffer[:, self.local(slice(self.length, self.length + t))] = tokens
         self.length += t
         if self.strategy == "exact":
             self.quantized = self.length
@@ -317,15 +356,43 @@ class _Store:
         return slice(self.quantized, self.quantized + leaving) if leaving > 0 else None
 
     def view(self) -> np.ndarray:
-        out = self.buffer[:, : self.length]
+        """All tokens [kv_heads, length, head_dim], read-only: the kept reconstruction, or one
+        rebuilt from the codes."""
+        if self.keep_reconstruction:
+            out = self.buffer[:, : self.length]
+        else:
+            out = np.concatenate([self.dequantize_stored(), self.exact()], axis=1)
         out.flags.writeable = False
         return out
+
+    def merge_pieces(self) -> None:
+        """Replace each TurboQuant channel group's packed pieces (one per append) by one batch
+        holding all quantized tokens, head-major like every piece: one copy of the packed
+        bytes, after which readers see contiguous arrays."""
+        if self.strategy not in TURBOQUANT_STRATEGIES:
+            return
+        for group in self.groups:
+            if len(group.pieces) < 2:
+                continue
+            lead = group.pieces[0][0]
+            fields = {field.name: getattr(lead, field.name) for field in dataclasses.fields(lead)}
+            for name in ("codes", "norms", "signs", "gammas"):
+                parts = [getattr(batch, name, None) for batch, _, _ in group.pieces]
+                if parts[0] is None:
+                    continue
+                blocks = [
+                    part[start:stop].reshape(self.kv_heads, (stop - start) // self.kv_heads, -1)
+                    for part, (_, start, stop) in zip(parts, group.pieces, strict=True)
+                ]
+                fields[name] = np.concatenate(blocks, axis=1).reshape(-1, *parts[0].shape[1:])
+            batch = type(lead).from_kernel(**fields)
+            group.pieces[:] = [(batch, 0, len(batch))]
 
     def dequantize_stored(self) -> np.ndarray:
         """The quantized tokens rebuilt from the stored codes alone: [kv_heads, quantized, d]."""
         out = np.zeros((self.kv_heads, self.quantized, self.head_dim), np.float32)
         if self.strategy == "exact":
-            out[:] = self.buffer[:, : self.quantized]
+            out[:] = self.buffer[:, : self.quantized]  # exact streams keep every token from offset 0
             return out
         position = 0
         for pieces in zip(*(group.pieces for group in self.groups), strict=True):  # one per span
@@ -356,6 +423,11 @@ class _Store:
         return total
 
     @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the float32 working buffer as allocated (reconstruction and exact window)."""
+        return self.buffer.nbytes
+
+    @property
     def code_bits_per_coordinate(self) -> float:
         """Bits of codes (and QJL signs) per coordinate of a quantized token: the requested width."""
         if self.strategy == "exact":
@@ -371,10 +443,18 @@ class QuantizedKVCache:
         head_dim: dimension of each head's vectors.
         config: bit widths, strategies and options (:class:`CacheConfig`).
         layer: the layer's index (reported in summaries).
+        keep_reconstruction: keep a float32 copy of the quantized tokens' reconstruction for
+            ``keys()`` / ``values()`` (True, the decode loop's working buffer), or only the
+            exact window (False: attention reads the packed codes, ``keys()`` rebuilds).
     """
 
     def __init__(
-        self, kv_heads: int, head_dim: int, config: CacheConfig | None = None, layer: int = 0
+        self,
+        kv_heads: int,
+        head_dim: int,
+        config: CacheConfig | None = None,
+        layer: int = 0,
+        keep_reconstruction: bool = True,
     ) -> None:
         if kv_heads < 1 or head_dim < 2:
             raise ValueError(f"need kv_heads >= 1 and head_dim >= 2, got {kv_heads} and {head_dim}")
@@ -384,14 +464,20 @@ class QuantizedKVCache:
         self.head_dim = head_dim
         seed = self.config.seed
         c = self.config
-        self._keys = _Store(kv_heads, head_dim, "key", seed, c)
-        self._values = _Store(kv_heads, head_dim, "value", seed + 1, c)
+        self.keep_reconstruction = keep_reconstruction
+        self._keys = _Store(kv_heads, head_dim, "key", seed, c, keep_reconstruction)
+        self._values = _Store(kv_heads, head_dim, "value", seed + 1, c, keep_reconstruction)
 
     def __repr__(self) -> str:
         return f"QuantizedKVCache(layer={self.layer}, seq={len(self)}, config={self.config})"
 
     def __len__(self) -> int:
         return self._keys.length
+
+    def copy(self) -> QuantizedKVCache:
+        """An independent copy (its stored batches copied, its quantizers shared)."""
+        quantizers = [group.quantizer for store in (self._keys, self._values) for group in store.groups]
+        return copy.deepcopy(self, {id(quantizer): quantizer for quantizer in quantizers})
 
     def _check(self, name: str, tokens: np.ndarray, store: _Store) -> np.ndarray:
         if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.float32, np.float64, np.float16):
@@ -421,8 +507,7 @@ class QuantizedKVCache:
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Add new tokens: keys and values float [kv_heads, new_tokens, head_dim]."""
-        keys, values = self.check(keys, values)
-        _quantize_spans(self._push(keys, values))
+        append_each([self], [keys], [values])
 
     def _push(self, keys: np.ndarray, values: np.ndarray) -> list[tuple[_Store, slice]]:
         """Add checked tokens to both streams; return the spans waiting to be quantized."""
@@ -433,11 +518,13 @@ class QuantizedKVCache:
         return [(store, span) for store, span in spans if span is not None]
 
     def keys(self) -> np.ndarray:
-        """Float32 [kv_heads, seq, head_dim]: reconstructed keys, then the exact window (read-only)."""
+        """Float32 [kv_heads, seq, head_dim]: reconstructed keys, then the exact window (read-only;
+        rebuilt from the codes on each call when the reconstruction is not kept)."""
         return self._keys.view()
 
     def values(self) -> np.ndarray:
-        """Float32 [kv_heads, seq, head_dim]: reconstructed values, then the exact window (read-only)."""
+        """Float32 [kv_heads, seq, head_dim]: reconstructed values, then the exact window (read-only;
+        rebuilt from the codes on each call when the reconstruction is not kept)."""
         return self._values.view()
 
     def dequantize_stored(self) -> tuple[np.ndarray, np.ndarray]:
@@ -454,6 +541,12 @@ class QuantizedKVCache:
     def nbytes(self) -> int:
         """Bytes of everything stored for keys and values."""
         return self._keys.nbytes + self._values.nbytes
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of the float32 working buffers (not in ``nbytes``): the reconstruction and the
+        exact window when the reconstruction is kept, else the exact window only."""
+        return self._keys.buffer_nbytes + self._values.buffer_nbytes
 
     @property
     def float_nbytes(self) -> int:
@@ -513,19 +606,14 @@ class MultiHeadKVCache:
         """Add new tokens to every layer at once (one decode step): keys[L], values[L] are
         [kv_heads, new_tokens, head_dim]. Layers that share a configuration are quantized in
         one kernel call per stream."""
-        _quantize_spans(self._push_all(keys, values))
+        self._check_layers(keys, values)
+        append_each(self.layers, keys, values)
 
-    def _push_all(self, keys: list[np.ndarray], values: list[np.ndarray]) -> list[tuple[_Store, slice]]:
-        """Check and buffer one step's tokens in every layer; return the spans to quantize."""
+    def _check_layers(self, keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> None:
         if len(keys) != len(self.layers) or len(values) != len(self.layers):
             raise ValueError(
                 f"need keys and values for all {len(self.layers)} layers, got {len(keys)} and {len(values)}"
             )
-        checked = [layer.check(k, v) for layer, k, v in zip(self.layers, keys, values, strict=True)]
-        pending = []
-        for layer, (k, v) in zip(self.layers, checked, strict=True):
-            pending.extend(layer._push(k, v))
-        return pending
 
     @property
     def nbytes(self) -> int:
@@ -568,7 +656,27 @@ def append_batch(
     for name, arrays in (("keys", keys), ("values", values)):
         if any(array.shape[0] != len(caches) for array in arrays):
             raise ValueError(f"{name} must hold {len(caches)} sequences in their first axis")
+    for cache in caches:
+        cache._check_layers(keys, values)
+    append_each(
+        [layer for cache in caches for layer in cache.layers],
+        [k[row] for row in range(len(caches)) for k in keys],
+        [v[row] for row in range(len(caches)) for v in values],
+    )
+
+
+def append_each(
+    caches: Sequence[QuantizedKVCache], keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
+) -> None:
+    """Add keys[i] and values[i], float [kv_heads, new_tokens, head_dim], to caches[i] for every
+    i (layers of a model, rows of a batch). Every input is checked before any is added; caches
+    that share a configuration are quantized in one kernel call per stream for all of them."""
+    if len(keys) != len(caches) or len(values) != len(caches):
+        raise ValueError(
+            f"need keys and values for all {len(caches)} caches, got {len(keys)} and {len(values)}"
+        )
+    checked = [cache.check(k, v) for cache, k, v in zip(caches, keys, values, strict=True)]
     pending = []
-    for row, cache in enumerate(caches):
-        pending.extend(cache._push_all([k[row] for k in keys], [v[row] for v in values]))
+    for cache, (k, v) in zip(caches, checked, strict=True):
+        pending.extend(cache._push(k, v))
     _quantize_spans(pending)

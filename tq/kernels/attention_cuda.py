@@ -63,11 +63,10 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32, uint64
 
-from tq.attention import _stream, check_host_queries, check_query_shape, check_scale
 from tq.kernels import is_gpu_array
 from tq.kernels.cuda import THREADS, U, _floats, _pow2_ceil, _pow2_floor, _results, simulated
 from tq.kernels.reference import qjl_scale
-from tq.kvcache import QuantizedKVCache
+from tq.packed_view import PackedCache, check_host_queries, check_query_shape, check_scale, packed_cache
 from tq.packing import code_bytes
 from tq.quantizers import TurboQuantProd
 
@@ -671,7 +670,8 @@ class _Buffers:
 
 
 class DeviceKVCache:
-    """A snapshot of a :class:`~tq.kvcache.QuantizedKVCache`'s packed streams on the GPU.
+    """A snapshot of a :class:`~tq.kvcache.QuantizedKVCache`'s packed streams on the GPU (or of
+    a :class:`~tq.packed_view.PackedCache`: a window of it, with new exact tokens).
 
     Uploaded once (for repeated decode steps and benchmarks); later appends to the cache are not
     seen. Strategies "mse", "prod" and "exact" (anything else: NotImplementedError, as for
@@ -685,13 +685,10 @@ class DeviceKVCache:
             scales and weights, exact tokens (not the matrices and centroids, a few KiB per head).
     """
 
-    def __init__(self, cache: QuantizedKVCache) -> None:
-        if not isinstance(cache, QuantizedKVCache):
-            raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
-        if len(cache) == 0:
-            raise ValueError("the cache is empty: there is nothing to attend to")
-        keys, values = _stream(cache._keys, "key"), _stream(cache._values, "value")
-        self.kv_heads, self.head_dim, self.length = cache.kv_heads, cache.head_dim, len(cache)
+    def __init__(self, cache: Any) -> None:
+        view = cache if isinstance(cache, PackedCache) else packed_cache(cache)
+        keys, values = view.keys, view.values
+        self.kv_heads, self.head_dim, self.length = view.kv_heads, view.head_dim, view.length
         buffers = _Buffers()
         # centroids first: the kernel stages them from offset 0, keys' groups then values'
         for stream in (keys, values):

@@ -1,0 +1,191 @@
+"""tq inside Hugging Face transformers (tq.integrations.transformers).
+
+Tolerances. ``LOGIT_TOLERANCE`` = 1e-4 of the logit scale (max |logit|) between the packed and
+the reconstruct path: both attend over the same stored codes; the packed path scores in the
+rotated domain in float32 (tests/test_attention.py: outputs within 1e-5 relative, measured
+<= 1e-6), and a relative error e in an attention output moves the logits by about e times their
+scale. Between transformers and the ONNX Runtime loop the float arithmetic differs (different
+kernels, fused ops): exact runs agree within LOGIT_TOLERANCE (measured 1.3e-6 of the scale), but
+with a quantized cache keys that differ by ~1e-6 relative now and then fall on the other side of
+a codebook boundary (thousands of coordinates per token), and each such flip perturbs every
+later token: the two quantized runs drift apart (on SmolLM2 one window stays within 1e-6 for
+12 steps, the other passes 1e-3 at step 6). They are two realizations of the same quantization,
+so they are compared statistically: the mean of the paired per-token NLL differences must be
+within AGREEMENT_SE standard errors of zero (measured on the test's windows: -0.032 +- 0.021
+nats, 1.5 SE; a systematic difference such as an unquantized context moves it by ~0.17).
+
+The tiny random models amplify every perturbation (an 8-bit cache changes their logits by about
+1 on a scale of 14: random weights, large activations), so on them generation is checked with the
+exact strategy, which must equal transformers' own DynamicCache token for token; SmolLM2 checks
+the 8-bit cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from tests.models_fixtures import tiny_gemma3, tiny_llama  # noqa: E402
+from tq.integrations.transformers import TurboQuantCache, teacher_force  # noqa: E402
+from tq.kvcache import CacheConfig  # noqa: E402
+
+LOGIT_TOLERANCE = 1e-4
+AGREEMENT_SE = 3.0
+EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}  # gemma3: layer 0 slides over 8 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny-hf")
+    return {name: make(base / name) for name, make in MODELS.items()}
+
+
+def load(path, attention: str = "sdpa"):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+
+
+def tokens(model, shape, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, model.config.vocab_size, shape)
+
+
+def greedy(model, ids: np.ndarray, cache, new_tokens: int = 32, **options) -> np.ndarray:
+    out = model.generate(
+        torch.from_numpy(ids),
+        attention_mask=torch.ones(ids.shape, dtype=torch.long),
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **options,
+    )
+    return out[:, ids.shape[1] :].numpy()
+
+
+def assert_logits_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error <= LOGIT_TOLERANCE, error
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "tq_packed"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_exact_strategy_generates_what_dynamic_cache_generates(tiny_dirs, name, attention):
+    """Greedy generation of 2 sequences x 32 tokens (past Gemma 3's 8-token window): the cache
+    mechanics (what each call attends to, masks, positions, sliding layers) equal transformers'."""
+    model = load(tiny_dirs[name], attention)
+    ids = tokens(model, (2, 6), seed=0)
+    expected = greedy(model, ids, DynamicCache(config=model.config))
+    assert np.array_equal(greedy(model, ids, TurboQuantCache(model.config, EXACT)), expected)
+
+
+def test_beam_search_reorders_the_per_sequence_caches(tiny_dirs):
+    model = load(tiny_dirs["llama"])
+    ids = tokens(model, (1, 5), seed=1)
+    expected = greedy(model, ids, DynamicCache(config=model.config), 12, num_beams=3)
+    actual = greedy(model, ids, TurboQuantCache(model.config, EXACT), 12, num_beams=3)
+    assert np.array_equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CacheConfig(key_bits=3, value_bits=3),
+        CacheConfig(key_strategy="prod", key_bits=3, value_bits=2.5, residual_length=4),
+    ],
+    ids=["mse3", "prod3-window"],
+)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_packed_attention_equals_the_reconstruct_path(tiny_dirs, name, config):
+    """Teacher-forced decoding (prefill 10 tokens, then 30 single-token steps, 2 sequences):
+    attention from the packed codes gives the reconstruct path's logits, and the packed cache
+    holds no float copy of its quantized tokens."""
+    vocabulary = load(tiny_dirs[name])
+    prompts, forced = tokens(vocabulary, (2, 10), 2), tokens(vocabulary, (2, 30), 3)
+    results, reports = {}, {}
+    for attention in ("sdpa", "tq_packed"):
+        model = load(tiny_dirs[name], attention)
+        cache = TurboQuantCache(model.config, config, exact_layers=[1] if name == "llama" else ())
+        results[attention] = teacher_force(model, prompts, forced, cache)
+        reports[attention] = cache.memory_report()
+    assert_logits_close(results["tq_packed"], results["sdpa"])
+    kept, packed = reports["sdpa"], reports["tq_packed"]
+    assert kept["keep_reconstruction"] and not packed["keep_reconstruction"]
+    assert packed["stored_bytes"] == kept["stored_bytes"] < kept["fp32_bytes"]
+    assert packed["buffer_bytes"] < kept["buffer_bytes"]
+    assert packed["layers"][0]["tokens"] == 39 and packed["layers"][0]["sequences"] == 2
+
+
+def test_refusals(tiny_dirs):
+    model = load(tiny_dirs["llama"])
+    with pytest.raises(ValueError, match=r"layers \[5\] are outside the model's layers 0..1"):
+        TurboQuantCache(model.config, exact_layers=[5])
+    cache = TurboQuantCache(model.config)
+    teacher_force(model, tokens(model, (1, 6), 4), tokens(model, (1, 3), 5), cache)
+    cache.crop(8)  # nothing dropped
+    with pytest.raises(NotImplementedError, match="cannot crop layer 0 from 8 to 7 tokens"):
+        cache.crop(-1)
+    packed = load(tiny_dirs["llama"], "tq_packed")
+    ids = torch.from_numpy(tokens(packed, (2, 6), 6))
+    mask = torch.ones(ids.shape, dtype=torch.long)
+    mask[0, :2] = 0  # a left-padded sequence
+    with pytest.raises(NotImplementedError, match="cannot mask cached tokens"):
+        packed.generate(
+            ids, attention_mask=mask, past_key_values=TurboQuantCache(packed.config), max_new_tokens=3
+        )
+    baseline = TurboQuantCache(packed.config, CacheConfig(key_strategy="kivi", key_bits=2))
+    with pytest.raises(NotImplementedError, match="'kivi'"):
+        teacher_force(packed, tokens(packed, (1, 6), 7), tokens(packed, (1, 3), 8), baseline)
+    misused = TurboQuantCache(model.config, keep_reconstruction=False)  # with sdpa attention
+    with pytest.raises(RuntimeError, match='attn_implementation="tq_packed"'):
+        teacher_force(model, tokens(model, (1, 6), 9), tokens(model, (1, 3), 10), misused)
+
+
+def test_smollm2_eight_bit_generation_equals_exact(smollm2_checkpoint):
+    from transformers import AutoTokenizer
+
+    model = load(smollm2_checkpoint)
+    text = "Explain why the sky looks blue at noon but red at sunset."
+    ids = AutoTokenizer.from_pretrained(smollm2_checkpoint)(text, return_tensors="np")["input_ids"]
+    expected = greedy(model, ids, DynamicCache(config=model.config))
+    eight_bits = TurboQuantCache(model.config, CacheConfig(key_bits=8, value_bits=8))
+    assert np.array_equal(greedy(model, ids, eight_bits), expected)
+
+
+def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_bundle):
+    """Two 192-token windows of the Wikipedia corpus (context 128, 64 decoded steps), 3-bit MSE:
+    the packed path's logits equal the reconstruct path's; with exact-strategy caches the
+    transformers path equals the ONNX Runtime loop (tq.runner) within LOGIT_TOLERANCE; with the
+    3-bit cache their per-token NLLs are statistically indistinguishable (AGREEMENT_SE)."""
+    from tq.bench.perplexity import text_windows
+    from tq.models.bundle import ModelBundle
+    from tq.runner import RealModelRunner
+    from tq.stats import mean_se
+
+    bundle = ModelBundle.load(smollm2_bundle)
+    rows = text_windows(bundle, 2, 192)
+    prompts, forced = rows[:, :128], rows[:, 128:]
+    runner = RealModelRunner(bundle)
+    config = CacheConfig(key_bits=3, value_bits=3)
+    logits = {}
+    for attention in ("sdpa", "tq_packed"):
+        model = load(smollm2_checkpoint, attention)
+        logits[attention] = teacher_force(model, prompts, forced, TurboQuantCache(model.config, config))
+    assert_logits_close(logits["tq_packed"], logits["sdpa"])
+    exact = teacher_force(model, prompts, forced, TurboQuantCache(model.config, EXACT))
+    assert_logits_close(exact, runner.teacher_force(prompts, forced, [runner.new_cache(EXACT) for _ in rows]))
+    onnx = runner.teacher_force(prompts, forced, [runner.new_cache(config) for _ in rows])
+
+    def nll(values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float64)
+        top = values.max(axis=-1, keepdims=True)
+        log_norm = (top + np.log(np.exp(values - top).sum(axis=-1, keepdims=True)))[..., 0]
+        return log_norm - np.take_along_axis(values, forced[..., None], axis=-1)[..., 0]
+
+    mean, se = mean_se((nll(logits["sdpa"]) - nll(onnx)).ravel())
+    assert abs(mean) <= AGREEMENT_SE * se, (mean, se)

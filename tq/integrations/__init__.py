@@ -1,0 +1,2 @@
+"""tq inside other libraries: :mod:`tq.integrations.transformers` (Hugging Face transformers,
+the ``models`` extra)."""
