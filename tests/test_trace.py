@@ -203,3 +203,41 @@ def test_load_rejects_an_altered_byte(tmp_path) -> None:
 def test_load_rejects_a_missing_file(tmp_path) -> None:
     with pytest.raises(TraceFormatError, match="cannot read"):
         KvTrace.load(tmp_path / "absent.safetensors")
+
+
+def write_foreign(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A trace as another tool (the reference crate's exporter) writes it: plain safetensors,
+    no checksum, no format key."""
+    import safetensors.numpy
+
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
+
+
+def test_loads_a_trace_written_by_another_tool(tmp_path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    tensors = arrays()
+    write_foreign(path, tensors, {"model": "mistral", "layer": "0", "head": "2"})
+    trace = KvTrace.load(path)
+    assert (trace.model, trace.layer, trace.head, trace.rope, trace.note) == ("mistral", 0, 2, "post", "")
+    np.testing.assert_array_equal(trace.keys, tensors["keys"])
+    one = {name: array[0] for name, array in tensors.items()}  # one sample, other dtypes
+    one["keys"] = one["keys"].astype(np.float16)
+    one["query_positions"] = one["query_positions"].astype(np.int32)
+    write_foreign(path, one, {"model": "m", "layer": "1", "head": "0"})
+    trace = KvTrace.load(path)
+    assert trace.samples == 1 and trace.keys.dtype == np.float32 and trace.query_positions.dtype == np.int64
+
+
+def test_a_foreign_trace_is_still_checked(tmp_path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    bad = arrays()
+    bad["query_positions"][1, 2] = SEQ
+    write_foreign(path, bad, {"model": "m", "layer": "0", "head": "0"})
+    with pytest.raises(TraceFormatError, match=rf"query_positions\[1, 2\] = {SEQ}"):
+        KvTrace.load(path)
+    write_foreign(path, arrays(), {"model": "m", "head": "0"})
+    with pytest.raises(TraceFormatError, match="missing or malformed metadata"):
+        KvTrace.load(path)
+    write_foreign(path, arrays(), {"format": "other/1", "model": "m", "layer": "0", "head": "0"})
+    with pytest.raises(TraceFormatError, match="format is 'other/1'"):
+        KvTrace.load(path)

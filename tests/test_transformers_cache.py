@@ -189,3 +189,21 @@ def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_
 
     mean, se = mean_se((nll(logits["sdpa"]) - nll(onnx)).ravel())
     assert abs(mean) <= AGREEMENT_SE * se, (mean, se)
+
+
+def test_the_readme_section_runs_as_written(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's "Use it from transformers" block, run in a fresh directory whose
+    ``checkpoints/`` holds the checkpoint the tests keep (the block writes it when absent)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Use it from transformers", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "smollm2-135m-instruct").symlink_to(smollm2_checkpoint)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    *text, sizes = capsys.readouterr().out.strip().splitlines()
+    stored, buffers, fp32, ratio = sizes.split()
+    assert "".join(text).strip() and 0 < int(stored) < int(fp32) and int(buffers) > 0 and float(ratio) > 1

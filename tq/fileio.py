@@ -110,12 +110,16 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
     return metadata
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Load a file written by :func:`save_tensors`; verify its checksum.
+def load_tensors(
+    path: str | os.PathLike, require_checksum: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load a file written by :func:`save_tensors`; verify its checksum. With
+    ``require_checksum=False`` a safetensors file written by another tool, without a checksum,
+    loads too (a checksum that is present is still verified).
 
     Raises:
         TensorFileError: the file is missing, truncated, not safetensors, or its data does
-            not match the checksum stored with it.
+            not match the checksum stored with it (or has none, when one is required).
     """
     path = Path(path)
     try:
@@ -129,6 +133,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         raise TensorFileError(f"{path}: not a valid safetensors file ({error})") from None
     expected = metadata.get(CHECKSUM_KEY)
     if expected is None:
+        if not require_checksum:
+            return tensors, metadata
         raise TensorFileError(f"{path}: no {CHECKSUM_KEY} checksum in the metadata")
     if tensors_checksum(tensors, metadata) != expected:
         raise TensorFileError(f"{path}: the tensor data or metadata does not match its checksum (altered?)")

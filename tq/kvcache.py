@@ -256,8 +256,10 @@ class _Store:
         reconstruction [kv_heads, t, head_dim], or drop them from the buffer."""
         if self.keep_reconstruction:
             self.buffer[:, self.local(span)] = reconstruction
-        else:
+        else:  # keep the exact window only, in a buffer sized to it (a prefill leaves a large one)
             kept = self.buffer[:, self.local(slice(span.stop, self.length))]
+            if self.buffer.shape[1] > max(4 * kept.shape[1], 64):
+                self.buffer = np.empty((self.kv_heads, max(2 * kept.shape[1], 16), self.head_dim), np.float32)
             self.buffer[:, : kept.shape[1]] = kept
             self.offset = span.stop
         self.quantized = span.stop

@@ -12,6 +12,12 @@ File format (DESIGN.md section 4): a checksummed safetensors file (:mod:`tq.file
 metadata ``format`` ("tq.trace/1"), ``model``, ``layer``, ``head``, ``rope``, ``note``.
 Traces are validated when built and when loaded; the first problem is named in a
 :class:`TraceFormatError`.
+
+Files written by other tools (the reference crate's exporter: the four tensors and ``model``,
+``layer``, ``head`` metadata, no checksum, no ``format``) load too: the checksum is verified when
+present; without a ``format`` key, ``rope`` defaults to "post" and ``note`` to "", float tensors
+are read as float32 and integer positions as int64, and a single-sample file (keys [seq,
+head_dim], positions [n_queries]) gains its samples axis. Every structural check still applies.
 """
 
 from __future__ import annotations
@@ -30,6 +36,20 @@ FORMAT = "tq.trace/1"
 ROPE_KINDS = ("post", "none")
 
 _TENSORS = ("keys", "values", "queries", "query_positions")
+
+
+def _foreign_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Another tool's trace tensors in this format's dtypes and ranks (see the module docstring)."""
+    out = {}
+    for name, array in tensors.items():
+        if name == "query_positions" and np.issubdtype(array.dtype, np.integer):
+            array = array.astype(np.int64)
+        elif name != "query_positions" and np.issubdtype(array.dtype, np.floating):
+            array = array.astype(np.float32)
+        out[name] = array
+    if out["keys"].ndim == 2 and out["query_positions"].ndim == 1:  # one sample
+        out = {name: array[None] for name, array in out.items()}
+    return out
 
 
 class TraceFormatError(ValueError):
@@ -206,10 +226,11 @@ class KvTrace:
                 its content is malformed (the message names the file and the first problem).
         """
         try:
-            tensors, metadata = load_tensors(path)
+            tensors, metadata = load_tensors(path, require_checksum=False)
         except TensorFileError as error:
             raise TraceFormatError(str(error)) from None
-        if metadata.get("format") != FORMAT:
+        foreign = "format" not in metadata
+        if not foreign and metadata["format"] != FORMAT:
             raise TraceFormatError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}")
         for name in _TENSORS:
             if name not in tensors:
@@ -217,6 +238,9 @@ class KvTrace:
         extra = sorted(set(tensors) - set(_TENSORS))
         if extra:
             raise TraceFormatError(f"{path}: unexpected tensors {extra}")
+        if foreign:
+            tensors = _foreign_tensors(tensors)
+            metadata = {"rope": "post", "note": ""} | metadata
         try:
             header = {name: metadata[name] for name in ("model", "rope", "note")}
             index = {name: int(metadata[name]) for name in ("layer", "head")}
