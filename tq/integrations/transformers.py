@@ -44,7 +44,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
+
+try:
+    import torch
+    import transformers
+except ImportError as error:  # the models extra is optional
+    raise ImportError(
+        f"tq.integrations.transformers needs torch and transformers (pip install 'tq[models]'): {error}"
+    ) from error
+if not transformers.__version__.startswith("4.57."):
+    raise ImportError(
+        f"tq.integrations.transformers is built for transformers 4.57, found {transformers.__version__}"
+    )
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
