@@ -640,11 +640,13 @@ class MultiHeadKVCache:
         ]
 
 
+EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")  # keys and values kept as fp32
+
+
 def exact_layers(num_layers: int, first: int = 0, last: int = 0) -> dict[int, CacheConfig]:
     """Overrides that keep the first ``first`` and last ``last`` layers' keys and values exact."""
-    exact = CacheConfig(key_strategy="exact", value_strategy="exact")
     chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
-    return {layer: exact for layer in sorted(chosen)}
+    return {layer: EXACT for layer in sorted(chosen)}
 
 
 def append_batch(

@@ -134,18 +134,6 @@ def packed_stream(store: _Store, name: str) -> PackedStream:
     return PackedStream(groups, store.quantized, store.exact())
 
 
-def _check_new(name: str, tokens: object, kv_heads: int, head_dim: int) -> np.ndarray:
-    if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.float16, np.float32, np.float64):
-        what = getattr(tokens, "dtype", type(tokens).__name__)
-        raise TypeError(f"{name} must be a float numpy array, got {what}")
-    if tokens.ndim != 3 or tokens.shape[0] != kv_heads or tokens.shape[2] != head_dim:
-        shape = list(tokens.shape)
-        raise ValueError(f"{name} must have shape [{kv_heads}, new_tokens, {head_dim}], got {shape}")
-    if not np.isfinite(tokens).all():
-        raise ValueError(f"{name} contain NaN or inf")
-    return tokens.astype(np.float32)
-
-
 def packed_cache(
     cache: object,
     start: int = 0,
@@ -166,9 +154,9 @@ def packed_cache(
         raise ValueError(f"start must be an integer in [0, {len(cache)}] (the cache's tokens), got {start!r}")
     if (new_keys is None) != (new_values is None):
         raise ValueError("give new_keys and new_values together, or neither")
-    if new_keys is not None:
-        new_keys = _check_new("new_keys", new_keys, cache.kv_heads, cache.head_dim)
-        new_values = _check_new("new_values", new_values, cache.kv_heads, cache.head_dim)
+    if new_keys is not None:  # checked as an append would check them
+        new_keys = cache._check("new_keys", new_keys, cache._keys)
+        new_values = cache._check("new_values", new_values, cache._values)
         if new_keys.shape[1] != new_values.shape[1]:
             raise ValueError(
                 f"new_keys have {new_keys.shape[1]} tokens but new_values have {new_values.shape[1]}"

@@ -62,7 +62,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tq.attention import decode_attention
-from tq.kvcache import CacheConfig, QuantizedKVCache, append_each
+from tq.kvcache import EXACT, CacheConfig, QuantizedKVCache, append_each
 
 __all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention", "teacher_force"]
 
@@ -127,9 +127,17 @@ class TurboQuantLayer(CacheLayerMixin):
         length = self.get_seq_length()
         return max(length - self.sliding_window + 1, 0) if self.is_sliding else 0
 
-    def _stacked(self, part: str, start: int) -> np.ndarray:
-        """Cached keys or values from ``start`` of every sequence: [batch, kv_heads, t, head_dim]."""
-        return np.stack([getattr(row, part)()[:, start:] for row in self.rows])
+    def _stacked(self, part: str, start: int, new: np.ndarray | None = None) -> np.ndarray:
+        """Cached keys or values from ``start`` of every sequence, then the call's ``new`` ones
+        [batch, kv_heads, n, head_dim], in one array [batch, kv_heads, t, head_dim]."""
+        cached = [getattr(row, part)()[:, start:] for row in self.rows]
+        extra = 0 if new is None else new.shape[2]
+        out = np.empty((len(cached), self.kv_heads, cached[0].shape[1] + extra, self.head_dim), np.float32)
+        for row, tokens in enumerate(cached):
+            out[row, :, : tokens.shape[1]] = tokens
+        if new is not None:
+            out[:, :, cached[0].shape[1] :] = new
+        return out
 
     def _torch(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(device=self.device, dtype=self.dtype)
@@ -157,15 +165,11 @@ class TurboQuantLayer(CacheLayerMixin):
             tagged = key_states.view_as(key_states)
             setattr(tagged, _STEP, self)
             return tagged, value_states
-        start, empty = self._start(), self.get_seq_length() == 0
-        full_keys = (
-            key_states if empty else self._torch(np.concatenate([self._stacked("keys", start), keys], 2))
-        )
-        full_values = (
-            value_states
-            if empty
-            else self._torch(np.concatenate([self._stacked("values", start), values], 2))
-        )
+        full_keys, full_values = key_states, value_states
+        if self.get_seq_length():
+            start = self._start()
+            full_keys = self._torch(self._stacked("keys", start, keys))
+            full_values = self._torch(self._stacked("values", start, values))
         append_each(self.rows, list(keys), list(values))
         return full_keys, full_values
 
@@ -284,8 +288,7 @@ class TurboQuantCache(Cache):
     ) -> None:
         num_layers, kv_heads, head_dim, windows = _geometry(model_config)
         cache_config = cache_config or CacheConfig()
-        exact = CacheConfig(key_strategy="exact", value_strategy="exact")
-        overrides = {int(layer): exact for layer in exact_layers} | dict(layer_configs or {})
+        overrides = {int(layer): EXACT for layer in exact_layers} | dict(layer_configs or {})
         outside = sorted(set(overrides) - set(range(num_layers)))
         if outside:
             raise ValueError(f"layers {outside} are outside the model's layers 0..{num_layers - 1}")
