@@ -1,4 +1,11 @@
-"""The ONNX Runtime decode loop: exact and quantized KV caches in a real model.
+"""The decode loop: exact and quantized KV caches in a real model.
+
+:class:`DecodeRunner` is the loop every real-model benchmark drives (greedy generation, teacher
+forcing); an engine implements its calls. :class:`RealModelRunner` is the ONNX Runtime engine
+(below); :class:`tq.integrations.transformers_runner.TransformersRunner` runs the same loop
+through Hugging Face transformers with :class:`~tq.integrations.transformers.TurboQuantCache`.
+
+The ONNX Runtime engine:
 
 Prefill runs the prompt in one call; then one token per call, feeding the graph's
 ``present.N.key/value`` back as ``past_key_values.N.key/value``. Inputs are fed by name
@@ -16,8 +23,10 @@ which are quantized for later calls.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +73,153 @@ class Generation:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
-class RealModelRunner:
+class DecodeRunner(ABC):
+    """The decode loop over an engine's calls: what the benchmarks drive.
+
+    An engine keeps its own ``past`` (what the next call attends to: arrays for ONNX Runtime, a
+    transformers cache) and its own per-sequence quantized cache (:meth:`new_cache`: an object
+    with ``nbytes`` and ``float_nbytes``). :meth:`extend` and :meth:`quantize_presents` may
+    consume the past they are given: :meth:`copy_past` keeps one for later.
+
+    Attributes:
+        files: the model's directory (:class:`~tq.models.bundle.ModelBundle` or
+            :class:`~tq.models.checkpoint.Checkpoint`): tokenizer, end-of-sequence tokens.
+        name: the model's name in records (default: the directory's).
+    """
+
+    files: Any
+    name: str
+
+    @abstractmethod
+    def new_cache(self, config: CacheConfig, layer_configs: dict[int, CacheConfig] | None = None) -> Any:
+        """An empty quantized cache for one sequence of this model."""
+
+    @abstractmethod
+    def prefill(self, prompt_ids: Sequence[int] | np.ndarray, cache: Any = None) -> tuple[np.ndarray, Any]:
+        """Run the prompt ([s], or [batch, s] with one cache for the batch): (logits float32
+        [s, vocab] or [batch, s, vocab], past). The prompt's tokens attend exactly to each other;
+        with ``cache`` they are then quantized into it, and the past is the cache's."""
+
+    @abstractmethod
+    def extend(
+        self, input_ids: Sequence[int] | np.ndarray, past: Any, cache: Any = None
+    ) -> tuple[np.ndarray, Any]:
+        """Run tokens after ``past``: (logits, the past that includes them); with ``cache``, their
+        keys and values are quantized into it."""
+
+    @abstractmethod
+    def quantize_presents(self, caches: Any, presents: Any, past_len: int) -> Any:
+        """Quantize positions past_len.. of an exact past into ``caches``; return the past that
+        attends to their reconstruction."""
+
+    @abstractmethod
+    def join(self, pasts: Sequence[Any]) -> Any:
+        """One past for a batch from the pasts of single sequences of one length."""
+
+    @abstractmethod
+    def copy_past(self, past: Any) -> Any:
+        """An independent copy of a past (extend and quantize_presents may consume theirs)."""
+
+    @abstractmethod
+    def past_nbytes(self, past: Any) -> int:
+        """Bytes an exact past holds (its keys and values)."""
+
+    def teacher_force(
+        self,
+        prompts: np.ndarray,
+        forced: np.ndarray,
+        caches: Sequence[Any] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Decode ``batch`` independent sequences token by token along given tokens.
+
+        Each prompt of ``prompts`` (int [batch, p]) is prefilled in a call of its own (a prefill is
+        bound by computation, so batching it gains nothing and costs memory); then every step feeds
+        the next forced token of every sequence (``forced`` int [batch, steps]) in one call, so the
+        model's weights are read once per step for the whole batch. With ``caches`` (one per
+        sequence) every new token's keys and values are quantized as they enter.
+
+        Returns:
+            float32 [batch, steps, vocab]: row t of a sequence holds the logits that predict
+            ``forced[:, t]`` (row 0 from the prefill), as :meth:`generate` with ``forced_tokens``.
+        """
+        prompts, forced = np.asarray(prompts, np.int64), np.asarray(forced, np.int64)
+        if (
+            prompts.ndim != 2
+            or forced.ndim != 2
+            or prompts.shape[0] != forced.shape[0]
+            or prompts.shape[1] == 0
+        ):
+            raise ValueError(
+                f"need prompts [batch, p >= 1] and forced tokens [batch, steps], got {prompts.shape} and "
+                f"{forced.shape}"
+            )
+        batch, steps = forced.shape
+        if caches is not None and len(caches) != batch:
+            raise ValueError(f"{len(caches)} caches for a batch of {batch} sequences")
+        rows, pasts = [], []
+        for index, prompt in enumerate(prompts):
+            logits, past = self.prefill(prompt, None if caches is None else caches[index])
+            rows.append(logits[-1])
+            pasts.append(past)
+        past = self.join(pasts)
+        out = np.empty((batch, steps, rows[0].shape[-1]), np.float32)
+        out[:, 0] = rows
+        for step in range(1, steps):
+            logits, past = self.extend(forced[:, step - 1 : step], past, caches)
+            out[:, step] = logits[:, -1]
+            if on_step is not None:
+                on_step(step)
+        return out
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        cache: Any = None,
+        forced_tokens: Sequence[int] | None = None,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        """Greedy decoding, or teacher forcing when ``forced_tokens`` is given.
+
+        With ``forced_tokens`` the run follows those tokens (len(forced_tokens) steps) and only
+        records its logits, so that every step is comparable with the run that made them.
+        """
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
+        if steps < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {steps}")
+        start = time.perf_counter()
+        logits, past = self.prefill(prompt_ids, cache)
+        prefill_seconds = time.perf_counter() - start
+        rows = [logits[-1]]
+        tokens: list[int] = []
+        start = time.perf_counter()
+        while True:
+            token = int(forced_tokens[len(tokens)]) if forced_tokens is not None else int(np.argmax(rows[-1]))
+            tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens))
+            done = len(tokens) >= steps or (
+                forced_tokens is None and stop_at_eos and token in self.files.eos_token_ids
+            )
+            if done:
+                break
+            logits, past = self.extend([token], past, cache)
+            rows.append(logits[-1])
+        decode_seconds = time.perf_counter() - start
+        if cache is None:
+            kv_bytes = kv_float = self.past_nbytes(past)
+        else:
+            kv_bytes, kv_float = cache.nbytes, cache.float_nbytes
+        return Generation(
+            tokens, np.stack(rows).astype(np.float32), prefill_seconds, decode_seconds, kv_bytes, kv_float
+        )
+
+
+class RealModelRunner(DecodeRunner):
     """Greedy decoding of an exported decoder with exact or quantized KV caches.
 
     Args:
@@ -73,7 +228,8 @@ class RealModelRunner:
     """
 
     def __init__(self, bundle, threads: int | None = None) -> None:
-        self.bundle = bundle
+        self.bundle = self.files = bundle
+        self.name = bundle.name
         self.threads = threads
         self.session = bundle.session(threads)
         self._inputs = set(bundle.input_names)
@@ -125,8 +281,7 @@ class RealModelRunner:
         b = self.bundle
         return MultiHeadKVCache(b.num_layers, b.kv_heads, b.head_dim, config, layer_configs)
 
-    @staticmethod
-    def quantize_presents(caches: Caches, presents: Past, past_len: int) -> Past:
+    def quantize_presents(self, caches: Caches, presents: Past, past_len: int) -> Past:
         """Append positions past_len.. of the presents to the caches (all layers in one step per
         sequence) and return the past for the next call: the caches' reconstruction.
 
@@ -180,100 +335,15 @@ class RealModelRunner:
             cache, presents, past[0][0].shape[2]
         )
 
-    def teacher_force(
-        self,
-        prompts: np.ndarray,
-        forced: np.ndarray,
-        caches: Sequence[MultiHeadKVCache] | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Decode ``batch`` independent sequences token by token along given tokens.
-
-        Each prompt of ``prompts`` (int [batch, p]) is prefilled in a call of its own (a prefill is
-        bound by computation, so batching it gains nothing and costs memory); then every step feeds
-        the next forced token of every sequence (``forced`` int [batch, steps]) in one call, so the
-        model's weights are read once per step for the whole batch. With ``caches`` (one per
-        sequence) every new token's keys and values are quantized as they enter.
-
-        Returns:
-            float32 [batch, steps, vocab]: row t of a sequence holds the logits that predict
-            ``forced[:, t]`` (row 0 from the prefill), as :meth:`generate` with ``forced_tokens``.
-        """
-        prompts, forced = np.asarray(prompts, np.int64), np.asarray(forced, np.int64)
-        if (
-            prompts.ndim != 2
-            or forced.ndim != 2
-            or prompts.shape[0] != forced.shape[0]
-            or prompts.shape[1] == 0
-        ):
-            raise ValueError(
-                f"need prompts [batch, p >= 1] and forced tokens [batch, steps], got {prompts.shape} and "
-                f"{forced.shape}"
-            )
-        batch, steps = forced.shape
-        if caches is not None and len(caches) != batch:
-            raise ValueError(f"{len(caches)} caches for a batch of {batch} sequences")
-        rows, pasts = [], []
-        for index, prompt in enumerate(prompts):
-            logits, past = self.prefill(prompt, None if caches is None else caches[index])
-            rows.append(logits[-1])
-            pasts.append(past)
-        past = [
+    def join(self, pasts: Sequence[Past]) -> Past:
+        """The per-layer keys and values of single sequences, concatenated along the batch."""
+        return [
             tuple(np.concatenate([seq[layer][part] for seq in pasts]) for part in (0, 1))
             for layer in range(len(pasts[0]))
         ]
-        out = np.empty((batch, steps, rows[0].shape[-1]), np.float32)
-        out[:, 0] = rows
-        for step in range(1, steps):
-            logits, past = self.extend(forced[:, step - 1 : step], past, caches)
-            out[:, step] = logits[:, -1]
-            if on_step is not None:
-                on_step(step)
-        return out
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        cache: MultiHeadKVCache | None = None,
-        forced_tokens: Sequence[int] | None = None,
-        stop_at_eos: bool = True,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        """Greedy decoding, or teacher forcing when ``forced_tokens`` is given.
+    def copy_past(self, past: Past) -> Past:
+        return [(key.copy(), value.copy()) for key, value in past]
 
-        With ``forced_tokens`` the run follows those tokens (len(forced_tokens) steps) and only
-        records its logits, so that every step is comparable with the run that made them.
-        """
-        if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
-        steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
-        if steps < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {steps}")
-        start = time.perf_counter()
-        logits, past = self.prefill(prompt_ids, cache)
-        prefill_seconds = time.perf_counter() - start
-        rows = [logits[-1]]
-        tokens: list[int] = []
-        start = time.perf_counter()
-        while True:
-            token = int(forced_tokens[len(tokens)]) if forced_tokens is not None else int(np.argmax(rows[-1]))
-            tokens.append(token)
-            if on_token is not None:
-                on_token(len(tokens))
-            done = len(tokens) >= steps or (
-                forced_tokens is None and stop_at_eos and token in self.bundle.eos_token_ids
-            )
-            if done:
-                break
-            logits, past = self.extend([token], past, cache)
-            rows.append(logits[-1])
-        decode_seconds = time.perf_counter() - start
-        if cache is None:
-            kv_float = sum(k.nbytes + v.nbytes for k, v in past)
-            kv_bytes = kv_float
-        else:
-            kv_bytes, kv_float = cache.nbytes, cache.float_nbytes
-        return Generation(
-            tokens, np.stack(rows).astype(np.float32), prefill_seconds, decode_seconds, kv_bytes, kv_float
-        )
+    def past_nbytes(self, past: Past) -> int:
+        return sum(key.nbytes + value.nbytes for key, value in past)

@@ -134,7 +134,7 @@ class _QueryCapture:
         if math.isclose(factor, 1.0, rel_tol=1e-9):  # head_dim**-0.5 * sqrt(head_dim), rounded
             factor = 1.0
         selected = query[0, self.heads[layer]][:, self.positions].float() * factor
-        self.captured[layer] = selected.numpy()
+        self.captured[layer] = selected.cpu().numpy()
         self.factors[layer] = factor
 
 
@@ -219,6 +219,8 @@ def export_traces(
     max_seq: int | None = None,
     queries_per_sample: int = DEFAULT_QUERIES_PER_SAMPLE,
     model_name: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[Path]:
     """Run ``prompts`` through the model in ``model_dir`` and write one :class:`KvTrace` file per
     (layer, KV head) into ``out_dir``, named by :func:`trace_filename`.
@@ -233,6 +235,8 @@ def export_traces(
             ``seq = min(shortest prompt's token count, max_seq)`` tokens.
         queries_per_sample: queries per sample, at the last positions seq - n .. seq - 1.
         model_name: the trace's ``model`` metadata; default: the directory's name.
+        device, dtype: where and in which type the model runs (``cpu`` / ``cuda``; ``float32``,
+            ``bfloat16``, ``float16``); the trace stores float32 either way.
 
     Returns:
         The written paths, layer by layer, heads in increasing order within a layer.
@@ -262,10 +266,15 @@ def export_traces(
     positions = list(range(seq - queries_per_sample, seq))
 
     _register_capture()
+    from tq.integrations.transformers_runner import DTYPES, check_device
+
+    if dtype not in DTYPES:
+        raise TraceExportError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    check_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=torch.float32
+        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=DTYPES[dtype]
     )
-    model.eval()
+    model.to(device).eval()
     uses_rope = any("RotaryEmbedding" in type(module).__name__ for module in model.modules())
     capture = _QueryCapture({layer: [h * group for h in heads] for layer in layers}, positions, seq)
 
@@ -284,7 +293,7 @@ def export_traces(
             if show_progress:
                 print(f"tq trace: prompt {number + 1}/{len(prompts)}", file=sys.stderr, flush=True)
             with torch.inference_mode():
-                cache = model(torch.tensor([ids[:seq]]), use_cache=True).past_key_values
+                cache = model(torch.tensor([ids[:seq]], device=device), use_cache=True).past_key_values
             for layer in layers:
                 if layer not in capture.captured:
                     raise TraceExportError(
@@ -298,8 +307,8 @@ def export_traces(
                     raise TraceExportError(
                         f"layer {layer}'s cache holds {layer_cache.keys.shape[-2]} of the {seq} tokens"
                     )
-                keys[layer].append(layer_cache.keys[0, heads].float().numpy())
-                values[layer].append(layer_cache.values[0, heads].float().numpy())
+                keys[layer].append(layer_cache.keys[0, heads].float().cpu().numpy())
+                values[layer].append(layer_cache.values[0, heads].float().cpu().numpy())
     finally:
         _capture.reset(token)
 

@@ -38,17 +38,15 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tq.bench.synthetic import Progress
-from tq.kvcache import CacheConfig, MultiHeadKVCache, exact_layers
+from tq.engines import ModelSource
+from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
-from tq.runner import Past, RealModelRunner
-
-if TYPE_CHECKING:
-    from tq.models.bundle import ModelBundle
+from tq.runner import DecodeRunner
 
 DEFAULT_CONTEXT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
@@ -83,7 +81,7 @@ class NeedleError(ValueError):
     """Bad needle-in-a-haystack input: depths, context lengths, trials, or a too-short text."""
 
 
-def render_chat(bundle: ModelBundle) -> tuple[str, str] | None:
+def render_chat(bundle: Any) -> tuple[str, str] | None:
     """The bundle's chat format around one user message: (text before the message, text after it,
     ending with the assistant turn's header), or None for a bundle without ``chat_template.jinja``.
 
@@ -126,7 +124,7 @@ def render_chat(bundle: ModelBundle) -> tuple[str, str] | None:
     return head, tail
 
 
-def max_positions(bundle: ModelBundle) -> int | None:
+def max_positions(bundle: Any) -> int | None:
     """The model's position limit (tokens) from its ``config.json``: ``max_position_embeddings``
     or ``n_positions`` (also under ``text_config``); None if the config states none."""
     path = bundle.path / "config.json"
@@ -200,17 +198,16 @@ class NeedlePrompt:
 
 
 class NeedlePromptBuilder:
-    """Builds needle prompts (:class:`NeedlePrompt`) for one bundle's tokenizer and chat format.
+    """Builds needle prompts (:class:`NeedlePrompt`) for one model's tokenizer and chat format.
 
     Args:
-        bundle: a loaded :class:`~tq.models.bundle.ModelBundle`.
+        bundle: a model's files (:class:`~tq.models.bundle.ModelBundle` or
+            :class:`~tq.models.checkpoint.Checkpoint`).
         text: the filler text (default: :func:`tq.corpus.corpus_text` ``(cache)``).
         cache: the cache root for the corpus (None: ``$TQ_CACHE_DIR`` or ``~/.cache/tq``).
     """
 
-    def __init__(
-        self, bundle: ModelBundle, text: str | None = None, cache: str | os.PathLike | None = None
-    ) -> None:
+    def __init__(self, bundle: Any, text: str | None = None, cache: str | os.PathLike | None = None) -> None:
         if text is None:
             from tq.corpus import corpus_text
 
@@ -307,11 +304,7 @@ class NeedlePromptBuilder:
 
 
 def _answer(
-    runner: RealModelRunner,
-    past: Past,
-    query_ids: Sequence[int],
-    max_new_tokens: int,
-    cache: MultiHeadKVCache | None,
+    runner: DecodeRunner, past: Any, query_ids: Sequence[int], max_new_tokens: int, cache: Any
 ) -> tuple[list[int], float]:
     """Greedy answer after ``past``: feed the query in one call, then one token per call.
 
@@ -323,7 +316,7 @@ def _answer(
     while True:
         token = int(np.argmax(logits[-1]))
         tokens.append(token)
-        if len(tokens) >= max_new_tokens or token in runner.bundle.eos_token_ids:
+        if len(tokens) >= max_new_tokens or token in runner.files.eos_token_ids:
             break
         logits, past = runner.extend([token], past, cache)
     return tokens, time.perf_counter() - start
@@ -404,7 +397,7 @@ def _check_inputs(
 
 
 def run_needle(
-    bundle_dir: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     config: CacheConfig,
     context_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
@@ -420,14 +413,14 @@ def run_needle(
     """Needle retrieval with the exact and the quantized cache; return a ``real-model`` record.
 
     Args:
-        bundle_dir: a model bundle (``tq model prepare``).
+        model: the model and its engine (a path: a model bundle, ``tq model prepare``).
         config: the quantized cache's configuration (layers in ``exact_*_layers`` stay exact).
         context_lengths: prompt lengths in tokens (each at most the model's positions minus
             ``max_new_tokens``).
         depths: needle depths, fractions in (0, 1) of the filler tokens before the needle.
         trials: prompts per (length, depth), each with its own needle and place in the text.
         max_new_tokens: the longest answer, in tokens.
-        threads: ONNX Runtime intra-op threads (None: ORT's default).
+        threads: the engine's intra-op threads (None: its default).
         seed: draws the needles and the places in the text (the cache's rotations use
             ``config.seed``).
         cache: the cache root for the corpus text (None: ``$TQ_CACHE_DIR`` or ``~/.cache/tq``).
@@ -438,13 +431,13 @@ def run_needle(
             positions), trials or max_new_tokens.
     """
     return run_needle_sweep(
-        bundle_dir, [config], context_lengths, depths, trials, max_new_tokens, exact_first_layers,
+        model, [config], context_lengths, depths, trials, max_new_tokens, exact_first_layers,
         exact_last_layers, threads, seed, cache, text,
     )[0]  # fmt: skip
 
 
 def run_needle_sweep(
-    bundle_dir: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     configs: Sequence[CacheConfig],
     context_lengths: Sequence[int] = DEFAULT_CONTEXT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
@@ -466,16 +459,15 @@ def run_needle_sweep(
     their ``seconds`` is the whole sweep's, and ``config_seconds`` this configuration's share
     (quantizing and answering).
     """
-    from tq.models.bundle import ModelBundle
-
     if not configs:
         raise NeedleError("no cache configurations given")
     context_lengths = [int(length) for length in context_lengths]
     depths = [float(depth) for depth in depths]
-    bundle = ModelBundle.load(bundle_dir)
+    source = ModelSource.of(model)
+    runner = source.open(threads)
+    bundle = runner.files
     _check_inputs(context_lengths, depths, trials, max_new_tokens, max_positions(bundle))
     builder = NeedlePromptBuilder(bundle, text, cache)
-    runner = RealModelRunner(bundle, threads)
     layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
     # Every prompt first: a length too short for the template fails before any model call.
     prompts = [
@@ -493,15 +485,15 @@ def run_needle_sweep(
         tick = time.perf_counter()
         _, presents = runner.prefill(prompt.context_ids)
         prefill_s = time.perf_counter() - tick
-        exact, exact_s = _answer(runner, presents, prompt.query_ids, max_new_tokens, None)
+        # extend and quantize_presents may consume the past they are given: the exact answer
+        # and every config but the last one take a copy of the prefill's.
+        exact, exact_s = _answer(runner, runner.copy_past(presents), prompt.query_ids, max_new_tokens, None)
         exact_text = bundle.decode(exact)
         marks = []
         for number, config in enumerate(configs):
             kv = runner.new_cache(config, layer_configs)
             tick = time.perf_counter()
-            # quantize_presents overwrites the past it is given: the last config may take the
-            # exact presents themselves, the others a copy.
-            own = presents if number == len(configs) - 1 else [(k.copy(), v.copy()) for k, v in presents]
+            own = presents if number == len(configs) - 1 else runner.copy_past(presents)
             past = runner.quantize_presents(kv, own, 0)
             quantize_s = time.perf_counter() - tick
             quantized, quantized_s = _answer(runner, past, prompt.query_ids, max_new_tokens, kv)
@@ -542,8 +534,8 @@ def run_needle_sweep(
     seconds = time.perf_counter() - start
     shared = {
         "workload": "needle",
-        "bundle": os.fspath(bundle_dir),
-        "model": bundle.info.get("preset") or bundle.path.name,
+        **source.describe(),
+        "model": runner.name,
         "context_lengths": context_lengths,
         "depths": depths,
         "trials": trials,

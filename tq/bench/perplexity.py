@@ -9,8 +9,8 @@ side has two protocols:
 - ``decode`` (default; DESIGN.md section 10): tokens 0..context-1 are prefilled, then the
   continuation is decoded one token at a time with teacher forcing, every new token's keys and
   values quantized as they enter the cache: what a decoding server with a quantized cache sees.
-  ``batch`` windows are decoded together, one ONNX Runtime call per step for all of them
-  (:meth:`~tq.runner.RealModelRunner.teacher_force`).
+  ``batch`` windows are decoded together, one engine call per step for all of them
+  (:meth:`~tq.runner.DecodeRunner.teacher_force`).
 - ``window`` ("quantized context only"; two calls per window): tokens 0..context-2 are prefilled
   (exact attention) and their keys and values go into the quantized cache; one more call feeds
   tokens context-1..window-2 against that cache. The scored tokens attend to each other's exact
@@ -27,31 +27,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tq.bench.synthetic import Progress
+from tq.engines import ModelSource
 from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
 from tq.reference import ExactReference
-from tq.runner import RealModelRunner
+from tq.runner import DecodeRunner
 from tq.stats import PER_TOKEN_FIELDS, quality_summary
 
-if TYPE_CHECKING:
-    from tq.models.bundle import ModelBundle
-
 PROTOCOLS = ("decode", "window")
-# Windows decoded per ONNX Runtime call. Measured on SmolLM2-135M, 2 threads, 1k-token windows
+# Windows decoded per engine call. Measured on SmolLM2-135M, 2 threads, 1k-token windows
 # (benchmarks/perplexity_decode.py): decode throughput rises with the batch up to 16 sequences.
 DEFAULT_BATCH = 16
 TEXT = "Wikipedia excerpt of the gensim wheel (tq.corpus)"
 # Characters of text encoded per token needed, with a wide margin (English BPE: about 4-5).
 _CHARS_PER_TOKEN = 8
-
-
-def _model_name(bundle: ModelBundle) -> str:
-    return bundle.info.get("preset") or bundle.path.name
 
 
 def _check_shape(windows: int, window: int, context: int) -> None:
@@ -61,11 +55,14 @@ def _check_shape(windows: int, window: int, context: int) -> None:
         raise ValueError(f"need 2 <= context < window, got context={context}, window={window}")
 
 
-def reference_settings(bundle: ModelBundle, windows: int, window: int, context: int) -> dict[str, Any]:
+def reference_settings(
+    runner: DecodeRunner, source: ModelSource, windows: int, window: int, context: int
+) -> dict[str, Any]:
     """What a perplexity reference is made for (:meth:`ExactReference.require` checks it)."""
     return {
         "workload": "perplexity",
-        "model": _model_name(bundle),
+        "model": runner.name,
+        **source.engine_settings(),
         "text": TEXT,
         "windows": windows,
         "window": window,
@@ -73,37 +70,44 @@ def reference_settings(bundle: ModelBundle, windows: int, window: int, context: 
     }
 
 
-def text_windows(
-    bundle: ModelBundle, windows: int, window: int, cache: os.PathLike | None = None
-) -> np.ndarray:
-    """The first ``windows`` windows of ``window`` tokens of the corpus text: int64 [windows, window]."""
+def text_windows(files: Any, windows: int, window: int, cache: os.PathLike | None = None) -> np.ndarray:
+    """The first ``windows`` windows of ``window`` tokens of the corpus text, encoded with the
+    tokenizer of ``files`` (a runner's model files): int64 [windows, window]."""
     from tq.corpus import corpus_text, token_windows
 
     text = corpus_text(cache)
-    ids = bundle.encode(text[: windows * window * _CHARS_PER_TOKEN])
+    ids = files.encode(text[: windows * window * _CHARS_PER_TOKEN])
     if len(ids) < windows * window:
-        ids = bundle.encode(text)
+        ids = files.encode(text)
     return np.asarray(token_windows(ids, window, windows), np.int64)
 
 
 def perplexity_reference(
-    bundle_dir: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     windows: int = 4,
     window: int = 1024,
     context: int = 512,
     threads: int | None = None,
     cache: os.PathLike | None = None,
 ) -> ExactReference:
-    """The exact run on the perplexity windows: one graph call per window over tokens
-    0..window-2, whose logits at positions context-1.. predict the scored tokens (compact
-    encoding). Equal to the exact decode loop within float rounding: attention is causal, so a
-    position sees the same tokens either way."""
-    from tq.models.bundle import ModelBundle
-
+    """The exact run on the perplexity windows: one call per window over tokens 0..window-2,
+    whose logits at positions context-1.. predict the scored tokens (compact encoding). Equal to
+    the exact decode loop within float rounding: attention is causal, so a position sees the same
+    tokens either way. ``model``: the model and its engine (a path: an ONNX bundle)."""
     _check_shape(windows, window, context)
-    bundle = ModelBundle.load(bundle_dir)
-    runner = RealModelRunner(bundle, threads)
-    tokens = text_windows(bundle, windows, window, cache)
+    source = ModelSource.of(model)
+    return _exact_reference(source.open(threads), source, windows, window, context, cache)
+
+
+def _exact_reference(
+    runner: DecodeRunner,
+    source: ModelSource,
+    windows: int,
+    window: int,
+    context: int,
+    cache: os.PathLike | None,
+) -> ExactReference:
+    tokens = text_windows(runner.files, windows, window, cache)
     progress = Progress("tq perplexity reference")
 
     def sequences() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -113,7 +117,7 @@ def perplexity_reference(
             yield row, row[context:], logits[context - 1 :]
 
     return ExactReference.from_sequences(
-        sequences(), "compact", reference_settings(bundle, windows, window, context)
+        sequences(), "compact", reference_settings(runner, source, windows, window, context)
     )
 
 
@@ -138,7 +142,7 @@ def _layer_configs(
 
 
 def run_perplexity(
-    bundle_dir: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     config: CacheConfig | None = None,
     exact_first_layers: int = 0,
     exact_last_layers: int = 0,
@@ -155,34 +159,35 @@ def run_perplexity(
     """Exact vs quantized perplexity over ``windows`` windows; return a ``perplexity`` record.
 
     Args:
+        model: the model and its engine (a path: an ONNX bundle).
         reference: the exact run (:func:`perplexity_reference`, or a file it was saved to) for
             these windows; computed here when not given.
         batch: windows decoded per graph call (``decode`` protocol; 1 = one window at a time).
         quantized_layers: quantize only those layers and keep every other one exact (per-layer
             sensitivity); replaces ``exact_first_layers`` / ``exact_last_layers``.
     """
-    from tq.models.bundle import ModelBundle
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     _check_shape(windows, window, context)
     config = config or CacheConfig()
-    bundle = ModelBundle.load(bundle_dir)
-    layer_configs = _layer_configs(bundle.num_layers, exact_first_layers, exact_last_layers, quantized_layers)
+    source = ModelSource.of(model)
+    runner = source.open(threads)
+    layer_configs = _layer_configs(
+        runner.files.num_layers, exact_first_layers, exact_last_layers, quantized_layers
+    )
     start = time.perf_counter()
     if reference is None:
-        reference = perplexity_reference(bundle_dir, windows, window, context, threads, cache)
+        reference = _exact_reference(runner, source, windows, window, context, cache)
         reference_source = "computed in this run"
     elif isinstance(reference, ExactReference):
         reference_source = "given"
     else:
         reference_source = os.fspath(reference)
         reference = ExactReference.load(reference)
-    reference.require(**reference_settings(bundle, windows, window, context))
+    reference.require(**reference_settings(runner, source, windows, window, context))
     reference_seconds = time.perf_counter() - start
-    runner = RealModelRunner(bundle, threads)
     tokens = np.stack([reference.sequence(index)[0] for index in range(windows)])
     progress = Progress("tq bench perplexity")
     per_token: list[dict[str, np.ndarray]] = []
@@ -191,25 +196,27 @@ def run_perplexity(
     for first in range(0, windows, batch if protocol == "decode" else 1):
         rows = tokens[first : first + batch] if protocol == "decode" else tokens[first : first + 1]
         caches = [runner.new_cache(config, layer_configs) for _ in rows]
+        # The caches' size: the tokens they quantized (decode: every token; window: the
+        # context, measured before the scoring call, which a transformers cache also takes in).
         if protocol == "decode":
-            steps = window - context
             logits = runner.teacher_force(
                 rows[:, :context],
                 rows[:, context:],
                 caches,
-                on_step=lambda step, first=first, rows=rows, steps=steps: (
+                on_step=lambda step, first=first, rows=rows, steps=window - context: (
                     step % 64 == 0
                     and progress(f"windows {first + 1}-{first + len(rows)}/{windows}: step {step}/{steps}")
                 ),
             )
+            sizes = [(kv.nbytes, kv.float_nbytes) for kv in caches]
         else:
-            _, presents = runner.prefill(rows[0, : context - 1])
-            past = runner.quantize_presents(caches[0], presents, 0)
+            _, past = runner.prefill(rows[0, : context - 1], caches[0])
+            sizes = [(caches[0].nbytes, caches[0].float_nbytes)]
             logits = runner.extend(rows[0, context - 1 : -1], past)[0][None]
-        for offset, cache_of_window in enumerate(caches):
+        for offset, (nbytes, float_nbytes) in enumerate(sizes):
             per_token.append(reference.compare(first + offset, logits[offset]))
-            kv_nbytes += cache_of_window.nbytes
-            kv_float += cache_of_window.float_nbytes
+            kv_nbytes += nbytes
+            kv_float += float_nbytes
         progress(f"windows {first + len(rows)}/{windows} done")
     seconds = time.perf_counter() - start
     values = {name: np.concatenate([part[name] for part in per_token]) for name in PER_TOKEN_FIELDS}
@@ -225,8 +232,8 @@ def run_perplexity(
     }
     record_config = {
         "workload": "perplexity",
-        "bundle": os.fspath(bundle_dir),
-        "model": _model_name(bundle),
+        **source.describe(),
+        "model": runner.name,
         "text": TEXT,
         "windows": windows,
         "window": window,

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from tq.bench.synthetic import Progress
+from tq.engines import ModelSource
 from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
 from tq.reference import ExactReference, ReferenceError
-from tq.runner import Generation, RealModelRunner
+from tq.runner import Generation
 from tq.stats import PER_TOKEN_FIELDS, mean_se, quality_summary
 
 MODES = ("exact", "quantized", "compare")
@@ -73,9 +74,14 @@ def _memory(runs: Sequence[Generation]) -> dict[str, float]:
     }
 
 
-def reference_settings(model: str, max_new_tokens: int) -> dict[str, Any]:
+def reference_settings(model: str, max_new_tokens: int, source: ModelSource) -> dict[str, Any]:
     """What a prompt-suite reference is made for (:meth:`ExactReference.require` checks it)."""
-    return {"workload": "real-model", "model": model, "max_new_tokens": max_new_tokens}
+    return {
+        "workload": "real-model",
+        "model": model,
+        "max_new_tokens": max_new_tokens,
+        **source.engine_settings(),
+    }
 
 
 def prompt_reference(
@@ -144,7 +150,7 @@ def _load_reference(
 
 
 def run_real_model(
-    bundle_dir: str | os.PathLike,
+    model: str | os.PathLike | ModelSource,
     prompts: Sequence[str],
     mode: str = "compare",
     config: CacheConfig | None = None,
@@ -156,16 +162,15 @@ def run_real_model(
     reference: ExactReference | str | os.PathLike | None = None,
     reference_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run prompts through a bundle in one mode; return a ``real-model`` result record.
+    """Run prompts through a model in one mode; return a ``real-model`` result record.
 
     Args:
+        model: the model and its engine (a path: an ONNX bundle).
         reference: compare mode: the exact runs (a reference written by the exact mode with
             ``reference_out``, or its file) instead of running them again; the record's exact
             timing is then the one stored with the reference.
         reference_out: exact mode: also write the exact runs there as a reference.
     """
-    from tq.models.bundle import ModelBundle
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not prompts:
@@ -177,12 +182,12 @@ def run_real_model(
     if reference_out is not None and mode != "exact":
         raise ValueError("a reference is written in exact mode only")
     config = config or CacheConfig()
-    bundle = ModelBundle.load(bundle_dir)
-    model = bundle.info.get("preset") or bundle.path.name
-    settings = reference_settings(model, max_new_tokens)
-    runner = RealModelRunner(bundle, threads)
-    layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
-    prompt_ids = [bundle.encode(prompt) for prompt in prompts]
+    source = ModelSource.of(model)
+    runner = source.open(threads)
+    files = runner.files
+    settings = reference_settings(runner.name, max_new_tokens, source)
+    layer_configs = exact_layers(files.num_layers, exact_first_layers, exact_last_layers)
+    prompt_ids = [files.encode(prompt) for prompt in prompts]
     if reference is not None:
         reference = _load_reference(reference, prompt_ids, settings)
     run_exact = mode == "exact" or (mode == "compare" and reference is None)
@@ -199,12 +204,12 @@ def run_real_model(
         elif mode == "compare":
             exact_tokens = reference.sequence(index)[1].tolist()
         if mode != "quantized":
-            row["exact_text"] = bundle.decode(exact_tokens)
+            row["exact_text"] = files.decode(exact_tokens)
         if mode == "compare":
             forced.append(runner.generate(ids, 0, runner.new_cache(config, layer_configs), exact_tokens))
         if mode in ("quantized", "compare"):
             free.append(runner.generate(ids, max_new_tokens, runner.new_cache(config, layer_configs)))
-            row["quantized_text"] = bundle.decode(free[-1].tokens)
+            row["quantized_text"] = files.decode(free[-1].tokens)
         per_prompt.append(row)
         progress(f"prompt {index + 1}/{len(prompts)} done")
     result: dict[str, Any] = {}
@@ -227,8 +232,8 @@ def run_real_model(
     result["per_prompt"] = per_prompt
     record_config = {
         "workload": "real-model",
-        "bundle": os.fspath(bundle_dir),
-        "model": model,
+        **source.describe(),
+        "model": runner.name,
         "mode": mode,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -237,7 +242,7 @@ def run_real_model(
         "cache": config.describe() if mode != "exact" else None,
         "exact_layers": sorted(layer_configs),
         "exact_runs": "read from the reference" if mode == "compare" and not exact else "run here",
-        "note": "ONNX Runtime computes float attention over the cache's reconstruction; the current "
-        "call's own keys and values are exact and are quantized for later calls.",
+        "note": f"{source.engine} computes float attention over the cache's reconstruction; the "
+        "current call's own keys and values are exact and are quantized for later calls.",
     }
     return make_record("real-model", record_config, result, timing, threads or 0)

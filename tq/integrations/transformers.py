@@ -40,6 +40,7 @@ dropped, because a quantized cache cannot give back the exact states it replaced
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -307,6 +308,46 @@ class TurboQuantCache(Cache):
             for index in range(num_layers)
         ]
         super().__init__(layers=layers)
+
+    @classmethod
+    def concatenate(cls, caches: Iterable[TurboQuantCache]) -> TurboQuantCache:
+        """One cache over the sequences of ``caches`` (filled, of one model and length), in order.
+
+        The sequences' stores are shared, not copied: a call through the result appends to the
+        caches it was made from (their ``nbytes`` count it), as one batch.
+        """
+        caches = list(caches)
+        first = caches[0]
+        if not all(layer.is_initialized for cache in caches for layer in cache.layers):
+            raise ValueError("concatenate needs caches that hold tokens (after their prefill)")
+        if (
+            len({cache.get_seq_length() for cache in caches}) != 1
+            or len({len(cache.layers) for cache in caches}) != 1
+        ):
+            raise ValueError("concatenate needs caches of one model holding sequences of one length")
+        joined = copy.copy(first)
+        joined.layers = [copy.copy(layer) for layer in first.layers]
+        for index, layer in enumerate(joined.layers):
+            layer.rows = [row for cache in caches for row in cache.layers[index].rows]
+        return joined
+
+    def copy(self) -> TurboQuantCache:
+        """An independent copy (every sequence's store copied)."""
+        copied = copy.copy(self)
+        copied.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in copied.layers:
+            layer.rows = [row.copy() for row in layer.rows]
+        return copied
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache format needs for every stored token (codes, norms, exact tokens)."""
+        return sum(row.nbytes for layer in self.layers for row in layer.rows)
+
+    @property
+    def float_nbytes(self) -> int:
+        """Bytes of the same tokens as float32 keys and values."""
+        return sum(row.float_nbytes for layer in self.layers for row in layer.rows)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes per layer and in all: ``stored`` (codes, norms, exact tokens: what the cache

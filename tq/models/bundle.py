@@ -263,8 +263,38 @@ def _read_info(path: Path) -> dict:
     return info
 
 
+class TokenizerFiles:
+    """The tokenizer of a model directory (``tokenizer.json`` in :attr:`path`), shared by
+    :class:`ModelBundle` and :class:`~tq.models.checkpoint.Checkpoint`."""
+
+    path: Path
+
+    @cached_property
+    def _tokenizer(self) -> tokenizers.Tokenizer:
+        from tokenizers import Tokenizer
+
+        file = self.path / TOKENIZER_JSON
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception as error:  # tokenizers raises plain Exception on a bad file
+            raise BundleError(f"{file}: not a readable tokenizer ({error})") from None
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """The model's tokenizer (``tokenizer.json``), loaded once per object."""
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with the special tokens the model expects (Gemma's BOS; none
+        for SmolLM2)."""
+        return self.tokenizer().encode(text).ids
+
+    def decode(self, ids: Any) -> str:
+        """Text of token ids (any iterable of ints), special tokens included."""
+        return self.tokenizer().decode([int(token) for token in ids], skip_special_tokens=False)
+
+
 @dataclass(frozen=True)
-class ModelBundle:
+class ModelBundle(TokenizerFiles):
     """A validated model bundle. Build it with :meth:`load`.
 
     Attributes:
@@ -326,6 +356,11 @@ class ModelBundle:
         )
 
     @property
+    def name(self) -> str:
+        """The model's name in records: its preset, else the directory's name."""
+        return self.info.get("preset") or self.path.name
+
+    @property
     def has_position_ids(self) -> bool:
         """Whether the graph takes ``position_ids`` [batch, seq] (past length + arange(seq))."""
         return "position_ids" in self.input_names
@@ -344,20 +379,6 @@ class ModelBundle:
     def has_use_cache_branch(self) -> bool:
         """Whether the graph takes ``use_cache_branch`` (a merged decoder's bool [1])."""
         return "use_cache_branch" in self.input_names
-
-    @cached_property
-    def _tokenizer(self) -> tokenizers.Tokenizer:
-        from tokenizers import Tokenizer
-
-        file = self.path / TOKENIZER_JSON
-        try:
-            return Tokenizer.from_file(str(file))
-        except Exception as error:  # tokenizers raises plain Exception on a bad file
-            raise BundleError(f"{file}: not a readable tokenizer ({error})") from None
-
-    def tokenizer(self) -> tokenizers.Tokenizer:
-        """The bundle's tokenizer (``tokenizer.json``), loaded once per bundle object."""
-        return self._tokenizer
 
     def session(self, threads: int | None = None) -> onnxruntime.InferenceSession:
         """A new ONNX Runtime session on the CPU execution provider, with ``threads`` intra-op
@@ -379,12 +400,3 @@ class ModelBundle:
         return onnxruntime.InferenceSession(
             str(self.path / MODEL_ONNX), sess_options=options, providers=["CPUExecutionProvider"]
         )
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens the model expects (Gemma's BOS; none
-        for SmolLM2)."""
-        return self.tokenizer().encode(text).ids
-
-    def decode(self, ids: Any) -> str:
-        """Text of token ids (any iterable of ints), special tokens included."""
-        return self.tokenizer().decode([int(token) for token in ids], skip_special_tokens=False)

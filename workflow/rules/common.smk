@@ -5,9 +5,20 @@ import hashlib
 import re
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
+from tq.sweep_models import SweepConfigError, resolve_models
+
 TQ_ROOT = Path(workflow.basedir) / "tq"
 CONDA_ENV = "../../envs/tq.yaml"
-MODELS = {model["preset"]: model for model in config["models"]}
+# name -> models entry (tq.sweep_models): checked before any job runs. A cuda model needs a GPU
+# here unless the jobs go to a cluster (there, a job on a node without one fails, saying so).
+try:
+    MODELS = resolve_models(config["models"], local=workflow.local_exec and workflow.is_main_process)
+except SweepConfigError as error:
+    raise WorkflowError(f"config: {error}") from None
+PRESETS = sorted({model["preset"] for model in MODELS.values() if "preset" in model})
+ONNX_MODELS = [name for name, model in MODELS.items() if model["engine"] == "onnxruntime"]
 STRATEGY = "mse|prod|exact|uniform|rotated-uniform|kivi"
 # Per-setting cache options (kv_caches items) and their code in a cache label: k3mse-v3mse-r64-ef2.
 CACHE_OPTION_CODES = {
@@ -19,8 +30,13 @@ CACHE_OPTION_CODES = {
 BITS = r"\d(\.\d\d?)?"  # 1 .. 8, optionally fractional: 3.5, 2.25
 
 
+def one_of(names) -> str:
+    """A wildcard constraint matching exactly these names (nothing when there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
 wildcard_constraints:
-    model="|".join(MODELS),
+    model=one_of(MODELS),
     layer=r"\d\d",
     head=r"\d\d",
     strategy=STRATEGY,
@@ -102,6 +118,31 @@ def cache_label(cache: dict) -> str:
 CACHES = [cache_label(cache) for cache in config["kv_caches"]]
 CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}{options}"
 CACHE_OPTIONS = config["cache_options"]
+
+
+def model_input(wildcards) -> str:
+    """What a model's decode-loop jobs read: its ONNX bundle, or its checkpoint (transformers)."""
+    if MODELS[wildcards.model]["engine"] == "onnxruntime":
+        return f"results/bundles/{wildcards.model}"
+    return checkpoint_input(wildcards)
+
+
+def checkpoint_input(wildcards) -> str:
+    """A model's Hugging Face checkpoint: its model_dir, or the one converted from its preset
+    (shared by the models of one preset)."""
+    model = MODELS[wildcards.model]
+    return model["checkpoint"] or f"results/hf/{model['preset']}"
+
+
+def engine_params(wildcards) -> dict:
+    """The engine, device and dtype of a job's model (tq.engines.ModelSource fields)."""
+    model = MODELS[wildcards.model]
+    return {name: model[name] for name in ("engine", "device", "dtype")}
+
+
+def model_gpus(wildcards) -> int:
+    """GPUs a job of this model asks SLURM for (the gpu resource: sbatch --gpus)."""
+    return 1 if MODELS[wildcards.model]["device"] == "cuda" else 0
 
 
 def trace_names(model: str) -> list[str]:

@@ -29,12 +29,13 @@ rule baseline:
     """The exact decode loop on the prompt suite: reference text, speed and KV size, and the exact
     runs (tokens and logits) that every compare job reads instead of running them again."""
     input:
-        bundle=rules.bundle.output[0],
+        model=model_input,
         prompts=PROMPTS["file"],
     output:
         record="results/baseline/{model}/{suite}.json",
         reference="results/baseline/{model}/{suite}.reference.safetensors",
     params:
+        engine=engine_params,
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
@@ -46,6 +47,7 @@ rule baseline:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
@@ -57,12 +59,13 @@ rule compare:
     """The quantized decode loop against the baseline's exact runs (teacher-forced and
     free-running)."""
     input:
-        bundle=rules.bundle.output[0],
+        model=model_input,
         prompts=PROMPTS["file"],
         reference=rules.baseline.output.reference,
     output:
         f"results/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.json",
     params:
+        engine=engine_params,
         cache=cache_params,
         exact_layers=exact_layer_params,
         limit=PROMPTS["limit"],
@@ -76,6 +79,7 @@ rule compare:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
@@ -87,7 +91,7 @@ rule perplexity_reference:
     """The exact model's run on the perplexity windows (one per model and windows x window,
     context), read by every perplexity and per-layer job: they run only the quantized side."""
     input:
-        bundle=rules.bundle.output[0],
+        model=model_input,
         corpus=rules.corpus.output[0],
     output:
         "results/reference/{model}/perplexity-{windows}x{window}-c{context}.safetensors",
@@ -96,6 +100,7 @@ rule perplexity_reference:
         window=r"\d+",
         context=r"\d+",
     params:
+        engine=engine_params,
         source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
     log:
         "results/logs/reference/{model}/perplexity-{windows}x{window}-c{context}.log",
@@ -104,6 +109,7 @@ rule perplexity_reference:
     resources:
         mem_mb=4000,
         runtime=15,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
@@ -114,11 +120,12 @@ rule perplexity_reference:
 rule perplexity:
     """Perplexity with a cache setting (the quantized side; the exact one is the reference)."""
     input:
-        bundle=rules.bundle.output[0],
+        model=model_input,
         reference=perplexity_reference_file("perplexity"),
     output:
         f"results/perplexity/{{model}}/{CACHE_PATTERN}.json",
     params:
+        engine=engine_params,
         cache=cache_params,
         exact_layers=exact_layer_params,
         **perplexity_params("perplexity"),
@@ -130,6 +137,7 @@ rule perplexity:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
@@ -141,11 +149,12 @@ rule layer_sensitivity:
     """Perplexity with only layer {layer} quantized (config layer_sensitivity), every other
     layer exact: which layers are sensitive to quantization."""
     input:
-        bundle=rules.bundle.output[0],
+        model=model_input,
         reference=perplexity_reference_file("layer_sensitivity"),
     output:
         "results/layer_sensitivity/{model}/layer{layer}.json",
     params:
+        engine=engine_params,
         cache=lambda wildcards: {
             name: config["layer_sensitivity"][name]
             for name in ("key_bits", "value_bits", "key_strategy", "value_strategy")
@@ -161,6 +170,7 @@ rule layer_sensitivity:
     resources:
         mem_mb=4000,
         runtime=15,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
@@ -175,11 +185,12 @@ if config["needle"]["bits"]:
         width in needle.bits: one job per model, so that each prompt's prefill (most of the cost
         at 4k tokens) and exact answer are computed once and shared by every width."""
         input:
-            bundle=rules.bundle.output[0],
+            model=model_input,
             corpus=rules.corpus.output[0],
         output:
             [f"results/needle/{{model}}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]],
         params:
+            engine=engine_params,
             caches=[
                 {"key_bits": bits, "value_bits": bits, **cache_fields(CACHE_OPTIONS)}
                 for bits in config["needle"]["bits"]
@@ -197,6 +208,7 @@ if config["needle"]["bits"]:
         resources:
             mem_mb=12000,
             runtime=60,
+            gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
         threads: 2
         conda:
             CONDA_ENV

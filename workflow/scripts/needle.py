@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from tq.bench.needle import run_needle_sweep
+from tq.engines import ModelSource
 from tq.kvcache import CacheConfig
 from tq.records import write_record
 
@@ -14,7 +15,7 @@ with open(snakemake.log[0], "w") as log:
     os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
     params = snakemake.params
     records = run_needle_sweep(
-        snakemake.input.bundle,
+        ModelSource(snakemake.input.model, name=snakemake.wildcards.model, **params.engine),
         [CacheConfig(**cache) for cache in params.caches],
         context_lengths=params.context_lengths,
         depths=params.depths,

@@ -6,6 +6,7 @@ import os
 import sys
 
 from tq.bench.perplexity import run_perplexity
+from tq.engines import ModelSource
 from tq.kvcache import CacheConfig
 from tq.records import write_record
 
@@ -14,7 +15,7 @@ with open(snakemake.log[0], "w") as log:
     os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
     params = snakemake.params
     record = run_perplexity(
-        snakemake.input.bundle,
+        ModelSource(snakemake.input.model, name=snakemake.wildcards.model, **params.engine),
         CacheConfig(**params.cache),
         windows=params.windows,
         window=params.window,

@@ -5,13 +5,14 @@ import os
 import sys
 
 from tq.bench.perplexity import perplexity_reference
+from tq.engines import ModelSource
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
     os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
     wildcards = snakemake.wildcards
     reference = perplexity_reference(
-        snakemake.input.bundle,
+        ModelSource(snakemake.input.model, name=wildcards.model, **snakemake.params.engine),
         windows=int(wildcards.windows),
         window=int(wildcards.window),
         context=int(wildcards.context),

@@ -5,6 +5,7 @@ import os
 import sys
 
 from tq.bench.real_model import run_real_model
+from tq.engines import ModelSource
 from tq.kvcache import CacheConfig
 from tq.records import write_record
 from tq.trace_export import read_prompts
@@ -24,7 +25,7 @@ with open(snakemake.log[0], "w") as log:
             **params.exact_layers,
         }
     record = run_real_model(
-        snakemake.input.bundle,
+        ModelSource(snakemake.input.model, name=snakemake.wildcards.model, **params.engine),
         prompts,
         max_new_tokens=params.max_new_tokens,
         top_k=params.top_k,

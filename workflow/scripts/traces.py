@@ -30,5 +30,7 @@ with open(snakemake.log[0], "w") as log:
             max_seq=params.max_seq,
             queries_per_sample=params.queries_per_sample,
             model_name=snakemake.wildcards.model,
+            device=params.engine["device"],
+            dtype=params.engine["dtype"],
         )
         shutil.move(written, out)
