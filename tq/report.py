@@ -69,7 +69,9 @@ COORDINATES = (
     "kernels",
     "device",
     "trace",
-    "bundle",
+    "model_dir",
+    "engine",
+    "dtype",
 )
 PROVENANCE = ("tq_version", "created")
 # Coordinates that are text in the CSV whatever they look like ("0,29" or "4" stay strings).
@@ -90,7 +92,9 @@ _TEXT_COLUMNS = (
     "kernels",
     "device",
     "trace",
-    "bundle",
+    "model_dir",
+    "engine",
+    "dtype",
     "tq_version",
     "created",
 )
