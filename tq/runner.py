@@ -281,7 +281,8 @@ class RealModelRunner(DecodeRunner):
         b = self.bundle
         return MultiHeadKVCache(b.num_layers, b.kv_heads, b.head_dim, config, layer_configs)
 
-    def quantize_presents(self, caches: Caches, presents: Past, past_len: int) -> Past:
+    @staticmethod
+    def quantize_presents(caches: Caches, presents: Past, past_len: int) -> Past:
         """Append positions past_len.. of the presents to the caches (all layers in one step per
         sequence) and return the past for the next call: the caches' reconstruction.
 
