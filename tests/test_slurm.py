@@ -11,14 +11,16 @@ apt where it can.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, missing_requirements
-from tests.workflow_runs import QUICK, copy_workflow, job_counts, snakemake
+from tests.workflow_runs import QUICK, ROOT, copy_workflow, job_counts, snakemake
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 
@@ -40,7 +42,15 @@ RULE_THREADS = {
 }
 # Columns that are measured times (or ratios of times) or stamps, not results.
 TIMING_COLUMNS = re.compile(r"^timing\.|^created$|^decode_speed_ratio$")
-SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/")
+SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/(rule|group)_(\w+)/")
+# The submitting host's cores (profiles/default: cores: all): the most CPUs a group job asks for.
+HOST_CORES = os.cpu_count()
+
+
+def profile_groups() -> dict[str, str]:
+    """rule -> group, from the groups of profiles/slurm/config.yaml."""
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    return dict(entry.split("=") for entry in profile["groups"])
 
 
 def require_cluster_packages() -> None:
@@ -75,9 +85,12 @@ def cluster_run(cluster, tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("pipeline-slurm"))
     result = snakemake(
         work,
-        "--profile", "profiles/slurm",
-        "--configfile", QUICK,
-        "--set-resources", "synthetic:gpu=1",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        QUICK,
+        "--set-resources",
+        "synthetic:gpu=1",
         env=cluster.env,
         check=False,
     )
@@ -86,9 +99,13 @@ def cluster_run(cluster, tmp_path_factory):
     return work, result.stdout + result.stderr
 
 
-def submitted_jobs(output: str) -> dict[str, str]:
-    """SLURM job id -> rule, from Snakemake's submission messages."""
-    return dict(SUBMITTED.findall(output))
+def submitted_jobs(output: str) -> dict[str, tuple[str, str]]:
+    """SLURM job id -> ("rule", rule) or ("group", group), from Snakemake's submission messages."""
+    # A group job's log directory is group_<group>_<its rules>.
+    return {
+        job_id: (kind, name.split("_")[0] if kind == "group" else name)
+        for job_id, kind, name in SUBMITTED.findall(output)
+    }
 
 
 def results_table(workdir: Path) -> pd.DataFrame:
@@ -99,30 +116,41 @@ def results_table(workdir: Path) -> pd.DataFrame:
 
 
 def test_every_job_ran_as_a_completed_slurm_job(cluster, cluster_run):
+    """Ungrouped rules: one SLURM job each, with the rule's threads; the grouped rules
+    (profiles/slurm groups) ran inside their group jobs, so fewer jobs were submitted."""
     _, output = cluster_run
+    groups = profile_groups()
     submitted = submitted_jobs(output)
     expected = {rule: n for rule, n in job_counts(output).items() if rule not in LOCAL_RULES}
-    assert sorted(submitted.values()) == sorted(rule for rule, n in expected.items() for _ in range(n))
+    single = sorted(name for kind, name in submitted.values() if kind == "rule")
+    assert single == sorted(rule for rule, n in expected.items() if rule not in groups for _ in range(n))
+    assert {name for kind, name in submitted.values() if kind == "group"} == {
+        groups[rule] for rule in expected if rule in groups
+    }
+    assert len(submitted) < sum(expected.values())
     scheduler = cluster.jobs()
-    for job_id, rule in submitted.items():
+    for job_id, (kind, name) in submitted.items():
         job = scheduler[job_id]
-        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (rule, job)
-        assert int(job["NumCPUs"]) == RULE_THREADS[rule], (rule, job)
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (name, job)
+        if kind == "rule":
+            assert int(job["NumCPUs"]) == RULE_THREADS[name], (name, job)
+        else:
+            assert 1 <= int(job["NumCPUs"]) <= HOST_CORES, (name, job)
 
 
 def test_rule_resources_reach_the_scheduler(cluster, cluster_run):
     _, output = cluster_run
     scheduler = cluster.jobs()
-    for job_id, rule in submitted_jobs(output).items():
+    for job_id, (_, name) in submitted_jobs(output).items():
         job = scheduler[job_id]
         gpus = job.get("TresPerJob", "")
-        if rule == "synthetic":
+        if name == "synthetic":
             assert gpus.endswith("gpu:1"), job
         else:
             assert "gpu" not in gpus, job
-        if rule == "bundle":
-            assert job["MinMemoryNode"] == "8000M", job  # mem_mb=8000 in models.smk
-            assert job["TimeLimit"] == "00:20:00", job  # runtime=20 (minutes)
+        if name == "model":  # hf_checkpoint (6000 MB, 15 min) then bundle (8000 MB, 20 min)
+            assert job["MinMemoryNode"] == "8000M", job
+            assert job["TimeLimit"] == "00:35:00", job
 
 
 def test_results_equal_a_local_run(quick_workdir, quick_run, cluster_run):
