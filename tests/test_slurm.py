@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, missing_requirements
 from tests.workflow_runs import QUICK, ROOT, copy_workflow, job_counts, snakemake
@@ -49,6 +48,8 @@ HOST_CORES = os.cpu_count()
 
 def profile_groups() -> dict[str, str]:
     """rule -> group, from the groups of profiles/slurm/config.yaml."""
+    import yaml
+
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     return dict(entry.split("=") for entry in profile["groups"])
 

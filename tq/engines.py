@@ -21,6 +21,18 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def engine_problem(engine: str, device: str, dtype: str) -> tuple[str, str] | None:
+    """(field, sentence) saying why this engine cannot run on ``device`` in ``dtype``, or None.
+    Unknown values are not checked here (:class:`ModelSource` and the config schema do)."""
+    if engine == "onnxruntime" and (device, dtype) != ("cpu", "float32"):
+        field = "device" if device != "cpu" else "dtype"
+        return field, (
+            f"engine onnxruntime runs float32 on the CPU (got device {device}, dtype {dtype}); "
+            "use engine: transformers"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A model directory and how it runs.
@@ -52,11 +64,9 @@ class ModelSource:
         ):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
-        if self.engine == "onnxruntime" and (self.device, self.dtype) != ("cpu", "float32"):
-            raise ValueError(
-                f"the onnxruntime engine runs float32 on the CPU (got device {self.device}, dtype "
-                f"{self.dtype}): use engine transformers"
-            )
+        problem = engine_problem(self.engine, self.device, self.dtype)
+        if problem is not None:
+            raise ValueError(problem[1])
 
     @classmethod
     def of(cls, model: str | os.PathLike | ModelSource) -> ModelSource:

@@ -228,11 +228,16 @@ class RealModelRunner(DecodeRunner):
     """
 
     def __init__(self, bundle, threads: int | None = None) -> None:
-        self.bundle = self.files = bundle
+        self.bundle = bundle
         self.name = bundle.name
         self.threads = threads
         self.session = bundle.session(threads)
         self._inputs = set(bundle.input_names)
+
+    @property
+    def files(self):
+        """The bundle (:class:`DecodeRunner`'s model files)."""
+        return self.bundle
 
     def _empty_past(self, batch: int = 1) -> Past:
         shape = (batch, self.bundle.kv_heads, 0, self.bundle.head_dim)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tq.engines import engine_problem
 from tq.models.checkpoint import checkpoint_problem
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -39,12 +40,10 @@ def _resolve(index: int, entry: dict[str, Any]) -> dict[str, Any]:
         problem = checkpoint_problem(entry["model_dir"])
         if problem is not None:
             raise SweepConfigError(f"{key}.model_dir: {problem}")
-    if engine == "onnxruntime" and (device, dtype) != ("cpu", "float32"):
-        field = "device" if device != "cpu" else "dtype"
-        raise SweepConfigError(
-            f"{key}.{field}: engine onnxruntime runs float32 on the CPU (got device {device}, dtype "
-            f"{dtype}); use engine: transformers"
-        )
+    problem = engine_problem(engine, device, dtype)
+    if problem is not None:
+        field, sentence = problem
+        raise SweepConfigError(f"{key}.{field}: {sentence}")
     name = entry.get("name") or entry.get("preset") or Path(entry["model_dir"]).name
     if not NAME.fullmatch(name):
         raise SweepConfigError(

@@ -266,13 +266,13 @@ def export_traces(
     positions = list(range(seq - queries_per_sample, seq))
 
     _register_capture()
-    from tq.integrations.transformers_runner import DTYPES, check_device
+    from tq.integrations.transformers_runner import TORCH_DTYPES, check_device
 
-    if dtype not in DTYPES:
-        raise TraceExportError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise TraceExportError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     check_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=DTYPES[dtype]
+        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=TORCH_DTYPES[dtype]
     )
     model.to(device).eval()
     uses_rope = any("RotaryEmbedding" in type(module).__name__ for module in model.modules())

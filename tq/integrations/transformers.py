@@ -325,19 +325,24 @@ class TurboQuantCache(Cache):
             or len({len(cache.layers) for cache in caches}) != 1
         ):
             raise ValueError("concatenate needs caches of one model holding sequences of one length")
-        joined = copy.copy(first)
-        joined.layers = [copy.copy(layer) for layer in first.layers]
-        for index, layer in enumerate(joined.layers):
-            layer.rows = [row for cache in caches for row in cache.layers[index].rows]
-        return joined
+        return first._with_rows(
+            [
+                [row for cache in caches for row in cache.layers[index].rows]
+                for index in range(len(first.layers))
+            ]
+        )
 
     def copy(self) -> TurboQuantCache:
         """An independent copy (every sequence's store copied)."""
-        copied = copy.copy(self)
-        copied.layers = [copy.copy(layer) for layer in self.layers]
-        for layer in copied.layers:
-            layer.rows = [row.copy() for row in layer.rows]
-        return copied
+        return self._with_rows([[row.copy() for row in layer.rows] for layer in self.layers])
+
+    def _with_rows(self, rows: list[list[QuantizedKVCache]]) -> TurboQuantCache:
+        """This cache with layer i holding the per-sequence stores ``rows[i]``."""
+        cache = copy.copy(self)
+        cache.layers = [copy.copy(layer) for layer in self.layers]
+        for layer, layer_rows in zip(cache.layers, rows, strict=True):
+            layer.rows = layer_rows
+        return cache
 
     @property
     def nbytes(self) -> int:

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from tq.engines import DEVICES, DTYPES
 from tq.integrations.transformers import TurboQuantCache
 from tq.kvcache import EXACT, CacheConfig
 from tq.models.checkpoint import Checkpoint, CheckpointError
 from tq.runner import DecodeRunner
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda")
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # tq.engines.DTYPES -> torch
 
 
 def check_device(device: str) -> None:
@@ -64,7 +64,7 @@ class TransformersRunner(DecodeRunner):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         check_device(device)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -72,7 +72,7 @@ class TransformersRunner(DecodeRunner):
         self.device = torch.device(device)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                checkpoint.path, dtype=DTYPES[dtype], attn_implementation="sdpa"
+                checkpoint.path, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa"
             )
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.path}: transformers cannot load it ({error})") from None
