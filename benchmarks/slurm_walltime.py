@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/slurm_walltime.py [--configfile config/quick.yaml] --json OUT.json
 
-Both runs start from an empty results directory in their own copy of the workflow, one after the
-other on the same machine; the cluster is the test cluster of tests/slurm_cluster.py (root and
-Debian's SLURM packages needed). Writes {local_seconds, slurm_seconds, ratio, slurm_jobs, ...}.
+Three runs, each from an empty results directory in its own copy of the workflow, one after the
+other on the same machine: local, SLURM with profiles/slurm as it is (job grouping on), and SLURM
+with the profile's `groups` and `group-components` removed. The cluster is the test cluster of
+tests/slurm_cluster.py (root and Debian's SLURM packages needed). Writes {local_seconds,
+slurm_seconds, ratio, slurm_jobs, ungrouped: {slurm_seconds, ratio, slurm_jobs}, ...}.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +37,26 @@ def timed_run(workdir: Path, *args: str, env: dict[str, str] | None = None) -> t
     return seconds, output
 
 
+def slurm_run(cluster: SingleNodeSlurm, workdir: Path, configfile: str) -> dict[str, float | int]:
+    """Run ``configfile`` from ``workdir`` through its profiles/slurm; seconds and SLURM job count.
+
+    The count is of the jobs this run submitted: the controller also remembers an earlier run's.
+    """
+    before = set(cluster.jobs())
+    print(f"SLURM run of {configfile} in {workdir.name} ...", file=sys.stderr)
+    arguments = ("--profile", "profiles/slurm", "--configfile", configfile)
+    seconds, _ = timed_run(workdir, *arguments, env=cluster.env)
+    return {"slurm_seconds": seconds, "slurm_jobs": len(set(cluster.jobs()) - before)}
+
+
+def drop_grouping(profile: Path) -> None:
+    """Remove the job grouping (``groups``, ``group-components``) from a copied SLURM profile."""
+    settings = yaml.safe_load(profile.read_text())
+    for key in ("groups", "group-components"):
+        settings.pop(key, None)
+    profile.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", default="config/quick.yaml")
@@ -47,29 +71,30 @@ def main() -> None:
         local_dir = copy_workflow(scratch / "local")
         print(f"local run of {args.configfile} ...", file=sys.stderr)
         local_seconds, local_output = timed_run(local_dir, "--configfile", args.configfile)
-        cluster_dir = copy_workflow(scratch / "slurm")
         with SingleNodeSlurm(scratch / "cluster") as cluster:
-            print(f"SLURM run of {args.configfile} ...", file=sys.stderr)
-            slurm_seconds, _ = timed_run(
-                cluster_dir, "--profile", "profiles/slurm", "--configfile", args.configfile, env=cluster.env
-            )
-            slurm_jobs = len(cluster.jobs())
+            grouped = slurm_run(cluster, copy_workflow(scratch / "grouped"), args.configfile)
+            ungrouped_dir = copy_workflow(scratch / "ungrouped")
+            drop_grouping(ungrouped_dir / "profiles/slurm/config.yaml")
+            ungrouped = slurm_run(cluster, ungrouped_dir, args.configfile)
 
     record = {
         "benchmark": "slurm_walltime",
         "configfile": args.configfile,
         "jobs": sum(job_counts(local_output).values()),
-        "slurm_jobs": slurm_jobs,
         "local_seconds": local_seconds,
-        "slurm_seconds": slurm_seconds,
-        "ratio": slurm_seconds / local_seconds,
+        "slurm_jobs": grouped["slurm_jobs"],
+        "slurm_seconds": grouped["slurm_seconds"],
+        "ratio": grouped["slurm_seconds"] / local_seconds,
+        "ungrouped": ungrouped | {"ratio": ungrouped["slurm_seconds"] / local_seconds},
         "cluster": f"single node, {cluster.cpus} CPUs, {cluster.memory_mb} MB",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json(args.json, record)
     print(
-        f"{args.configfile}: local {local_seconds:.1f} s, SLURM {slurm_seconds:.1f} s "
-        f"({slurm_jobs} SLURM jobs), ratio {record['ratio']:.2f}",
+        f"{args.configfile}: local {local_seconds:.1f} s; SLURM {record['slurm_seconds']:.1f} s "
+        f"({record['slurm_jobs']} SLURM jobs, ratio {record['ratio']:.2f}); without grouping "
+        f"{ungrouped['slurm_seconds']:.1f} s ({ungrouped['slurm_jobs']} jobs, "
+        f"ratio {record['ungrouped']['ratio']:.2f})",
         file=sys.stderr,
     )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, missing_requirements
+from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, _is_stale_link, missing_requirements
 from tests.workflow_runs import QUICK, ROOT, copy_workflow, job_counts, snakemake
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
@@ -71,6 +71,29 @@ def test_a_failing_body_still_stops_every_daemon(tmp_path):
     for name, pid in pids.items():
         assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still running"
     assert not SYSTEM_CONF.is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("files", "stale"),
+    [
+        ({}, False),  # a configuration this module did not write: never replaced
+        ({"munge.key": "key"}, True),  # a test cluster's directory without a running controller
+        ({"munge.key": "key", "slurmctld.pid": "not a pid"}, True),
+        ({"munge.key": "key", "slurmctld.pid": str(os.getpid())}, False),  # its controller runs
+    ],
+)
+def test_a_link_left_by_a_killed_cluster_is_stale(tmp_path, files, stale):
+    conf = tmp_path / "cluster" / "slurm.conf"
+    conf.parent.mkdir()
+    conf.write_text("ClusterName=tq-test\n")
+    for name, text in files.items():
+        (conf.parent / name).write_text(text)
+    link = tmp_path / "etc-slurm.conf"
+    link.symlink_to(conf)
+    assert _is_stale_link(link) is stale
+    assert not _is_stale_link(conf)  # a real file is never stale
+    conf.unlink()
+    assert _is_stale_link(link)  # its directory's configuration is gone
 
 
 @pytest.fixture(scope="module")
