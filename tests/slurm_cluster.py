@@ -90,8 +90,9 @@ def _free_port() -> int:
 class SingleNodeSlurm:
     """One controller and one compute node on 127.0.0.1, all state under ``directory``.
 
-    ``cpus`` and ``memory_mb`` are what the node offers to jobs; ``gpus`` fake GPUs (gres backed
-    by /dev/null) let rules that request ``gpu`` be scheduled.
+    ``cpus`` and ``memory_mb`` are what the node offers to jobs (``cpus`` may exceed the machine's
+    cores: slurmd takes the configured values as given); ``gpus`` fake GPUs (gres backed by
+    /dev/null) let rules that request ``gpu`` be scheduled.
     """
 
     def __init__(self, directory: Path, cpus: int | None = None, memory_mb: int = 16000, gpus: int = 1):
@@ -208,6 +209,7 @@ class SingleNodeSlurm:
                 f"AuthInfo=socket={self._munge_socket}",
                 "SlurmUser=root",
                 "SlurmdUser=root",
+                "SlurmdParameters=config_overrides",  # the node offers `cpus`, even more than it has
                 "MpiDefault=none",
                 "ProctrackType=proctrack/linuxproc",
                 "TaskPlugin=task/none",

@@ -98,8 +98,12 @@ def test_a_link_left_by_a_killed_cluster_is_stale(tmp_path, files, stale):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """The node offers twice this machine's CPUs. The quick config's jobs spend most of their time
+    starting up (about 4 s of SLURM and Snakemake start-up against about 2 s of work each), so two
+    of them side by side take about 140 s instead of 195 s on 2 cores. The tests check states,
+    resources and results, not speed; benchmarks/slurm_walltime.py times a node of real size."""
     require_cluster_packages()
-    with SingleNodeSlurm(tmp_path_factory.mktemp("slurm")) as running:
+    with SingleNodeSlurm(tmp_path_factory.mktemp("slurm"), cpus=2 * (os.cpu_count() or 1)) as running:
         yield running
 
 
