@@ -12,13 +12,24 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tq.runner import DecodeRunner
+if TYPE_CHECKING:  # the workflow imports this module when it starts: no decode loop, no kernels
+    from tq.runner import DecodeRunner
 
 ENGINES = ("onnxruntime", "transformers")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+SETTINGS = {"engine": ENGINES, "device": DEVICES, "dtype": DTYPES}
+
+
+def setting_problem(**settings: str) -> str | None:
+    """A sentence naming the first of ``settings`` (engine=, device=, dtype=) whose value is not
+    one of its allowed values, or None when all are."""
+    for field, value in settings.items():
+        if value not in SETTINGS[field]:
+            return f"{field} must be one of {SETTINGS[field]}, got {value!r}"
+    return None
 
 
 def engine_problem(engine: str, device: str, dtype: str) -> tuple[str, str] | None:
@@ -57,16 +68,12 @@ class ModelSource:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (
-            ("engine", self.engine, ENGINES),
-            ("device", self.device, DEVICES),
-            ("dtype", self.dtype, DTYPES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
-        problem = engine_problem(self.engine, self.device, self.dtype)
+        problem = setting_problem(engine=self.engine, device=self.device, dtype=self.dtype)
         if problem is not None:
-            raise ValueError(problem[1])
+            raise ValueError(problem)
+        engine = engine_problem(self.engine, self.device, self.dtype)
+        if engine is not None:
+            raise ValueError(engine[1])
 
     @classmethod
     def of(cls, model: str | os.PathLike | ModelSource) -> ModelSource:

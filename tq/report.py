@@ -598,11 +598,7 @@ def _section_distortion(table: pd.DataFrame, out_dir: Path) -> list[str]:
             ("d_prod_lower_bound", "lower bound 4^-b/d", ":"),
         ):
             _plot_lines(
-                axis,
-                prod,
-                ["dim"],
-                bound,
-                lambda row, label=label: f"d={_format(row['dim'])} {label}",
+                axis, prod, ["dim"], bound, lambda row, label=label: f"d={_format(row['dim'])} {label}",
                 linestyle=style,
             )
         _finish(axis, "D_prod = E(<q,x> - <q,x~>)² (Prod)", "D_prod", prod["bits"], log=True)

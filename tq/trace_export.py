@@ -266,10 +266,12 @@ def export_traces(
     positions = list(range(seq - queries_per_sample, seq))
 
     _register_capture()
+    from tq.engines import setting_problem
     from tq.integrations.transformers_runner import TORCH_DTYPES, check_device
 
-    if dtype not in TORCH_DTYPES:
-        raise TraceExportError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+    problem = setting_problem(device=device, dtype=dtype)
+    if problem is not None:
+        raise TraceExportError(problem)
     check_device(device)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=TORCH_DTYPES[dtype]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tq.engines import DEVICES, DTYPES
+from tq.engines import DTYPES, setting_problem
 from tq.integrations.transformers import TurboQuantCache
 from tq.kvcache import EXACT, CacheConfig
 from tq.models.checkpoint import Checkpoint, CheckpointError
@@ -61,10 +61,9 @@ class TransformersRunner(DecodeRunner):
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        problem = setting_problem(device=device, dtype=dtype)
+        if problem is not None:
+            raise ValueError(problem)
         check_device(device)
         if threads is not None:
             torch.set_num_threads(threads)

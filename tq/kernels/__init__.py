@@ -49,7 +49,7 @@ def gpu_present() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """ "cpu" or "cuda" for a requested device; raises when "cuda" cannot run here."""
+    """"cpu" or "cuda" for a requested device; raises when "cuda" cannot run here."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "auto":

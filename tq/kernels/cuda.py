@@ -938,7 +938,9 @@ def _launch_scores(
     return _results(on_device, out)
 
 
-def mse_scores(queries: Any, codes: Any, norms: Any | None, rotation: Rotation, codebook: Codebook) -> Any:
+def mse_scores(
+    queries: Any, codes: Any, norms: Any | None, rotation: Rotation, codebook: Codebook
+) -> Any:
     """Estimates of <q_i, x_j> from the codes: <Pi q_i, c[idx_j]> |x_j| -> float32 [m, n]."""
     return _launch_scores(queries, codes, None, None, norms, rotation, None, codebook)
 
