@@ -73,3 +73,45 @@ def test_cli_reports_bad_input(args, message, tmp_path, capsys) -> None:
     assert main(["bench", "--dim", "16", "--json", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def _json_path_cases(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-directory").mkdir()
+    return {
+        "empty": ("", "an empty path"),
+        "directory": (str(tmp_path / "a-directory"), "is a directory"),
+        "under-a-file": (str(tmp_path / "a-file" / "r.json"), "is not a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "directory", "under-a-file"])
+def test_an_unwritable_json_path_fails_before_any_work(case, tmp_path, capsys, monkeypatch) -> None:
+    path, message = _json_path_cases(tmp_path)[case]
+    monkeypatch.setattr("tq.cli.run_synthetic", lambda **_: pytest.fail("the workload ran"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "--dim", "16", "--n", "64", "--json", path])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --json: " in error and message in error
+
+
+def test_a_record_that_cannot_be_written_at_the_end_is_printed(tmp_path, capsys, monkeypatch) -> None:
+    def refuse(path, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tq.cli.write_record", refuse)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--dim", "16", "--n", "64", "--quick", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "M vectors/s" in captured.out  # the summary comes first
+    record = json.loads(captured.out[captured.out.index("{") :])
+    assert record["config"]["dim"] == 16
+    assert f"cannot write {out}" in captured.err and "No space left" in captured.err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_top_k_below_one_is_refused(value, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--workload", "trace", "--trace", "t.safetensors", "--top-k", value])
+    assert f"--top-k: must be at least 1, got {value}" in capsys.readouterr().err

@@ -92,6 +92,9 @@ def test_metrics_against_a_hand_computed_case():
 def test_bad_top_k_is_refused(trace_path):
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         run_trace(trace_path, CacheConfig(), top_k=0)
+    visible = int(KvTrace.load(trace_path).query_positions.max()) + 1
+    with pytest.raises(ValueError, match=f"top_k {visible} is not below the {visible} keys"):
+        run_trace(trace_path, CacheConfig(), top_k=visible)
 
 
 def test_cli_trace_workload_writes_the_record(trace_path, tmp_path, capsys):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scipy.integrate import quad
 
 from tq.codebook import coordinate_density, lloyd_max_codebook, solve_codebook
+from tq.fileio import CacheWarning
 
 # D_mse of the exact Lloyd-Max codebook at d = 64 and in the Gaussian limit (DESIGN.md section 3).
 D_MSE_D64 = {1: 0.3584, 2: 0.1145, 3: 0.0334, 4: 0.0091}
@@ -145,7 +146,8 @@ def test_a_corrupt_disk_cache_entry_is_solved_again(tmp_path, monkeypatch):
     path.parent.mkdir()
     path.write_text('{"format": "tq.codebook/1", "dim": 37, "bits": 5, "centroids": [0.5]')
     lloyd_max_codebook.cache_clear()
-    codebook = lloyd_max_codebook(37, 5)
+    with pytest.warns(CacheWarning, match=f"{path}: corrupt"):
+        codebook = lloyd_max_codebook(37, 5)
     assert codebook.iterations > 0
     np.testing.assert_array_equal(codebook.centroids, solve_codebook(37, 5).centroids)
     lloyd_max_codebook.cache_clear()

@@ -30,6 +30,7 @@ from tq.corpus import (
     token_windows,
     wikipedia_articles,
 )
+from tq.fileio import CacheWarning, read_checked_json
 
 # Read at import (collection) time, before conftest's session fixture points TQ_CACHE_DIR at a
 # temporary directory: the wheel is downloaded once per machine, not once per test run.
@@ -188,7 +189,7 @@ def test_a_cached_wheel_with_the_wrong_checksum_is_not_used(tmp_path, monkeypatc
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / GENSIM_WHEEL).write_bytes(b"not the wheel")
     monkeypatch.setattr(corpus, "PIP_DOWNLOAD_COMMAND", (sys.executable, "-c", "raise SystemExit(1)"))
-    with pytest.raises(WheelDownloadError):
+    with pytest.raises(WheelDownloadError), pytest.warns(CacheWarning, match="not the pinned sha256"):
         fetch_gensim_wheel(tmp_path)
 
 
@@ -273,9 +274,11 @@ def test_corpus_text_is_cached_on_disk(wheel, tmp_path, articles):
     text = corpus_text(tmp_path)
     assert text == "\n\n".join(f"{title}\n\n{body}" for title, body in articles) + "\n"
     (cached,) = (tmp_path / "corpus").iterdir()
-    assert cached.read_text(encoding="utf-8") == text
-    cached.write_text("edited", encoding="utf-8")
-    assert corpus_text(tmp_path) == "edited"
+    assert read_checked_json(cached)["text"] == text
+    cached.write_text(cached.read_text(encoding="utf-8").replace("Anarchism", "Anarchy", 1), encoding="utf-8")
+    with pytest.warns(CacheWarning, match=f"{cached.name}: the content does not match"):
+        assert corpus_text(tmp_path) == text  # extracted again, not the edited text
+    assert read_checked_json(cached)["text"] == text
 
 
 def test_corpus_text_words_and_markup():

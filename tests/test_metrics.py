@@ -59,7 +59,7 @@ def test_token_match_and_first_divergence(reference, other, rate, first):
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="logits must be two"):
         metrics.logit_rmse(np.zeros((2, 3)), np.zeros((3, 3)))
-    with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
-        metrics.topk_agreement(np.zeros((2, 3)), np.zeros((2, 3)), 4)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 2\]"):
+        metrics.topk_agreement(np.zeros((2, 3)), np.zeros((2, 3)), 3)  # every token: 1 by construction
     with pytest.raises(ValueError, match="targets"):
         metrics.cross_entropy(np.zeros((2, 3)), [1])

@@ -1,5 +1,7 @@
 """ModelBundle: loading validates bundle.json, the files and the ONNX graph, and names what is
-wrong. Each broken bundle is a copy of a tiny bundle with one thing changed."""
+wrong. Each broken bundle is a copy of a tiny bundle with one thing changed, then sealed again
+(bundle.json's manifest and checksum rewritten, as a faulty prepare would leave it), so that the
+check under test, not the integrity check (tests/test_cache_verification.py), catches it."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from tests.models_fixtures import tiny_bundle
 from tq.models import BundleError, ModelBundle
-from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX, MODEL_ONNX_DATA
+from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX, MODEL_ONNX_DATA, write_bundle_info
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,19 @@ def copy(llama_bundle, tmp_path) -> Path:
     return Path(shutil.copytree(llama_bundle, tmp_path / "bundle"))
 
 
+def _reseal(path: Path) -> None:
+    """Rewrite bundle.json's file manifest and checksum for the files as they are now."""
+    write_bundle_info(path, json.loads((path / BUNDLE_JSON).read_text()))
+
+
+def _sealed(edit: Callable[[Path], None]) -> Callable[[Path], None]:
+    def sealed(path: Path) -> None:
+        edit(path)
+        _reseal(path)
+
+    return sealed
+
+
 def _edit_graph(path: Path, edit: Callable) -> None:
     """Apply ``edit`` to model.onnx's graph (weights stay in model.onnx_data, untouched)."""
     import onnx
@@ -34,6 +49,7 @@ def _edit_graph(path: Path, edit: Callable) -> None:
     model = onnx.load(str(path / MODEL_ONNX), load_external_data=False)
     edit(model.graph)
     onnx.save(model, str(path / MODEL_ONNX))
+    _reseal(path)
 
 
 def _remove(items, name: str) -> None:
@@ -63,7 +79,7 @@ def _set_field(key: str, value) -> Callable[[Path], None]:
             del info[key]
         else:
             info[key] = value
-        (path / BUNDLE_JSON).write_text(json.dumps(info))
+        write_bundle_info(path, info)
 
     return edit
 
@@ -117,9 +133,9 @@ BROKEN = {
     "stale input names": (_set_field("input_names", ["input_ids"]), "stale or edited bundle"),
     "tokenizer missing": (_unlink("tokenizer.json"), "missing tokenizer.json$"),
     "model.onnx missing": (_unlink(MODEL_ONNX), "missing model.onnx$"),
-    "model.onnx not ONNX": (_write(MODEL_ONNX, b"\xff" * 64), "not a readable ONNX model"),
-    "weights missing": (_unlink(MODEL_ONNX_DATA), "missing external data file 'model.onnx_data'"),
-    "weights truncated": (_truncate(MODEL_ONNX_DATA, 1000), "model.onnx_data: truncated"),
+    "model.onnx not ONNX": (_sealed(_write(MODEL_ONNX, b"\xff" * 64)), "not a readable ONNX model"),
+    "weights missing": (_sealed(_unlink(MODEL_ONNX_DATA)), "missing external data file 'model.onnx_data'"),
+    "weights truncated": (_sealed(_truncate(MODEL_ONNX_DATA, 1000)), "model.onnx_data: truncated"),
 }
 
 
@@ -169,6 +185,7 @@ def test_session(llama_bundle):
 
 def test_corrupt_tokenizer_is_a_bundle_error(copy):
     (copy / "tokenizer.json").write_text("{not json")
+    _reseal(copy)
     bundle = ModelBundle.load(copy)
     with pytest.raises(BundleError, match=r"tokenizer\.json: not a readable tokenizer"):
         bundle.encode("hello")

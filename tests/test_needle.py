@@ -16,7 +16,6 @@ from tq.bench.needle import (
     NeedleError,
     NeedlePromptBuilder,
     max_positions,
-    render_chat,
     retrieved,
     run_needle,
     run_needle_sweep,
@@ -24,6 +23,7 @@ from tq.bench.needle import (
 from tq.cli import main
 from tq.kvcache import CacheConfig
 from tq.models import ModelBundle
+from tq.models.chat import render_chat
 
 EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")
 # Filler for the tiny model: paragraphs of short sentences (no corpus download needed).

@@ -190,3 +190,20 @@ def test_a_bad_config_value_stops_the_run_naming_the_key(quick_workdir, override
     assert result.returncode != 0
     assert "ValidationError" in output
     assert re.search(rf"\['{key}'\]", output), output
+
+
+def test_a_deleted_record_and_summary_come_back(quick_workdir, quick_run):
+    """rule all names every record and summary.csv: deleting them (as after a failed aggregate)
+    makes the next run rebuild both, although report.md still exists."""
+    record = quick_workdir / "results/perplexity/tiny-llama/k2mse-v2mse.json"
+    summary = quick_workdir / "results/summary.csv"
+    record.unlink()
+    summary.unlink()
+    result = snakemake(quick_workdir, "--configfile", QUICK)
+    assert job_counts(result.stdout + result.stderr) == {
+        "perplexity": 1,
+        "aggregate": 1,
+        "report": 1,
+        "all": 1,
+    }
+    assert record.is_file() and summary.is_file()

@@ -20,6 +20,7 @@ from tq.report import (
     COORDINATES,
     Z95,
     RecordError,
+    ReportError,
     _distinguishable,
     _figure,
     _finish,
@@ -571,15 +572,35 @@ def test_mean_of_records_combines_their_standard_errors():
     table = pd.DataFrame(
         {
             "setting": ["a", "a", "b", "b"],
+            "trace": ["t0", "t1", "t0", "t1"],
             "kl_divergence": [0.1, 0.2, 0.3, 0.4],
             "kl_divergence_se": [0.03, 0.04, 0.01, np.nan],
         }
     )
-    means = _mean_by(table, ["setting"], ["kl_divergence", "top1_agreement"]).set_index("setting")
+    means = _mean_by(table, ["setting"], ["kl_divergence", "top1_agreement"], over=["trace"])
+    means = means.set_index("setting")
     assert means.loc["a", "kl_divergence"] == pytest.approx(0.15)
     assert means.loc["a", "kl_divergence_se"] == pytest.approx(0.025)  # sqrt(0.03² + 0.04²) / 2
     assert np.isnan(means.loc["b", "kl_divergence_se"])  # one record without an SE
     assert "top1_agreement_se" not in means
+
+
+def test_a_row_never_pools_two_records_of_one_setting():
+    table = pd.DataFrame(
+        {
+            "model": ["m", "m"],
+            "key_strategy": ["kivi", "kivi"],
+            "group_size": [16.0, 32.0],
+            "trace": ["t0", "t0"],
+            "kl_divergence": [0.1, 0.2],
+        }
+    )
+    with pytest.raises(ReportError, match="differ only in group_size, which the row does not show"):
+        _mean_by(table, ["model", "key_strategy"], ["kl_divergence"], over=["trace"])
+    with pytest.raises(ReportError, match="the same setting measured twice"):
+        _mean_by(table.assign(group_size=16.0), ["model", "key_strategy"], ["kl_divergence"])
+    rows = _mean_by(table, ["model", "key_strategy", "group_size"], ["kl_divergence"])
+    assert list(rows["records"]) == [1, 1]
 
 
 def test_plots_draw_95_percent_error_bars_where_there_are_errors():

@@ -31,7 +31,8 @@ from tq.bench.trace import run_trace
 from tq.kernels import DEVICES, DeviceUnavailableError
 from tq.kvcache import NORM_DTYPES, STRATEGIES, CacheConfig
 from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
-from tq.records import write_record
+from tq.models.chat import PROMPT_FORMATS
+from tq.records import output_path_problem, write_record
 from tq.rotation import ROTATION_KINDS
 from tq.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
 
@@ -77,7 +78,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         default="cpu",
         help="where quantization and attention run (auto: a GPU if present)",
     )
-    bench.add_argument("--json", metavar="PATH", help="write the result record here (atomically)")
+    bench.add_argument(
+        "--json",
+        metavar="PATH",
+        type=_output_path,
+        help="write the result record here (atomically; checked before the run starts)",
+    )
     synthetic = bench.add_argument_group("synthetic workload")
     synthetic.add_argument("--dim", type=int, default=128, help="vector dimension d (default 128)")
     synthetic.add_argument("--n", type=int, default=65536, help="number of vectors (default 65536)")
@@ -105,7 +111,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
     cache.add_argument(
         "--top-k",
-        type=int,
+        type=_positive_int,
         help=f"trace: top-k overlap (default {TRACE_TOP_K}); real-model: top-k agreement "
         f"(default {REAL_TOP_K})",
     )
@@ -114,6 +120,13 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--prompt", help="one prompt")
     real.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one a line) or .jsonl (prompt field)")
     real.add_argument("--real-eval-mode", choices=MODES, default="compare")
+    real.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        default="chat",
+        help="real-model: chat (default): each prompt as one user turn of the model's chat "
+        "template (raw text for a model without one); raw: the text as it is",
+    )
     real.add_argument(
         "--max-new-tokens",
         type=int,
@@ -204,7 +217,16 @@ def _summary(record: dict) -> str:
             )
         return "\n".join(lines)
     if config["workload"] == "real-model":
-        lines = [f"source=real-model {config['model']} mode={config['mode']} prompts={config['prompts']}"]
+        lines = [
+            f"source=real-model {config['model']} mode={config['mode']} prompts={config['prompts']} "
+            f"format={config.get('prompt_format')}"
+        ]
+        if "exact_answer_tokens" in metrics:
+            lines.append(
+                f"  exact answers: {metrics['exact_answer_tokens']} of {metrics['possible_tokens']} "
+                f"possible tokens, {metrics['prompts_ended_at_once']} ended at once"
+            )
+        lines += [f"  warning: {warning}" for warning in metrics.get("warnings", [])]
         for mode, speed in timing.items():
             decode = speed.get("decode_tokens_per_s")
             lines.append(
@@ -308,8 +330,9 @@ def _run_bench(args: argparse.Namespace) -> dict:
             args.real_model_dir,
             prompts,
             mode=args.real_eval_mode,
+            prompt_format=args.prompt_format,
             max_new_tokens=_max_new_tokens(args, 16),
-            top_k=args.top_k or REAL_TOP_K,
+            top_k=REAL_TOP_K if args.top_k is None else args.top_k,
             **_real_model_inputs(args),
         )
     if args.workload == "perplexity":
@@ -348,7 +371,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
         if not args.trace:
             raise ValueError("the trace workload needs --trace PATH")
         config = _cache_config(args)
-        return run_trace(args.trace, config, top_k=args.top_k or TRACE_TOP_K)
+        return run_trace(args.trace, config, top_k=TRACE_TOP_K if args.top_k is None else args.top_k)
     if not float(args.bits).is_integer():
         raise ValueError(f"the synthetic workload needs whole --bits, got {args.bits}")
     return run_synthetic(
@@ -370,12 +393,40 @@ def _bench(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, DeviceUnavailableError) as error:
         print(f"tq bench: error: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        write_record(args.json, record)
     print(_summary(record), flush=True)
-    if not args.json:
+    if args.json is None:
         print(json.dumps(record, indent=2))
+        return 0
+    try:
+        write_record(args.json, record)
+    except OSError as error:
+        # The path was writable when the run started; keep the result rather than lose it.
+        print(json.dumps(record, indent=2))
+        print(
+            f"tq bench: error: cannot write {args.json}: {error}; the record is printed above",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _output_path(text: str) -> str:
+    """An argparse type: a file path that can be written now (checked before any work starts)."""
+    problem = output_path_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _fraction_list(text: str) -> list[float]:

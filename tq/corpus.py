@@ -9,7 +9,8 @@ a MediaWiki XML dump of the first Wikipedia pages (2016), about 100 real article
 2. reads the dump straight out of the wheel (zipfile + bz2 + ElementTree, nothing unzipped to
    disk), keeps main-namespace pages that are not redirects, and turns their markup into plain
    prose (:func:`wikipedia_articles`, :func:`clean_wikitext`);
-3. joins the articles into one text cached under ``<cache>/corpus`` (:func:`corpus_text`);
+3. joins the articles into one text cached under ``<cache>/corpus`` with a checksum, verified
+   on every read (:func:`corpus_text`);
 4. cuts token windows from a tokenized text (:func:`token_windows`).
 
 ``cache`` is the cache root everywhere: an explicit directory, or ``None`` for
@@ -27,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +38,7 @@ from typing import IO
 import numpy as np
 
 from tq.codebook import cache_dir
-from tq.fileio import atomic_write_bytes
+from tq.fileio import CacheWarning, read_cache_json, sha256_file, write_checked_json
 
 GENSIM_VERSION = "4.4.0"
 # One wheel, whatever machine runs this: pip is asked for this platform tag explicitly.
@@ -51,6 +53,7 @@ PIP_DOWNLOAD_COMMAND = (
     "--implementation", "cp", "--abi", "cp311", f"gensim=={GENSIM_VERSION}",
 )  # fmt: skip
 _PIP_TIMEOUT_S = 900
+_CORPUS_FORMAT = "tq.corpus/1"
 
 
 class CorpusError(RuntimeError):
@@ -65,18 +68,11 @@ def _root(cache: str | os.PathLike | None) -> Path:
     return Path(cache) if cache is not None else cache_dir()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_gensim_wheel(cache: str | os.PathLike | None = None) -> Path:
     """The pinned gensim wheel (about 28 MB), downloaded once into ``<cache>/wheels``.
 
-    A cached wheel is used if its sha256 matches; otherwise the wheel is downloaded with
+    A cached wheel is used if its sha256 matches (checked on every call: 28 MB, milliseconds);
+    otherwise (with a :class:`~tq.fileio.CacheWarning` naming it) the wheel is downloaded with
     :data:`PIP_DOWNLOAD_COMMAND` into a temporary directory, checked, and renamed into place.
 
     Raises:
@@ -86,8 +82,10 @@ def fetch_gensim_wheel(cache: str | os.PathLike | None = None) -> Path:
     """
     wheels = _root(cache) / "wheels"
     target = wheels / GENSIM_WHEEL
-    if target.is_file() and _sha256(target) == GENSIM_WHEEL_SHA256:
-        return target
+    if target.is_file():
+        if sha256_file(target) == GENSIM_WHEEL_SHA256:
+            return target
+        warnings.warn(f"{target}: not the pinned sha256; downloading it again", CacheWarning, stacklevel=2)
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
         command = [*PIP_DOWNLOAD_COMMAND, "-d", tmp]
@@ -106,7 +104,7 @@ def fetch_gensim_wheel(cache: str | os.PathLike | None = None) -> Path:
                 f"`{shown}` failed (exit {result.returncode}); PyPI must be reachable to fetch the "
                 f"Wikipedia text in the gensim wheel ({GENSIM_WHEEL}). pip said:\n{tail}"
             )
-        digest = _sha256(downloaded)
+        digest = sha256_file(downloaded)
         if digest != GENSIM_WHEEL_SHA256:
             raise CorpusError(f"{GENSIM_WHEEL}: sha256 {digest}, expected {GENSIM_WHEEL_SHA256}")
         os.replace(downloaded, target)
@@ -345,24 +343,31 @@ def wikipedia_articles(
 def _corpus_path(cache: str | os.PathLike | None) -> Path:
     # Keyed by this module's source, so a change to the cleaning rules never reads a stale text.
     version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    return _root(cache) / "corpus" / f"enwiki-gensim-{GENSIM_VERSION}-{version}.txt"
+    return _root(cache) / "corpus" / f"enwiki-gensim-{GENSIM_VERSION}-{version}.json"
+
+
+def _corpus_problem(data: dict) -> str | None:
+    """Why a verified cache file is not a corpus text, or None."""
+    if data.get("format") != _CORPUS_FORMAT or not isinstance(data.get("text"), str):
+        return f"not a {_CORPUS_FORMAT} file"
+    return None
 
 
 def corpus_text(cache: str | os.PathLike | None = None) -> str:
     """All articles of :func:`wikipedia_articles` as one UTF-8 text, cached on disk.
 
     Each article is its title on a line of its own, a blank line, then its paragraphs; articles
-    are separated by a blank line. The text is written atomically to ``<cache>/corpus/`` (the
-    file name carries the gensim version and a hash of this module's source), and later calls
-    read that file.
+    are separated by a blank line. The text is written atomically to ``<cache>/corpus/``, as a
+    checksummed JSON file (:func:`tq.fileio.write_checked_json`; the file name carries the gensim
+    version and a hash of this module's source), and later calls read that file if it verifies
+    (else the text is extracted again and rewritten, with a :class:`~tq.fileio.CacheWarning`).
     """
     path = _corpus_path(cache)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        pass
+    cached = read_cache_json(path, _corpus_problem, "extracting the text again")
+    if cached is not None:
+        return cached["text"]
     text = "\n\n".join(f"{title}\n\n{body}" for title, body in wikipedia_articles(cache)) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    write_checked_json(path, {"format": _CORPUS_FORMAT, "text": text})
     return text
 
 

@@ -34,7 +34,7 @@ from tq.baselines import BASELINE_STRATEGIES, MAX_ABS, BatchUniform, UniformQuan
 from tq.batch import BatchQuantizedMSE
 from tq.codebook import MAX_BITS
 from tq.kernels import DEVICES
-from tq.quantizers import TurboQuantMSE, TurboQuantProd
+from tq.quantizers import FLOAT32_MAX, TurboQuantMSE, TurboQuantProd, float32_overflow
 
 TURBOQUANT_STRATEGIES = ("mse", "prod")
 STRATEGIES = (*TURBOQUANT_STRATEGIES, "exact", *BASELINE_STRATEGIES)
@@ -272,12 +272,14 @@ class _Store:
         """Refuse finite tokens [kv_heads, t, head_dim] that this stream cannot store: a norm
         beyond float16 (TurboQuant, float16 norms) or a value beyond a baseline's range."""
         if self.strategy in TURBOQUANT_STRATEGIES and self.config.norm_dtype == "float16":
-            norms = np.linalg.norm(tokens, axis=2)
+            # in float64: a float32 vector's squared norm may overflow float32 (|x| > 1.8e19)
+            norms = np.sqrt(np.einsum("htd,htd->ht", tokens, tokens, dtype=np.float64))
             if norms.max(initial=0.0) > _FLOAT16_MAX:
                 head, token = np.unravel_index(np.argmax(norms), norms.shape)
                 raise ValueError(
-                    f"{name}: a vector norm of {float(norms[head, token]):.6g} (head {head}, new token "
-                    f"{token}) exceeds the float16 range; use norm_dtype='float32'"
+                    f"{name}: the norm {float(norms[head, token]):.6g} of a vector (head {head}, new "
+                    f"token {token}) overflows float16 (max {_FLOAT16_MAX:g}), the norm_dtype of this "
+                    "cache; use norm_dtype='float32'"
                 )
         if self.strategy in BASELINE_STRATEGIES:
             quantizer = self.groups[0].quantizer
@@ -482,6 +484,10 @@ class QuantizedKVCache:
         return copy.deepcopy(self, {id(quantizer): quantizer for quantizer in quantizers})
 
     def _check(self, name: str, tokens: np.ndarray, store: _Store) -> np.ndarray:
+        """Refuse new tokens [kv_heads, t, head_dim] of the wrong type or shape, with NaN or inf,
+        with a float64 value beyond float32 (the cache computes in float32), or that ``store``
+        cannot hold; every message names the layer, and the head, token and channel of a value."""
+        name = f"layer {self.layer} {name}"
         if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.float32, np.float64, np.float16):
             raise TypeError(
                 f"{name} must be a float numpy array, got {getattr(tokens, 'dtype', type(tokens))}"
@@ -491,11 +497,19 @@ class QuantizedKVCache:
                 f"{name} must have shape [{self.kv_heads}, new_tokens, {self.head_dim}], "
                 f"got {list(tokens.shape)}"
             )
+        overflow = float32_overflow(tokens)
+        if overflow is not None:
+            (head, token, channel), value = overflow
+            raise ValueError(
+                f"{name}: {value:.6g} (head {head}, new token {token}, channel {channel}) overflows "
+                f"float32 (max {FLOAT32_MAX:.6g}), the precision the cache computes in"
+            )
         tokens = np.ascontiguousarray(tokens, dtype=np.float32)
         bad = ~np.isfinite(tokens)
         if bad.any():
-            head, token, _ = np.argwhere(bad)[0]
-            raise ValueError(f"{name} contain NaN or inf (head {head}, new token {token})")
+            head, token, channel = (int(i) for i in np.argwhere(bad)[0])
+            value = "NaN" if np.isnan(tokens[head, token, channel]) else "inf"
+            raise ValueError(f"{name} contain {value} (head {head}, new token {token}, channel {channel})")
         store.check(name, tokens)
         return tokens
 

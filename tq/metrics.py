@@ -45,8 +45,11 @@ def logit_rmse(exact: np.ndarray, quantized: np.ndarray) -> float:
 def topk_agreement(exact: np.ndarray, quantized: np.ndarray, k: int) -> float:
     """Mean share of the exact top-k tokens that are also in the quantized top-k."""
     _check_pair(exact, quantized)
-    if not 1 <= k <= exact.shape[1]:
-        raise ValueError(f"k must be in [1, {exact.shape[1]}], got {k}")
+    if not 1 <= k < exact.shape[1]:
+        raise ValueError(
+            f"k must be in [1, {exact.shape[1] - 1}] (below the vocabulary size: at {exact.shape[1]} "
+            f"every token is in both top-k sets), got {k}"
+        )
     best_exact = np.argpartition(-exact, k - 1, axis=1)[:, :k]
     best_quantized = np.argpartition(-quantized, k - 1, axis=1)[:, :k]
     shared = [len(np.intersect1d(a, b)) for a, b in zip(best_exact, best_quantized, strict=True)]

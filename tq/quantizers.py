@@ -28,6 +28,21 @@ from tq.kernels import backend_for, is_gpu_array
 from tq.rotation import make_rotation, qjl_matrix
 
 UNIT_NORM_TOLERANCE = 1e-3
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_overflow(x: np.ndarray) -> tuple[tuple[int, ...], float] | None:
+    """The index and value of the first finite entry of ``x`` beyond the float32 range (one that
+    becomes inf when cast to float32), or None: checked before a float64 input is cast, so
+    that it is refused for what it is, not as "NaN or inf"."""
+    if x.dtype != np.float64 or not x.size:
+        return None
+    with np.errstate(over="ignore"):
+        too_large = np.isfinite(x) & np.isinf(x.astype(np.float32))
+    if not too_large.any():
+        return None
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(too_large)), x.shape))
+    return index, float(x[index])
 
 
 class _TurboQuant:
@@ -70,11 +85,13 @@ class _TurboQuant:
             raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{name} must have shape [n, {self.dim}], got {list(x.shape)}")
-        if x.dtype == np.float64 and x.size:
-            too_large = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
-            if too_large.any():
-                row = int(np.argmax(too_large.any(axis=1)))
-                raise ValueError(f"{name} row {row} has a value beyond the float32 range")
+        overflow = float32_overflow(x)
+        if overflow is not None:
+            (row, column), value = overflow
+            raise ValueError(
+                f"{name} row {row} has a value beyond the float32 range ({value:.6g} in column {column}, "
+                f"float32 max {FLOAT32_MAX:.6g}): the quantizer computes in float32"
+            )
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _gpu_rows(self, x, name: str):

@@ -67,3 +67,28 @@ def make_record(
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write a record as JSON, atomically (no half-written file under the final name)."""
     write_json(path, record)
+
+
+def output_path_problem(path: str | os.PathLike) -> str | None:
+    """Why a result file could not be written at ``path`` now, or None when it could.
+
+    Checked before a long run starts, so that a bad path fails at once instead of losing the
+    result at the end: an empty path, an existing directory, a parent that is a file, or a
+    directory (the nearest existing one, for directories that would be created) without write
+    permission.
+    """
+    if not str(path):
+        return "an empty path"
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} exists and is not writable"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory, so {path} cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create files in {parent} (no write permission)"
+    return None

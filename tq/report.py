@@ -161,6 +161,10 @@ class RecordError(ValueError):
     """A result file is unreadable or not a ``tq.result/1`` record; the message names the file."""
 
 
+class ReportError(ValueError):
+    """The records cannot be reported as they are (a row would pool two records of one setting)."""
+
+
 # ----------------------------------------------------------------------------------- records
 
 
@@ -457,15 +461,49 @@ def _combined_se(errors: pd.Series) -> float:
     return math.sqrt((errors**2).sum()) / len(errors)
 
 
-def _mean_by(table: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+def _check_pooling(grouped: Any, keys: list[str], over: Sequence[str]) -> None:
+    """Refuse a row that would pool two records of one setting: within a group of ``keys``,
+    the records must differ in the coordinates ``over`` (the traces a row averages over, say).
+
+    Raises:
+        ReportError: naming the row and the coordinates its records differ in, if any (ones
+            the row does not show), or saying that they are the same setting twice.
+    """
+    for values, group in grouped:
+        if len(group) < 2:
+            continue
+        repeated = group.duplicated(list(over), keep=False) if over else np.ones(len(group), dtype=bool)
+        if not repeated.any():
+            continue
+        shown = ", ".join(f"{key}={_format(value)}" for key, value in zip(keys, values, strict=True))
+        twins = group[repeated]
+        hidden = [name for name in COORDINATES if name in twins and twins[name].nunique(dropna=False) > 1]
+        why = (
+            f"they differ only in {', '.join(hidden)}, which the row does not show"
+            if hidden
+            else "they are the same setting measured twice"
+        )
+        raise ReportError(
+            f"a report row would pool {len(twins)} records ({shown}): {why}; each setting must have one "
+            "record (remove the duplicate from the sweep)"
+        )
+
+
+def _mean_by(
+    table: pd.DataFrame, keys: list[str], values: list[str], over: Sequence[str] = ()
+) -> pd.DataFrame:
     """Mean of ``values`` per group of ``keys`` (missing keys form their own group), with a count.
 
-    A value with a ``<name>_se`` column keeps one: the standard error of the group's mean
-    (:func:`_combined_se`, records taken as independent; a group of one record keeps its own).
+    A group may only pool records that differ in the coordinates ``over`` (for example the
+    traces of one cache setting); two records of one setting are an error
+    (:func:`_check_pooling`), never averaged silently. A value with a ``<name>_se`` column keeps
+    one: the standard error of the group's mean (:func:`_combined_se`, records taken as
+    independent; a group of one record keeps its own).
     """
     errors = [f"{name}_se" for name in values if f"{name}_se" in table]
     table = table.assign(**{name: math.nan for name in values if name not in table})
     grouped = table.groupby(keys, dropna=False, sort=True)
+    _check_pooling(grouped, keys, over)
     result = grouped[values].mean()
     for name in errors:
         result[name] = grouped[name].agg(_combined_se)
@@ -666,6 +704,7 @@ def _quality_section(
     extra: dict[str, str],
     out_dir: Path,
     note: str,
+    over: Sequence[str] = (),
 ) -> list[str]:
     """A quality-vs-bits figure (one panel per metric, one line per key/value strategy pair and
     any other cache setting that varies) and its table, averaged over layers, heads and runs."""
@@ -674,7 +713,7 @@ def _quality_section(
         return [*lines, empty, ""]
     settings = _varying(rows, ["model", *_LINE_SETTINGS])
     keys = ["model", "key_strategy", "value_strategy", "key_bits", "value_bits", "bits", *_LINE_SETTINGS]
-    means = _mean_by(rows, keys, [*(name for name, _, _ in metrics), *extra])
+    means = _mean_by(rows, keys, [*(name for name, _, _ in metrics), *extra], over)
     quantized = means[~((means["key_strategy"] == "exact") & (means["value_strategy"] == "exact"))]
     figure, axes = _figure(len(metrics))
     for axis, (name, label, log) in zip(axes, metrics, strict=True):
@@ -717,12 +756,41 @@ def _section_trace(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "Attention of recorded queries over the exact and the quantized cache of one head, averaged "
         "over the traced layers and heads. `bits` is the mean code width of the quantized streams; "
         "caches with both streams exact are in the table only.",
+        over=("trace", "layer", "head"),
     )
+
+
+def _few_scored_tokens(rows: pd.DataFrame) -> list[str]:
+    """A warning naming the compare records whose exact answers left fewer than half of the
+    possible tokens (prompts x max_new_tokens) to score; none when every record has enough."""
+    possible = _column(rows, "prompts") * _column(rows, "max_new_tokens")
+    few = rows[_column(rows, "scored_tokens") < 0.5 * possible].assign(possible=possible)
+    if few.empty:
+        return []
+    ended = _column(few, "prompts_ended_at_once")
+    cases = sorted(
+        {
+            f"{row['model']} ({_format(row['scored_tokens'])} of {_format(row['possible'])} tokens"
+            + (f", {_format(count)} prompts ended at once" if not _missing(count) else "")
+            + ")"
+            for (_, row), count in zip(few.iterrows(), ended, strict=True)
+        }
+    )
+    return [
+        f"**Few scored tokens.** {len(few)} of {len(rows)} compare records scored fewer than half "
+        f"of the possible tokens (prompts x max_new_tokens): {'; '.join(cases)}. Their figures rest "
+        "on few tokens; an exact answer that ends at once (an instruct model given raw text, "
+        "`prompts.format: raw`) is scored on one token.",
+        "",
+    ]
 
 
 def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
     rows = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
-    return _quality_section(
+    # Records older than the scored_tokens metric state the same count as teacher_forced_steps.
+    scored = _column(rows, "scored_tokens").fillna(_column(rows, "teacher_forced_steps"))
+    rows = rows.assign(scored_tokens=scored)
+    lines = _quality_section(
         rows,
         "## 2b. Next-token quality vs bits (real model, compare mode)",
         "No real-model compare records: section omitted.",
@@ -736,12 +804,16 @@ def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
             "token_match_rate": "free-run token match",
             "divergence_rate": "prompts diverged",
             "quantized_kv.kv_compression_ratio": "KV compression",
+            "scored_tokens": "scored tokens",
         },
         out_dir,
         "Teacher-forced comparison of the quantized cache with the exact one on the exact run's "
         "greedy tokens (a drift measure); free-running columns decode on their own. ± and the error "
-        "bars are standard errors over the scored tokens, as in section 3.",
+        "bars are standard errors over the scored tokens, as in section 3. `scored tokens` is the "
+        "exact answers' length (per record): at most prompts x max_new_tokens.",
     )
+    # The warning goes right under the title, before the figures it qualifies.
+    return [*lines[:2], *_few_scored_tokens(rows), *lines[2:]]
 
 
 def _what_this_shows(findings: list[str]) -> list[str]:

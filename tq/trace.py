@@ -15,9 +15,11 @@ Traces are validated when built and when loaded; the first problem is named in a
 
 Files written by other tools (the reference crate's exporter: the four tensors and ``model``,
 ``layer``, ``head`` metadata, no checksum, no ``format``) load too: the checksum is verified when
-present; without a ``format`` key, ``rope`` defaults to "post" and ``note`` to "", float tensors
-are read as float32 and integer positions as int64, and a single-sample file (keys [seq,
-head_dim], positions [n_queries]) gains its samples axis. Every structural check still applies.
+present, and required when the file has a ``format`` key (tq wrote it); without a ``format`` key,
+``rope`` defaults to "post" and ``note`` to "", float tensors are read as float32 and integer
+positions as int64 (unsigned positions beyond int64 are refused as out of range, not wrapped to
+negative numbers), and a single-sample file (keys [seq, head_dim], positions [n_queries]) gains
+its samples axis. Every structural check still applies.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tq.fileio import TensorFileError, load_tensors, save_tensors
+from tq.fileio import CHECKSUM_KEY, TensorFileError, load_tensors, save_tensors
 
 FORMAT = "tq.trace/1"
 
@@ -38,11 +40,24 @@ ROPE_KINDS = ("post", "none")
 _TENSORS = ("keys", "values", "queries", "query_positions")
 
 
+def _refuse_wrapping_positions(positions: np.ndarray, keys: np.ndarray) -> None:
+    """Refuse unsigned positions beyond int64 (>= any seq length) before they are cast to int64,
+    where they would wrap to negative numbers and be reported as such."""
+    limit = np.iinfo(np.int64).max
+    if positions.dtype.kind != "u" or not positions.size or positions.max() <= limit:
+        return
+    index = np.unravel_index(int(np.argmax(positions > limit)), positions.shape)
+    where = ", ".join(str(int(i)) for i in index)
+    seq = f" ({keys.shape[-2]})" if keys.ndim >= 2 else ""
+    raise TraceFormatError(f"query_positions[{where}] = {int(positions[index])} is >= seq{seq}")
+
+
 def _foreign_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Another tool's trace tensors in this format's dtypes and ranks (see the module docstring)."""
     out = {}
     for name, array in tensors.items():
         if name == "query_positions" and np.issubdtype(array.dtype, np.integer):
+            _refuse_wrapping_positions(array, tensors["keys"])
             array = array.astype(np.int64)
         elif name != "query_positions" and np.issubdtype(array.dtype, np.floating):
             array = array.astype(np.float32)
@@ -197,13 +212,14 @@ class KvTrace:
         index = np.asarray(indices)
         if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
             raise TypeError(f"select takes a 1-D sequence of integers, got {indices!r}")
-        index = index.astype(np.int64)
-        out_of_range = (index < -self.samples) | (index >= self.samples)
+        out_of_range = index >= self.samples  # before the cast: a large unsigned index would wrap
+        if index.dtype.kind == "i":
+            out_of_range |= index < -self.samples
         if out_of_range.any():
             raise IndexError(
                 f"sample {int(index[out_of_range][0])} out of range for a trace of {self.samples} samples"
             )
-        return self._take(index)
+        return self._take(index.astype(np.int64))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the trace as a checksummed safetensors file, atomically."""
@@ -232,6 +248,8 @@ class KvTrace:
         foreign = "format" not in metadata
         if not foreign and metadata["format"] != FORMAT:
             raise TraceFormatError(f"{path}: format is {metadata.get('format')!r}, expected {FORMAT!r}")
+        if not foreign and CHECKSUM_KEY not in metadata:
+            raise TraceFormatError(f"{path}: a {FORMAT} file without its {CHECKSUM_KEY} checksum (altered?)")
         for name in _TENSORS:
             if name not in tensors:
                 raise TraceFormatError(f"{path}: no {name!r} tensor")
@@ -239,7 +257,6 @@ class KvTrace:
         if extra:
             raise TraceFormatError(f"{path}: unexpected tensors {extra}")
         if foreign:
-            tensors = _foreign_tensors(tensors)
             metadata = {"rope": "post", "note": ""} | metadata
         try:
             header = {name: metadata[name] for name in ("model", "rope", "note")}
@@ -247,6 +264,8 @@ class KvTrace:
         except (KeyError, ValueError) as error:
             raise TraceFormatError(f"{path}: missing or malformed metadata ({error})") from None
         try:
+            if foreign:
+                tensors = _foreign_tensors(tensors)
             return cls(**{name: tensors[name] for name in _TENSORS}, **header, **index)
         except TraceFormatError as error:
             raise TraceFormatError(f"{path}: {error}") from None

@@ -4,8 +4,9 @@ Each prompt is Wikipedia filler (:func:`tq.corpus.corpus_text`, a different plac
 trial) of about ``context_length`` tokens in all, with one *needle* sentence, ``The secret
 number of <city> is <5-digit number>.``, inserted at a sentence boundary at the requested depth
 (a fraction of the filler tokens before it), then a question asking for the number. Chat models
-(a bundle with ``chat_template.jinja``) get the prompt as one user turn of their own chat format
-and answer in the assistant turn; other models get the plain text with ``Answer:`` at the end.
+(a model with a chat template) get the prompt as one user turn of their own chat format
+(:mod:`tq.models.chat`, shared with the real-model workload) and answer in the assistant turn;
+other models get the plain text with ``Answer:`` at the end.
 The city, the number and the place in the text are drawn from ``(seed, context_length, trial)``,
 so one trial's haystack and needle are the same at every depth: only the depth changes.
 
@@ -45,6 +46,7 @@ import numpy as np
 from tq.bench.synthetic import Progress
 from tq.engines import ModelSource
 from tq.kvcache import CacheConfig, exact_layers
+from tq.models.chat import PromptFormat
 from tq.records import make_record
 from tq.runner import DecodeRunner
 
@@ -79,49 +81,6 @@ _SENTENCE_END = re.compile(r"[.!?]['\")\]]?\s*$|\n\s*$")
 
 class NeedleError(ValueError):
     """Bad needle-in-a-haystack input: depths, context lengths, trials, or a too-short text."""
-
-
-def render_chat(bundle: Any) -> tuple[str, str] | None:
-    """The bundle's chat format around one user message: (text before the message, text after it,
-    ending with the assistant turn's header), or None for a bundle without ``chat_template.jinja``.
-
-    The template is rendered with jinja2's sandbox as Hugging Face tokenizers do
-    (``messages``, ``add_generation_prompt=True``, ``bos_token``/``eos_token`` from
-    ``tokenizer_config.json``).
-    """
-    from tq.models.bundle import CHAT_TEMPLATE
-
-    path = bundle.path / CHAT_TEMPLATE
-    if not path.is_file():
-        return None
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    special: dict[str, str] = {}
-    config_path = bundle.path / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        for key in ("bos_token", "eos_token"):
-            value = config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            special[key] = value if isinstance(value, str) else ""
-
-    def raise_exception(message: str) -> None:
-        raise NeedleError(f"{path}: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    template = environment.from_string(path.read_text(encoding="utf-8"))
-    marker = "\x00NEEDLE-CONTENT\x00"
-    text = template.render(
-        messages=[{"role": "user", "content": marker}],
-        add_generation_prompt=True,
-        raise_exception=raise_exception,
-        **special,
-    )
-    if text.count(marker) != 1:
-        raise NeedleError(f"{path}: the chat template does not place the user message once")
-    head, tail = text.split(marker)
-    return head, tail
 
 
 def max_positions(bundle: Any) -> int | None:
@@ -217,16 +176,12 @@ class NeedlePromptBuilder:
         self._tokenizer = bundle.tokenizer()
         # Paragraph starts: where a trial's filler may begin.
         self._paragraphs = np.array([0] + [m.end() for m in re.finditer(r"\n\n+", text)], dtype=np.int64)
-        chat = render_chat(bundle)
-        self.chat = chat is not None
-        head, tail = chat if chat is not None else ("", "")
-        # Tokens the tokenizer puts in front of every text (a BOS), unless the template writes them.
-        prefix = list(bundle.encode(""))
-        head_ids = self._encode(head)
-        if prefix and head_ids[: len(prefix)] == prefix:
-            prefix = []
-        self._head = prefix + head_ids + self._encode(INSTRUCTION + "\n\n")
-        self._tail = tail if chat is not None else "\n" + PLAIN_ANSWER
+        # The chat format's header, after any BOS the tokenizer puts in front unless the
+        # template writes it (tq.models.chat); plain models: that BOS only.
+        chat = PromptFormat(bundle, "chat")
+        self.chat = chat.chat
+        self._head = chat.head_ids + self._encode(INSTRUCTION + "\n\n")
+        self._tail = chat.tail if chat.chat else "\n" + PLAIN_ANSWER
 
     def _encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids if text else []

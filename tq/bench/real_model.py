@@ -11,6 +11,19 @@ Modes (the reference crate's ``--real-eval-mode``):
   its own (token match rate, first divergence step; ``divergence_rate`` is the share of prompts
   whose free-running tokens differ from the exact run's anywhere).
 
+Prompts (``prompt_format``): ``chat`` (the default) gives each prompt to a model with a chat
+template as one user turn of its chat format, answered in the assistant turn (the same helper as
+the needle task, :class:`tq.models.chat.PromptFormat`); a model without one gets the raw text,
+and the record's ``prompt_format`` says which format was used. ``raw``: the text as it is. An
+instruct model fed raw text often ends its answer at once (SmolLM2-135M-Instruct answers
+``<|im_end|>`` first to most of the suite), which leaves compare mode almost nothing to score.
+
+Scored tokens: compare mode scores each exact answer token (teacher-forced), so a prompt
+contributes as many tokens as its exact answer has (``per_prompt``: ``exact_tokens`` and
+``scored_tokens``); ``possible_tokens`` is prompts x max_new_tokens. An exact answer that ends at
+its first token (EOS first) contributes one: ``prompts_ended_at_once`` counts them, and
+``warnings`` says so when there are any, or when fewer than half the possible tokens are scored.
+
 Compare mode scores the quantized runs against an :class:`~tq.reference.ExactReference` of the
 exact runs (``reference``): the file the exact mode writes with ``reference_out`` (the pipeline's
 ``baseline`` job), or, without one, the exact runs made here. Every teacher-forced figure is a
@@ -32,6 +45,7 @@ import numpy as np
 from tq.bench.synthetic import Progress
 from tq.engines import ModelSource
 from tq.kvcache import CacheConfig, exact_layers
+from tq.models.chat import PROMPT_FORMATS, PromptFormat
 from tq.records import make_record
 from tq.reference import ExactReference, ReferenceError
 from tq.runner import Generation
@@ -40,6 +54,8 @@ from tq.stats import PER_TOKEN_FIELDS, mean_se, quality_summary
 MODES = ("exact", "quantized", "compare")
 DEFAULT_TOP_K = 5
 _NO_DECODE_STEP = "no decode step: every answer ended at its first token (the prefill's)"
+# A warning when the exact answers hold fewer than this share of prompts x max_new_tokens.
+SCORED_SHARE_WARNING = 0.5
 
 
 def _timing(runs: Sequence[Generation]) -> dict[str, Any]:
@@ -74,13 +90,45 @@ def _memory(runs: Sequence[Generation]) -> dict[str, float]:
     }
 
 
-def reference_settings(model: str, max_new_tokens: int, source: ModelSource) -> dict[str, Any]:
-    """What a prompt-suite reference is made for (:meth:`ExactReference.require` checks it)."""
+def reference_settings(
+    model: str, max_new_tokens: int, source: ModelSource, prompt_format: str
+) -> dict[str, Any]:
+    """What a prompt-suite reference is made for (:meth:`ExactReference.require` checks it);
+    ``prompt_format`` is the format used ("chat" or "raw")."""
     return {
         "workload": "real-model",
         "model": model,
         "max_new_tokens": max_new_tokens,
+        "prompt_format": prompt_format,
         **source.engine_settings(),
+    }
+
+
+def answer_lengths(
+    exact_tokens: Sequence[Sequence[int]], max_new_tokens: int, eos_token_ids: Sequence[int]
+) -> dict[str, Any]:
+    """How many tokens the exact answers hold, against prompts x max_new_tokens, with warnings
+    (a list of sentences, empty if none) when answers end at once or few tokens are left."""
+    lengths = [len(tokens) for tokens in exact_tokens]
+    ended = sum(1 for tokens in exact_tokens if len(tokens) == 1 and tokens[0] in eos_token_ids)
+    possible = len(lengths) * max_new_tokens
+    scored = sum(lengths)
+    warnings = []
+    if ended:
+        warnings.append(
+            f"{ended} of {len(lengths)} exact answers end at once (the first token is the end of "
+            "the sequence): each contributes one scored token"
+        )
+    if scored < SCORED_SHARE_WARNING * possible:
+        warnings.append(
+            f"the exact answers hold {scored} of {possible} possible tokens (prompts x "
+            f"max_new_tokens): the comparison rests on few tokens"
+        )
+    return {
+        "exact_answer_tokens": scored,
+        "possible_tokens": possible,
+        "prompts_ended_at_once": ended,
+        "warnings": warnings,
     }
 
 
@@ -161,11 +209,15 @@ def run_real_model(
     threads: int | None = None,
     reference: ExactReference | str | os.PathLike | None = None,
     reference_out: str | os.PathLike | None = None,
+    prompt_format: str = "chat",
 ) -> dict[str, Any]:
     """Run prompts through a model in one mode; return a ``real-model`` result record.
 
     Args:
         model: the model and its engine (a path: an ONNX bundle).
+        prompt_format: "chat": each prompt as one user turn of the model's chat format (raw
+            text for a model without a chat template; the record's ``prompt_format`` is the
+            format used); "raw": the text as it is.
         reference: compare mode: the exact runs (a reference written by the exact mode with
             ``reference_out``, or its file) instead of running them again; the record's exact
             timing is then the one stored with the reference.
@@ -181,13 +233,16 @@ def run_real_model(
         raise ValueError("a reference is read in compare mode only")
     if reference_out is not None and mode != "exact":
         raise ValueError("a reference is written in exact mode only")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     config = config or CacheConfig()
     source = ModelSource.of(model)
     runner = source.open(threads)
     files = runner.files
-    settings = reference_settings(runner.name, max_new_tokens, source)
+    formatter = PromptFormat(files, prompt_format)
+    settings = reference_settings(runner.name, max_new_tokens, source, formatter.format)
     layer_configs = exact_layers(files.num_layers, exact_first_layers, exact_last_layers)
-    prompt_ids = [files.encode(prompt) for prompt in prompts]
+    prompt_ids = formatter.encode_all(prompts)
     if reference is not None:
         reference = _load_reference(reference, prompt_ids, settings)
     run_exact = mode == "exact" or (mode == "compare" and reference is None)
@@ -196,6 +251,7 @@ def run_real_model(
     forced: list[Generation] = []
     free: list[Generation] = []
     per_prompt = []
+    answers: list[list[int]] = []
     for index, ids in enumerate(prompt_ids):
         row: dict[str, Any] = {"prompt_tokens": len(ids)}
         if run_exact:
@@ -205,8 +261,11 @@ def run_real_model(
             exact_tokens = reference.sequence(index)[1].tolist()
         if mode != "quantized":
             row["exact_text"] = files.decode(exact_tokens)
+            row["exact_tokens"] = len(exact_tokens)
+            answers.append(exact_tokens)
         if mode == "compare":
             forced.append(runner.generate(ids, 0, runner.new_cache(config, layer_configs), exact_tokens))
+            row["scored_tokens"] = len(forced[-1].logits)
         if mode in ("quantized", "compare"):
             free.append(runner.generate(ids, max_new_tokens, runner.new_cache(config, layer_configs)))
             row["quantized_text"] = files.decode(free[-1].tokens)
@@ -229,6 +288,8 @@ def run_real_model(
             timing["exact"] = reference.config.get("timing", {})
         result.update(compare_metrics(reference, forced, free, top_k))
         result.update(speed_ratio(timing["quantized"], timing["exact"]))
+    if answers:
+        result.update(answer_lengths(answers, max_new_tokens, files.eos_token_ids))
     result["per_prompt"] = per_prompt
     record_config = {
         "workload": "real-model",
@@ -236,6 +297,8 @@ def run_real_model(
         "model": runner.name,
         "mode": mode,
         "prompts": len(prompts),
+        "prompt_format": formatter.format,
+        "prompt_format_requested": prompt_format,
         "max_new_tokens": max_new_tokens,
         "top_k": top_k,
         "threads": threads,

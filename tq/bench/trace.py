@@ -94,6 +94,12 @@ def run_trace(path: str | os.PathLike, config: CacheConfig, top_k: int = DEFAULT
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     trace = KvTrace.load(path)
+    visible = int(trace.query_positions.max()) + 1
+    if top_k >= visible:
+        raise ValueError(
+            f"top_k {top_k} is not below the {visible} keys the trace's queries see at most: every "
+            "visible key would be in the top-k and the overlap would be 1 by construction"
+        )
     progress = Progress(f"tq bench trace {os.fspath(path)}")
     keys = np.empty_like(trace.keys)
     values = np.empty_like(trace.values)

@@ -17,16 +17,26 @@ Graph contract (checked by :meth:`ModelBundle.load`):
   are not repeated: kv_heads is the model's number of KV heads.
 
 Graph inputs differ by model family and order: feed them by name.
+
+Integrity: ``bundle.json`` carries its own checksum (``sha256``, :func:`tq.fileio.json_checksum`)
+and a manifest of every other file (``files``: bytes and SHA-256 of each), written by
+:func:`write_bundle_info` when the bundle is prepared. :meth:`ModelBundle.load` verifies the
+checksum, every file's size, and the SHA-256 of every file up to :data:`HASH_ON_LOAD_BYTES` (the
+graph, the tokenizer and the configs: 9 ms for SmolLM2); the weights (``model.onnx_data``, 540 MB
+for SmolLM2, 0.35 s to hash on this machine's CPU, more from a network file system) are checked
+by size on each load and hashed only with ``full_check=True``, which ``prepare_bundle`` uses
+before it reuses a bundle.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tq.fileio import ChecksumError, read_checked_json, sha256_file, write_checked_json
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -45,6 +55,8 @@ REQUIRED_FILES = (BUNDLE_JSON, MODEL_ONNX, TOKENIZER_JSON, CONFIG_JSON, GENERATI
 INPUT_IDS = "input_ids"
 LOGITS = "logits"
 OPTIONAL_INPUTS = ("attention_mask", "position_ids", "cache_position", "use_cache_branch")
+# Files up to this size are hashed on every load; larger ones (the weights) only by size.
+HASH_ON_LOAD_BYTES = 64 << 20
 
 # bundle.json fields every bundle has, with their JSON types.
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -60,6 +72,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "input_names": list,
     "output_names": list,
     "eos_token_ids": list,
+    "files": dict,
 }
 _POSITIVE_FIELDS = ("num_layers", "kv_heads", "head_dim", "vocab_size")
 
@@ -234,18 +247,67 @@ def check_graph(
         raise BundleError(f"{MODEL_ONNX}: {problems[0]}")
 
 
+def _bundle_files(path: Path) -> list[str]:
+    """Relative paths of the bundle's files that the manifest covers: every regular file but
+    ``bundle.json`` and hidden entries, sorted."""
+    files = []
+    for file in path.rglob("*"):
+        relative = file.relative_to(path)
+        if (
+            file.is_file()
+            and relative.as_posix() != BUNDLE_JSON
+            and not any(part.startswith(".") for part in relative.parts)
+        ):
+            files.append(relative.as_posix())
+    return sorted(files)
+
+
+def write_bundle_info(path: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Write ``bundle.json`` into the bundle directory ``path``: ``info``, a ``files`` manifest
+    (bytes and SHA-256 of every other file, :func:`_bundle_files`) and its own checksum,
+    atomically. Call it when every other file is in place."""
+    path = Path(path)
+    files = {
+        name: {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
+        for name in _bundle_files(path)
+    }
+    write_checked_json(path / BUNDLE_JSON, {**info, "files": files})
+
+
+def _check_files(path: Path, files: dict[str, Any], full_check: bool) -> None:
+    """Every file of the manifest is there with its size, and its SHA-256 where it is at most
+    :data:`HASH_ON_LOAD_BYTES` (every file with ``full_check``)."""
+    for name, entry in files.items():
+        file = path / name
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            raise BundleError(f"{path / BUNDLE_JSON}: malformed files entry for {name}")
+        if not file.is_file():
+            raise BundleError(f"{path}: missing {name}")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(
+                f"{file}: truncated or altered ({size} bytes, {BUNDLE_JSON} records {entry['bytes']}): "
+                "prepare the bundle again"
+            )
+        if (full_check or size <= HASH_ON_LOAD_BYTES) and sha256_file(file) != entry.get("sha256"):
+            raise BundleError(
+                f"{file}: altered (its SHA-256 is not the one {BUNDLE_JSON} records): "
+                "prepare the bundle again"
+            )
+
+
 def _read_info(path: Path) -> dict:
     file = path / BUNDLE_JSON
     try:
-        info = json.loads(file.read_text(encoding="utf-8"))
+        info = read_checked_json(file)
     except FileNotFoundError:
         raise BundleError(
             f"{path}: no {BUNDLE_JSON} (not a prepared bundle, or an interrupted one)"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
         raise BundleError(f"{file}: corrupt ({error})") from None
-    if not isinstance(info, dict):
-        raise BundleError(f"{file}: expected a JSON object, found {type(info).__name__}")
+    except ChecksumError as error:
+        raise BundleError(f"{error}: prepare the bundle again") from None
     missing = [key for key in _FIELDS if key not in info]
     if missing:
         raise BundleError(f"{file}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -318,11 +380,13 @@ class ModelBundle(TokenizerFiles):
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ModelBundle:
-        """Read and validate the bundle in directory ``path``: ``bundle.json`` (fields and
-        types), the presence of every required file, and the ONNX graph's inputs and outputs
-        (module docstring), which must also be the names ``bundle.json`` lists. The weights are
-        not read.
+    def load(cls, path: str | os.PathLike, full_check: bool = False) -> ModelBundle:
+        """Read and validate the bundle in directory ``path``: ``bundle.json`` (its checksum,
+        fields and types), the presence of every required file, the files against the manifest
+        (module docstring: sizes, and SHA-256 up to :data:`HASH_ON_LOAD_BYTES`, of every file
+        with ``full_check``), and the ONNX graph's inputs and outputs (module docstring), which
+        must also be the names ``bundle.json`` lists. Without ``full_check`` the weights are not
+        read.
 
         Raises:
             BundleError: naming what is missing, corrupt or inconsistent.
@@ -334,6 +398,7 @@ class ModelBundle(TokenizerFiles):
         missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
         if missing:
             raise BundleError(f"{path}: missing {', '.join(missing)}")
+        _check_files(path, info["files"], full_check)
         inputs, outputs = read_graph(path / MODEL_ONNX)
         check_graph(inputs, outputs, *(info[key] for key in _POSITIVE_FIELDS))
         input_names = tuple(spec.name for spec in inputs)

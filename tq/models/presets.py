@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tq.models import tiny
 from tq.models.errors import PrepareError
 
 # Where a preset's weights come from.
@@ -33,6 +34,21 @@ class Wheel:
 
 
 @dataclass(frozen=True)
+class ModelGeometry:
+    """The shape of a model's KV cache: what a sweep config is checked against before any job.
+
+    Attributes:
+        layers: decoder layers.
+        kv_heads: key/value heads per layer (fewer than the query heads under GQA).
+        head_dim: channels per head (the dimension each cached vector is quantized in).
+    """
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model.
 
@@ -46,6 +62,8 @@ class Preset:
         gguf_sha256: SHA-256 (hex) of the assembled GGUF file.
         tokenizer_fix: which repair of the GGUF-converted tokenizer applies
             (``tq.models.tokenizer_repair``): ``"smollm2"``, ``"gemma3"`` or ``None``.
+        geometry: the model's cache shape, where the preset fixes it (None: known only from
+            the checkpoint it is given).
     """
 
     name: str
@@ -55,6 +73,7 @@ class Preset:
     gguf_name: str | None = None
     gguf_sha256: str | None = None
     tokenizer_fix: str | None = None
+    geometry: ModelGeometry | None = None
 
 
 _GEMMA3_PARTS = tuple(
@@ -77,6 +96,7 @@ PRESETS: dict[str, Preset] = {
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             tokenizer_fix="smollm2",
+            geometry=ModelGeometry(layers=30, kv_heads=3, head_dim=64),
         ),
         Preset(
             "gemma3-270m",
@@ -86,14 +106,25 @@ PRESETS: dict[str, Preset] = {
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             tokenizer_fix="gemma3",
+            geometry=ModelGeometry(layers=18, kv_heads=1, head_dim=256),
         ),
         Preset(
             "distilgpt2",
             SOURCE_MODEL_DIR,
             "DistilGPT-2: no offline source; needs --model-dir with a local Hugging Face checkpoint",
         ),
-        Preset("tiny-llama", SOURCE_BUILT_IN, "random 2-layer Llama (GQA) built in code, for tests"),
-        Preset("tiny-gpt2", SOURCE_BUILT_IN, "random 2-layer GPT-2 built in code, for tests"),
+        Preset(
+            "tiny-llama",
+            SOURCE_BUILT_IN,
+            "random 2-layer Llama (GQA) built in code, for tests",
+            geometry=ModelGeometry(layers=tiny.LAYERS, kv_heads=tiny.LLAMA_KV_HEADS, head_dim=tiny.HEAD_DIM),
+        ),
+        Preset(
+            "tiny-gpt2",
+            SOURCE_BUILT_IN,
+            "random 2-layer GPT-2 built in code, for tests",
+            geometry=ModelGeometry(layers=tiny.LAYERS, kv_heads=tiny.HEADS, head_dim=tiny.HEAD_DIM),
+        ),
     )
 }
 

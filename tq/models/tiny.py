@@ -21,6 +21,8 @@ VOCAB_SIZE = 512
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+LLAMA_KV_HEADS = 2
 MAX_POSITIONS = 2048
 # Special tokens, with the ids they get (trained first, in this order).
 END_OF_TEXT = "<|endoftext|>"  # id 0: GPT-2's BOS/EOS, the unknown token elsewhere
@@ -69,7 +71,7 @@ def _llama(vocab_size: int):
     config = LlamaConfig(
         hidden_size=HIDDEN,
         num_attention_heads=HEADS,
-        num_key_value_heads=2,
+        num_key_value_heads=LLAMA_KV_HEADS,
         num_hidden_layers=LAYERS,
         intermediate_size=2 * HIDDEN,
         vocab_size=vocab_size,

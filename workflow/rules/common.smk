@@ -7,27 +7,22 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from tq.sweep_checks import BITS_PATTERN, CACHE_OPTION_CODES, bits_label, cache_fields, cache_label, check_sweep
 from tq.sweep_models import SweepConfigError, resolve_models
 
 TQ_ROOT = Path(workflow.basedir) / "tq"
 CONDA_ENV = "../../envs/tq.yaml"
 # name -> models entry (tq.sweep_models): checked before any job runs. A cuda model needs a GPU
 # here unless the jobs go to a cluster (there, a job on a node without one fails, saying so).
+# The whole config is checked against itself and the models' geometry (tq.sweep_checks).
 try:
     MODELS = resolve_models(config["models"], local=workflow.local_exec and workflow.is_main_process)
+    check_sweep(config, MODELS)
 except SweepConfigError as error:
     raise WorkflowError(f"config: {error}") from None
 PRESETS = sorted({model["preset"] for model in MODELS.values() if "preset" in model})
 ONNX_MODELS = [name for name, model in MODELS.items() if model["engine"] == "onnxruntime"]
 STRATEGY = "mse|prod|exact|uniform|rotated-uniform|kivi"
-# Per-setting cache options (kv_caches items) and their code in a cache label: k3mse-v3mse-r64-ef2.
-CACHE_OPTION_CODES = {
-    "residual_length": "r",
-    "exact_first_layers": "ef",
-    "exact_last_layers": "el",
-    "group_size": "g",
-}
-BITS = r"\d(\.\d\d?)?"  # 1 .. 8, optionally fractional: 3.5, 2.25
 
 
 def one_of(names) -> str:
@@ -42,8 +37,8 @@ wildcard_constraints:
     strategy=STRATEGY,
     key_strategy=STRATEGY,
     value_strategy=STRATEGY,
-    key_bits=BITS,
-    value_bits=BITS,
+    key_bits=BITS_PATTERN,
+    value_bits=BITS_PATTERN,
     options="(-(" + "|".join(CACHE_OPTION_CODES.values()) + r")\d+)*",
 
 
@@ -98,23 +93,6 @@ def tq_sources_hash(*modules: str) -> str:
     return digest.hexdigest()
 
 
-def bits_label(bits: float) -> str:
-    """3 -> "3", 3.5 -> "3.5": how a bit width appears in a file name."""
-    return f"{bits:g}"
-
-
-def cache_label(cache: dict) -> str:
-    """A cache setting as a file name: ``k3.5mse-v3mse``, plus its own options: ``-r64`` (residual
-    length), ``-ef2`` / ``-el2`` (exact first / last layers), ``-g64`` (baseline group size)."""
-    options = "".join(
-        f"-{code}{cache[name]}" for name, code in CACHE_OPTION_CODES.items() if name in cache
-    )
-    return (
-        f"k{bits_label(cache['key_bits'])}{cache['key_strategy']}"
-        f"-v{bits_label(cache['value_bits'])}{cache['value_strategy']}{options}"
-    )
-
-
 CACHES = [cache_label(cache) for cache in config["kv_caches"]]
 CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}{options}"
 CACHE_OPTIONS = config["cache_options"]
@@ -160,11 +138,6 @@ def _options(wildcards) -> dict:
     names = {code: name for name, code in CACHE_OPTION_CODES.items()}
     own = {names[code]: int(value) for code, value in re.findall(r"-([a-z]+)(\d+)", wildcards.options)}
     return CACHE_OPTIONS | own
-
-
-def cache_fields(options: dict) -> dict:
-    """The tq.kvcache.CacheConfig fields among cache options (exact layers are not one)."""
-    return {k: v for k, v in options.items() if not k.startswith("exact_")}
 
 
 def cache_params(wildcards) -> dict:

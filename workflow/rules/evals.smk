@@ -39,6 +39,7 @@ rule baseline:
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
+        prompt_format=PROMPTS["format"],
         source_hash=tq_sources_hash("tq.bench.real_model", "tq.trace_export"),
     log:
         "results/logs/baseline/{model}/{suite}.log",
@@ -71,6 +72,7 @@ rule compare:
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
+        prompt_format=PROMPTS["format"],
         source_hash=tq_sources_hash("tq.bench.real_model", "tq.trace_export"),
     log:
         f"results/logs/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.log",

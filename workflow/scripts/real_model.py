@@ -29,6 +29,7 @@ with open(snakemake.log[0], "w") as log:
         prompts,
         max_new_tokens=params.max_new_tokens,
         top_k=params.top_k,
+        prompt_format=params.prompt_format,
         threads=snakemake.threads,
         **options,
     )
