@@ -138,3 +138,19 @@ def quick_run(quick_workdir):
     from tests.workflow_runs import QUICK, snakemake
 
     return snakemake(quick_workdir, "--configfile", QUICK)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tmp_path_factory) -> Path:
+    """The tiny Llama's ONNX bundle (tests/models_fixtures.py), built once per session."""
+    from tests.models_fixtures import tiny_bundle
+
+    return tiny_bundle(tmp_path_factory.getbasetemp(), "tiny-llama")
+
+
+@pytest.fixture
+def bundle_copy(tiny_llama_bundle, tmp_path) -> Path:
+    """A private copy of the tiny Llama bundle, free to break."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))

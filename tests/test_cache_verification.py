@@ -5,7 +5,6 @@ bundle.json's manifest, or a tq trace without its checksum, is refused naming th
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tests.models_fixtures import tiny_bundle
 from tq import corpus
 from tq.codebook import lloyd_max_codebook, solve_codebook
 from tq.fileio import CacheWarning, json_checksum, read_checked_json, write_checked_json
@@ -167,76 +165,66 @@ def test_a_corpus_cache_of_another_format_is_extracted_again(tmp_path, extractio
 # --- Bundles -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp(), "tiny-llama")
-
-
-@pytest.fixture
-def copy(llama_bundle, tmp_path) -> Path:
-    return Path(shutil.copytree(llama_bundle, tmp_path / "bundle"))
-
-
 def _flip_last_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[-1] ^= 0x01
     file.write_bytes(bytes(data))
 
 
-def test_bundle_json_carries_a_manifest_and_its_checksum(copy):
-    info = json.loads((copy / BUNDLE_JSON).read_text())
+def test_bundle_json_carries_a_manifest_and_its_checksum(bundle_copy):
+    info = json.loads((bundle_copy / BUNDLE_JSON).read_text())
     assert info["sha256"] == json_checksum(info)
-    assert info["files"][MODEL_ONNX_DATA]["bytes"] == (copy / MODEL_ONNX_DATA).stat().st_size
+    assert info["files"][MODEL_ONNX_DATA]["bytes"] == (bundle_copy / MODEL_ONNX_DATA).stat().st_size
     assert set(info["files"]) >= {"model.onnx", MODEL_ONNX_DATA, TOKENIZER_JSON, "config.json"}
 
 
-def test_an_edited_bundle_json_is_refused(copy):
-    file = copy / BUNDLE_JSON
+def test_an_edited_bundle_json_is_refused(bundle_copy):
+    file = bundle_copy / BUNDLE_JSON
     file.write_text(file.read_text().replace('"kv_heads": 2', '"kv_heads": 1'))
     with pytest.raises(BundleError, match=f"{file}: the content does not match its sha256 checksum"):
-        ModelBundle.load(copy)
+        ModelBundle.load(bundle_copy)
 
 
-def test_a_bundle_json_without_a_checksum_is_refused(copy):
-    file = copy / BUNDLE_JSON
+def test_a_bundle_json_without_a_checksum_is_refused(bundle_copy):
+    file = bundle_copy / BUNDLE_JSON
     info = json.loads(file.read_text())
     del info["sha256"]
     file.write_text(json.dumps(info))
     with pytest.raises(BundleError, match=r"no sha256 checksum .*prepare the bundle again"):
-        ModelBundle.load(copy)
+        ModelBundle.load(bundle_copy)
 
 
-def test_an_altered_tokenizer_is_refused_on_load(copy):
-    _flip_last_byte(copy / TOKENIZER_JSON)
-    with pytest.raises(BundleError, match=f"{copy / TOKENIZER_JSON}: altered"):
-        ModelBundle.load(copy)
+def test_an_altered_tokenizer_is_refused_on_load(bundle_copy):
+    _flip_last_byte(bundle_copy / TOKENIZER_JSON)
+    with pytest.raises(BundleError, match=f"{bundle_copy / TOKENIZER_JSON}: altered"):
+        ModelBundle.load(bundle_copy)
 
 
-def test_truncated_weights_are_refused_on_load(copy):
-    with open(copy / MODEL_ONNX_DATA, "r+b") as f:
-        f.truncate((copy / MODEL_ONNX_DATA).stat().st_size - 4)
+def test_truncated_weights_are_refused_on_load(bundle_copy):
+    with open(bundle_copy / MODEL_ONNX_DATA, "r+b") as f:
+        f.truncate((bundle_copy / MODEL_ONNX_DATA).stat().st_size - 4)
     with pytest.raises(BundleError, match=f"{MODEL_ONNX_DATA}: truncated or altered"):
-        ModelBundle.load(copy)
+        ModelBundle.load(bundle_copy)
 
 
-def test_altered_weights_are_found_by_a_full_check(copy, monkeypatch):
+def test_altered_weights_are_found_by_a_full_check(bundle_copy, monkeypatch):
     """Weights above HASH_ON_LOAD_BYTES are checked by size on load and hashed by a full check;
     the tiny model's weights are small, so the limit is lowered to make them "large"."""
     from tq.models import bundle as bundle_module
 
     monkeypatch.setattr(bundle_module, "HASH_ON_LOAD_BYTES", 1024)
-    assert (copy / MODEL_ONNX_DATA).stat().st_size > 1024
-    _flip_last_byte(copy / MODEL_ONNX_DATA)
-    ModelBundle.load(copy)  # same size: not hashed on an ordinary load
+    assert (bundle_copy / MODEL_ONNX_DATA).stat().st_size > 1024
+    _flip_last_byte(bundle_copy / MODEL_ONNX_DATA)
+    ModelBundle.load(bundle_copy)  # same size: not hashed on an ordinary load
     with pytest.raises(BundleError, match=f"{MODEL_ONNX_DATA}: altered"):
-        ModelBundle.load(copy, full_check=True)
+        ModelBundle.load(bundle_copy, full_check=True)
 
 
-def test_prepare_rebuilds_a_bundle_whose_weights_do_not_verify(copy, capsys):
-    _flip_last_byte(copy / MODEL_ONNX_DATA)
-    prepare_bundle("tiny-llama", out=copy)
-    assert f"not reusing {copy}: {copy / MODEL_ONNX_DATA}: altered" in capsys.readouterr().err
-    ModelBundle.load(copy, full_check=True)
+def test_prepare_rebuilds_a_bundle_whose_weights_do_not_verify(bundle_copy, capsys):
+    _flip_last_byte(bundle_copy / MODEL_ONNX_DATA)
+    prepare_bundle("tiny-llama", out=bundle_copy)
+    assert f"not reusing {bundle_copy}: {bundle_copy / MODEL_ONNX_DATA}: altered" in capsys.readouterr().err
+    ModelBundle.load(bundle_copy, full_check=True)
 
 
 # --- Traces ------------------------------------------------------------------------------------

@@ -6,27 +6,14 @@ check under test, not the integrity check (tests/test_cache_verification.py), ca
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.models_fixtures import tiny_bundle
 from tq.models import BundleError, ModelBundle
 from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX, MODEL_ONNX_DATA, write_bundle_info
-
-
-@pytest.fixture(scope="module")
-def llama_bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp(), "tiny-llama")
-
-
-@pytest.fixture
-def copy(llama_bundle, tmp_path) -> Path:
-    """A private copy of the tiny Llama bundle, free to break."""
-    return Path(shutil.copytree(llama_bundle, tmp_path / "bundle"))
 
 
 def _reseal(path: Path) -> None:
@@ -140,12 +127,12 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_bundle_is_rejected_by_name(copy, case):
-    ModelBundle.load(copy)  # intact before the edit
+def test_broken_bundle_is_rejected_by_name(bundle_copy, case):
+    ModelBundle.load(bundle_copy)  # intact before the edit
     edit, message = BROKEN[case]
-    edit(copy)
+    edit(bundle_copy)
     with pytest.raises(BundleError, match=message):
-        ModelBundle.load(copy)
+        ModelBundle.load(bundle_copy)
 
 
 def test_missing_directory(tmp_path):
@@ -153,9 +140,9 @@ def test_missing_directory(tmp_path):
         ModelBundle.load(tmp_path / "nothing")
 
 
-def test_loaded_bundle(llama_bundle):
-    bundle = ModelBundle.load(llama_bundle)
-    assert bundle.path == llama_bundle.absolute()
+def test_loaded_bundle(tiny_llama_bundle):
+    bundle = ModelBundle.load(tiny_llama_bundle)
+    assert bundle.path == tiny_llama_bundle.absolute()
     assert bundle.input_names == (
         "input_ids",
         "attention_mask",
@@ -173,8 +160,8 @@ def test_loaded_bundle(llama_bundle):
     assert bundle.decode([2]) == "<|im_end|>"
 
 
-def test_session(llama_bundle):
-    bundle = ModelBundle.load(llama_bundle)
+def test_session(tiny_llama_bundle):
+    bundle = ModelBundle.load(tiny_llama_bundle)
     session = bundle.session(threads=1)
     assert [node.name for node in session.get_inputs()] == list(bundle.input_names)
     assert session.get_providers() == ["CPUExecutionProvider"]
@@ -183,9 +170,9 @@ def test_session(llama_bundle):
         bundle.session(threads=0)
 
 
-def test_corrupt_tokenizer_is_a_bundle_error(copy):
-    (copy / "tokenizer.json").write_text("{not json")
-    _reseal(copy)
-    bundle = ModelBundle.load(copy)
+def test_corrupt_tokenizer_is_a_bundle_error(bundle_copy):
+    (bundle_copy / "tokenizer.json").write_text("{not json")
+    _reseal(bundle_copy)
+    bundle = ModelBundle.load(bundle_copy)
     with pytest.raises(BundleError, match=r"tokenizer\.json: not a readable tokenizer"):
         bundle.encode("hello")
