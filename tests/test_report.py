@@ -22,6 +22,7 @@ from tq.report import (
     RecordError,
     ReportError,
     _distinguishable,
+    _few_scored_tokens,
     _figure,
     _finish,
     _mean_by,
@@ -649,7 +650,7 @@ def test_tables_show_value_plus_minus_standard_error(uncertain_report):
     assert "lower bound" in perplexity
     for header in ("KL median", "KL p99", "KL max", "Δp mean", "Δp RMS"):
         assert f"| {header} |" in perplexity, header
-    row = next(line for line in perplexity.splitlines() if "| kivi 4 |" in line)
+    row = next(line for line in perplexity.splitlines() if "| kivi 4 g32 |" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     # ratio, KL, KL median, p99, max, top-1, delta-p mean, delta-p RMS
     assert cells[8:16] == [
@@ -673,7 +674,7 @@ def test_findings_call_settings_different_only_beyond_their_intervals(uncertain_
     perplexity = _section(uncertain_report, "## 3. Perplexity")
     assert (
         "- tiny-llama, decode: perplexity ratio (best first): K mse 4 / V mse 4 1.050 ± 0.010 ≈ "
-        "K kivi 4 / V kivi 4 1.060 ± 0.010 < K mse 2 / V exact 1.290 ± 0.020 ≈ "
+        "K kivi 4 g32 / V kivi 4 g32 1.060 ± 0.010 < K mse 2 / V exact 1.290 ± 0.020 ≈ "
         "K mse 2 / V mse 2 1.300 ± 0.020 (≈: not distinguishable on 64 tokens)."
     ) in perplexity
     baselines = _section(uncertain_report, "## 6. Compared to what")
@@ -723,10 +724,33 @@ def test_window_protocol_is_labelled_and_decode_leads(uncertain_report):
 def test_old_records_without_errors_show_values_alone(report):
     markdown = report.read_text()
     perplexity = _section(markdown, "## 3. Perplexity")
-    row = next(line for line in perplexity.splitlines() if "| kivi 2 |" in line)
+    row = next(line for line in perplexity.splitlines() if "| kivi 2 g32 |" in line)
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert "±" not in row and cells[8] == "1.5" and cells.count("-") == 5  # the newer statistics
     headline = _section(markdown, "## Headline").splitlines()
     headline_rows = [line for line in headline if line.startswith("| tiny")]
     assert headline_rows and not any("±" in line for line in headline_rows)
     assert "not tested, no standard error recorded" in perplexity
+
+
+def test_compare_records_that_scored_enough_are_not_flagged():
+    rows = pd.DataFrame(
+        {
+            "model": ["a", "b"],
+            "prompts": [3.0, 3.0],
+            "max_new_tokens": [4.0, 4.0],
+            "scored_tokens": [12.0, 5.0],
+        }
+    )
+    assert _few_scored_tokens(rows.iloc[:1]) == []
+    (flag, _) = _few_scored_tokens(rows)
+    assert "1 of 2 compare records" in flag and "b (5 of 12 tokens)" in flag
+
+
+def test_a_baseline_at_two_group_sizes_gives_two_rows(tmp_path):
+    records = [_perplexity_record(2, 1.5, key_strategy="kivi", value_strategy="kivi") for _ in range(2)]
+    records[1]["config"]["cache"]["group_size"] = 16
+    section = _section(write_report(summary_table(records), tmp_path / "report.md").read_text(), "## 3.")
+    assert "| kivi 2 g32 | kivi 2 g32 |" in section and "| kivi 2 g16 | kivi 2 g16 |" in section
+    with pytest.raises(ReportError, match="the same setting measured twice"):
+        write_report(summary_table([records[0], records[0]]), tmp_path / "twice.md")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tq.baselines import BASELINE_STRATEGIES
 from tq.fileio import atomic_write_bytes
 from tq.records import SCHEMA, SOURCES
 
@@ -426,8 +427,14 @@ def _decode_first(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _strategy(row: pd.Series, part: str) -> str:
+    """A stream in words: "mse 3", "exact", or for a baseline with its group size "kivi 2 g32"."""
     strategy = row[f"{part}_strategy"]
-    return "exact" if strategy == "exact" else f"{strategy} {_format(row[f'{part}_bits'])}"
+    if strategy == "exact":
+        return "exact"
+    text = f"{strategy} {_format(row[f'{part}_bits'])}"
+    if strategy in BASELINE_STRATEGIES and pd.notna(row.get("group_size")):
+        text += f" g{_format(row['group_size'])}"
+    return text
 
 
 def _with_cache_labels(means: pd.DataFrame) -> pd.DataFrame:
@@ -712,7 +719,16 @@ def _quality_section(
     if rows.empty:
         return [*lines, empty, ""]
     settings = _varying(rows, ["model", *_LINE_SETTINGS])
-    keys = ["model", "key_strategy", "value_strategy", "key_bits", "value_bits", "bits", *_LINE_SETTINGS]
+    keys = [
+        "model",
+        "key_strategy",
+        "value_strategy",
+        "key_bits",
+        "value_bits",
+        "bits",
+        "group_size",
+        *_LINE_SETTINGS,
+    ]
     means = _mean_by(rows, keys, [*(name for name, _, _ in metrics), *extra], over)
     quantized = means[~((means["key_strategy"] == "exact") & (means["value_strategy"] == "exact"))]
     figure, axes = _figure(len(metrics))
@@ -763,8 +779,8 @@ def _section_trace(table: pd.DataFrame, out_dir: Path) -> list[str]:
 def _few_scored_tokens(rows: pd.DataFrame) -> list[str]:
     """A warning naming the compare records whose exact answers left fewer than half of the
     possible tokens (prompts x max_new_tokens) to score; none when every record has enough."""
-    possible = _column(rows, "prompts") * _column(rows, "max_new_tokens")
-    few = rows[_column(rows, "scored_tokens") < 0.5 * possible].assign(possible=possible)
+    rows = rows.assign(possible=_column(rows, "prompts") * _column(rows, "max_new_tokens"))
+    few = rows[_column(rows, "scored_tokens") < 0.5 * rows["possible"]]
     if few.empty:
         return []
     ended = _column(few, "prompts_ended_at_once")
@@ -787,9 +803,6 @@ def _few_scored_tokens(rows: pd.DataFrame) -> list[str]:
 
 def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
     rows = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
-    # Records older than the scored_tokens metric state the same count as teacher_forced_steps.
-    scored = _column(rows, "scored_tokens").fillna(_column(rows, "teacher_forced_steps"))
-    rows = rows.assign(scored_tokens=scored)
     lines = _quality_section(
         rows,
         "## 2b. Next-token quality vs bits (real model, compare mode)",
@@ -879,6 +892,7 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "key_bits",
         "value_bits",
         "bits",
+        "group_size",
         *_LINE_SETTINGS,
     ]
     metrics = [
@@ -993,6 +1007,7 @@ def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "value_bits",
         "residual_length",
         "exact_layers",
+        "group_size",
         "threads",
     ]
     speeds = [
@@ -1151,6 +1166,7 @@ def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
         "bits",
         "residual_length",
         "exact_layers",
+        "group_size",
     ]
     perplexity = _mean_by(
         _perplexity_rows(table),
@@ -1431,6 +1447,7 @@ def _headline(table: pd.DataFrame) -> list[str]:
         "value_bits",
         "residual_length",
         "exact_layers",
+        "group_size",
         "protocol",
         "measure",
     ]
