@@ -21,11 +21,11 @@ include: "workflow/rules/evals.smk"
 include: "workflow/rules/report.smk"
 
 
-# The report, and everything it is made from by name: a record or summary.csv that was deleted
-# (or removed after a failed job) is rebuilt by the next run even while report.md exists.
+# The report, and everything it is made from by name: a record or a table that was deleted (or
+# removed after a failed job) is rebuilt by the next run even while report.md exists.
 rule all:
     input:
         "results/report.md",
-        "results/summary.csv",
+        rules.aggregate.output,
         all_records,
     default_target: True

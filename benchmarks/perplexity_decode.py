@@ -46,7 +46,7 @@ DEFAULT_BUNDLE = (
 
 def one_sequence_path(bundle: ModelBundle, args: argparse.Namespace, config: CacheConfig) -> dict:
     runner = RealModelRunner(bundle, args.threads)
-    tokens = text_windows(bundle, args.windows, args.window)
+    tokens, _ = text_windows(bundle, args.windows, args.window, sample_seed=0)
     start = time.perf_counter()
     exact_nll, quantized_nll = [], []
     for row in tokens:
@@ -96,7 +96,7 @@ def batched_path(args: argparse.Namespace, config: CacheConfig) -> dict:
 def batch_sweep(bundle: ModelBundle, args: argparse.Namespace, config: CacheConfig) -> list[dict]:
     runner = RealModelRunner(bundle, args.threads)
     sizes = [int(size) for size in args.sweep.split(",")]
-    tokens = text_windows(bundle, max(sizes), args.context + args.sweep_steps + 1)
+    tokens, _ = text_windows(bundle, max(sizes), args.context + args.sweep_steps + 1, sample_seed=0)
     rows = []
     for size in sizes:
         marks: list[float] = []

@@ -158,7 +158,7 @@ def test_a_corpus_cache_of_another_format_is_extracted_again(tmp_path, extractio
     corpus.corpus_text(tmp_path)
     (cached,) = (tmp_path / "corpus").iterdir()
     write_checked_json(cached, {"format": "tq.corpus/0", "text": "stale"})
-    with pytest.warns(CacheWarning, match="not a tq.corpus/1 file; extracting the text again"):
+    with pytest.warns(CacheWarning, match="not a tq.corpus/2 file; extracting the text again"):
         assert "Anarchism is a political philosophy." in corpus.corpus_text(tmp_path)
 
 

@@ -1,5 +1,6 @@
 """tq.corpus: wikitext cleaning rules on handwritten markup, the dump reader on a handwritten dump,
-the wheel download's failure modes, token windows, and the real Wikipedia text in the gensim wheel.
+the wheel download's failure modes, the corpus cache, token windows (cut from the start, and
+sampled across articles), and the real Wikipedia text in the gensim wheel.
 
 The real-corpus tests download the pinned gensim wheel (about 28 MB) once into the persistent
 cache (``$TQ_CACHE_DIR_PERSISTENT``, else ``$TQ_CACHE_DIR`` as it was before conftest redirected
@@ -9,6 +10,7 @@ it, else ``~/.cache/tq``) and are skipped, with pip's message, when PyPI is unre
 from __future__ import annotations
 
 import bz2
+import itertools
 import os
 import shutil
 import sys
@@ -23,14 +25,18 @@ from tq.corpus import (
     GENSIM_WHEEL,
     WIKIPEDIA_MEMBER,
     CorpusError,
+    TextWindow,
     WheelDownloadError,
     clean_wikitext,
+    corpus_articles,
     corpus_text,
+    draw_windows,
     fetch_gensim_wheel,
+    sample_windows,
     token_windows,
     wikipedia_articles,
 )
-from tq.fileio import CacheWarning, read_checked_json
+from tq.fileio import CacheWarning, read_checked_json, write_checked_json
 
 # Read at import (collection) time, before conftest's session fixture points TQ_CACHE_DIR at a
 # temporary directory: the wheel is downloaded once per machine, not once per test run.
@@ -238,6 +244,211 @@ def test_token_windows_rejects_bad_arguments(ids, window, count, stride, match):
         token_windows(ids, window, count, stride)
 
 
+# --- The corpus cache (articles stand in for the wheel's dump) -------------------------------
+
+FAKE_ARTICLES = [("Cat", "Cats purr.\n\nThey sleep."), ("Dog", "Dogs bark."), ("Émeu", "Émeus run.")]
+
+
+@pytest.fixture
+def fake_dump(monkeypatch) -> list[int]:
+    """Stand in for the gensim wheel's dump with FAKE_ARTICLES; counts the extractions."""
+    calls: list[int] = []
+
+    def articles(cache=None):
+        calls.append(1)
+        return list(FAKE_ARTICLES)
+
+    monkeypatch.setattr(corpus, "wikipedia_articles", articles)
+    return calls
+
+
+def test_corpus_text_is_the_join_of_the_articles_as_before(tmp_path, fake_dump):
+    # The format every existing user (traces, needle) has read: title, blank line, body; a blank
+    # line between articles; one trailing newline.
+    expected = "Cat\n\nCats purr.\n\nThey sleep.\n\nDog\n\nDogs bark.\n\nÉmeu\n\nÉmeus run.\n"
+    assert corpus_articles(tmp_path) == FAKE_ARTICLES
+    assert corpus_text(tmp_path) == expected
+    assert corpus_text(tmp_path) == "\n\n".join(f"{t}\n\n{b}" for t, b in corpus_articles(tmp_path)) + "\n"
+    assert len(fake_dump) == 1  # one extraction, then read from the cache
+
+
+def test_one_cache_file_holds_the_articles_and_the_text(tmp_path, fake_dump):
+    text = corpus_text(tmp_path)
+    (cached,) = (tmp_path / "corpus").iterdir()
+    data = read_checked_json(cached)
+    assert data["format"] == "tq.corpus/2"
+    assert data["articles"] == [list(article) for article in FAKE_ARTICLES] and data["text"] == text
+    assert corpus_articles(tmp_path) == FAKE_ARTICLES and len(fake_dump) == 1
+    assert [path.name for path in (tmp_path / "corpus").iterdir()] == [cached.name]
+
+
+def test_an_edited_article_in_the_cache_is_extracted_again(tmp_path, fake_dump):
+    corpus_articles(tmp_path)
+    (cached,) = (tmp_path / "corpus").iterdir()
+    cached.write_text(
+        cached.read_text(encoding="utf-8").replace("Dogs bark", "Dogs meow", 1), encoding="utf-8"
+    )
+    with pytest.warns(CacheWarning, match=f"{cached.name}: the content does not match"):
+        assert corpus_articles(tmp_path) == FAKE_ARTICLES
+    assert len(fake_dump) == 2 and read_checked_json(cached)["articles"][1] == ["Dog", "Dogs bark."]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"format": "tq.corpus/1", "text": "Cat\n\nCats purr.\n"}, "not a tq.corpus/2 file"),
+        ({"format": "tq.corpus/2", "articles": [["Cat"]], "text": "Cat\n"}, "not a non-empty list"),
+        ({"format": "tq.corpus/2", "articles": [], "text": "\n"}, "not a non-empty list"),
+        ({"format": "tq.corpus/2", "articles": [["Cat", "Purr."]], "text": "Dog"}, "not the join"),
+    ],
+    ids=["old format", "not pairs", "no articles", "text not the join"],
+)
+def test_a_corpus_cache_that_is_not_a_corpus_is_extracted_again(tmp_path, fake_dump, data, problem):
+    corpus_text(tmp_path)
+    (cached,) = (tmp_path / "corpus").iterdir()
+    write_checked_json(cached, data)  # a valid checksum, a wrong content
+    with pytest.warns(CacheWarning, match=f"{problem}.*; extracting the text again"):
+        assert corpus_articles(tmp_path) == FAKE_ARTICLES
+    assert len(fake_dump) == 2
+
+
+# --- sample_windows and draw_windows ------------------------------------------------------------
+
+# Articles of these lengths, cut into windows of 10 tokens: 0, 5, 3, 0, 1, 1, 2 and 0 windows.
+LENGTHS = [9, 57, 30, 0, 10, 19, 25, 3]
+WINDOW = 10
+SLOTS = [n // WINDOW for n in LENGTHS]
+TITLES = [f"article {i}" for i in range(len(LENGTHS))]
+
+
+def _articles(lengths=LENGTHS) -> list[np.ndarray]:
+    """Article i is the ids 1000 i, 1000 i + 1, ...: every token says where it came from."""
+    return [1000 * i + np.arange(n) for i, n in enumerate(lengths)]
+
+
+def _all(seed: int) -> list[TextWindow]:
+    return sample_windows(_articles(), TITLES, sum(SLOTS), WINDOW, seed)
+
+
+def test_sample_windows_is_reproducible_from_the_seed():
+    first = sample_windows(_articles(), TITLES, 8, WINDOW, seed=7)
+    assert sample_windows(_articles(), TITLES, 8, WINDOW, seed=7) == first
+    assert sample_windows(_articles(), TITLES, 8, WINDOW, seed=8) != first
+    assert all(isinstance(w, TextWindow) and w.title == TITLES[w.article] for w in first)
+
+
+def test_fewer_windows_are_the_first_of_more():
+    for seed, count in itertools.product(range(5), range(1, sum(SLOTS) + 1)):
+        assert sample_windows(_articles(), TITLES, count, WINDOW, seed) == _all(seed)[:count]
+
+
+def test_one_window_per_article_while_articles_remain():
+    long_articles = sum(1 for k in SLOTS if k)
+    for seed in range(20):
+        first_round = sample_windows(_articles(), TITLES, long_articles, WINDOW, seed)
+        assert sorted(w.article for w in first_round) == [i for i, k in enumerate(SLOTS) if k]
+        # Along the whole draw, an article's r-th window comes only after every article with
+        # more than r windows gave its (r-1)-th: the round of each window never goes down.
+        given = [0] * len(LENGTHS)
+        rounds = []
+        for w in _all(seed):
+            rounds.append(given[w.article])
+            given[w.article] += 1
+        assert rounds == sorted(rounds)
+        assert given == SLOTS  # every slot of every article, and no more
+
+
+def test_article_orders_differ_between_seeds():
+    orders = {tuple(w.article for w in _all(seed)) for seed in range(10)}
+    assert len(orders) > 5
+
+
+def test_windows_stay_inside_their_article_and_never_overlap():
+    for seed in range(20):
+        by_article: dict[int, list[int]] = {}
+        for w in _all(seed):
+            assert 0 <= w.offset and w.offset + WINDOW <= LENGTHS[w.article], w
+            by_article.setdefault(w.article, []).append(w.offset)
+        for article, offsets in by_article.items():
+            offsets.sort()
+            assert all(b - a >= WINDOW for a, b in itertools.pairwise(offsets)), (article, offsets)
+
+
+def test_short_articles_give_no_window():
+    short = {i for i, n in enumerate(LENGTHS) if n < WINDOW}
+    for seed in range(20):
+        assert not short & {w.article for w in _all(seed)}
+
+
+def test_offsets_are_random_not_always_the_start():
+    first = [sample_windows(_articles(), TITLES, 1, WINDOW, seed)[0] for seed in range(10)]
+    assert {w.offset for w in first} != {0}
+    # Article 1 (57 tokens, 5 windows): a random phase in [0, 7] ...
+    windows = [[w.offset for w in _all(seed) if w.article == 1] for seed in range(10)]
+    assert len({min(offsets) for offsets in windows}) > 1
+    # ... and its slots in a random order, not front to back.
+    assert any(offsets != sorted(offsets) for offsets in windows)
+    assert len({offsets[0] // WINDOW for offsets in windows}) > 1
+
+
+def test_too_many_windows_names_how_many_the_text_holds():
+    assert sum(SLOTS) == 12
+    assert len(sample_windows(_articles(), TITLES, 12, WINDOW, seed=0)) == 12
+    with pytest.raises(
+        ValueError, match=r"holds 12 windows of 10 tokens \(5 of its 8 articles.*13 requested"
+    ):
+        sample_windows(_articles(), TITLES, 13, WINDOW, seed=0)
+    with pytest.raises(ValueError, match="holds 0 windows of 100 tokens"):
+        sample_windows(_articles(), TITLES, 1, 100, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("count", "window", "titles", "match"),
+    [
+        (0, WINDOW, TITLES, "count must be at least 1, got 0"),
+        (1, 0, TITLES, "window must be at least 1, got 0"),
+        (1, WINDOW, TITLES[:-1], "8 token sequences for 7 titles"),
+    ],
+)
+def test_sample_windows_rejects_bad_arguments(count, window, titles, match):
+    with pytest.raises(ValueError, match=match):
+        sample_windows(_articles(), titles, count, window, seed=0)
+
+
+def _chars(text: str) -> list[int]:
+    """A tokenizer with one token per character, so that a window's ids spell its text."""
+    return [ord(char) for char in text]
+
+
+def test_draw_windows_cuts_each_window_from_its_article(tmp_path, fake_dump):
+    # "Cat\n\nCats purr.\n\nThey sleep." is 28 characters, "Dog\n\nDogs bark." 15, "Émeu\n\nÉmeus run." 16.
+    ids, windows = draw_windows(_chars, count=4, window=7, seed=3, cache=tmp_path)
+    assert ids.dtype == np.int64 and ids.shape == (4, 7) and len(windows) == 4
+    assert sorted(w.title for w in windows[:3]) == ["Cat", "Dog", "Émeu"]
+    for row, w in zip(ids, windows, strict=True):
+        title, body = FAKE_ARTICLES[w.article]
+        assert w.title == title
+        assert "".join(map(chr, row)) == f"{title}\n\n{body}"[w.offset : w.offset + 7]
+    assert draw_windows(_chars, count=4, window=7, seed=3, cache=tmp_path)[1] == windows
+
+
+def test_draw_windows_takes_the_ids_as_encode_gives_them(tmp_path, fake_dump):
+    # An encoder that puts a BOS (id 1) first: it is the first token of each article.
+    def with_bos(text):
+        return [1, *_chars(text)]
+
+    # Cat: 29 ids, Dog: 16 (15 characters and the BOS), Émeu: 17; one window of 16 from each.
+    ids, windows = draw_windows(with_bos, count=3, window=16, seed=0, cache=tmp_path)
+    assert {w.title for w in windows} == {"Cat", "Dog", "Émeu"}
+    for row, w in zip(ids, windows, strict=True):
+        title, body = FAKE_ARTICLES[w.article]
+        np.testing.assert_array_equal(row, with_bos(f"{title}\n\n{body}")[w.offset : w.offset + 16])
+        if w.title == "Dog":
+            assert w.offset == 0 and row[0] == 1
+    with pytest.raises(ValueError, match="holds 3 windows of 16 tokens"):
+        draw_windows(with_bos, count=4, window=16, seed=0, cache=tmp_path)
+
+
 # --- The real corpus --------------------------------------------------------------------------
 
 
@@ -275,6 +486,8 @@ def test_corpus_text_is_cached_on_disk(wheel, tmp_path, articles):
     assert text == "\n\n".join(f"{title}\n\n{body}" for title, body in articles) + "\n"
     (cached,) = (tmp_path / "corpus").iterdir()
     assert read_checked_json(cached)["text"] == text
+    assert corpus_articles(tmp_path) == articles
+    assert [tuple(article) for article in read_checked_json(cached)["articles"]] == articles
     cached.write_text(cached.read_text(encoding="utf-8").replace("Anarchism", "Anarchy", 1), encoding="utf-8")
     with pytest.warns(CacheWarning, match=f"{cached.name}: the content does not match"):
         assert corpus_text(tmp_path) == text  # extracted again, not the edited text
@@ -290,3 +503,16 @@ def test_corpus_text_words_and_markup():
     assert WORDS_RANGE[0] <= len(text.split()) <= WORDS_RANGE[1]
     assert not any(token in text for token in LEFTOVER_MARKUP)
     assert "\n\n\n" not in text
+
+
+def test_real_corpus_windows_come_from_many_articles():
+    try:
+        articles = corpus_articles(PERSISTENT_CACHE)
+    except WheelDownloadError as error:
+        pytest.skip(f"the gensim wheel cannot be downloaded (is PyPI reachable?): {error}")
+    ids, windows = draw_windows(_chars, count=64, window=2048, seed=0, cache=PERSISTENT_CACHE)
+    assert ids.shape == (64, 2048)
+    assert len({w.article for w in windows}) == 64  # 64 articles, not 64 slices of "Anarchism"
+    for row, w in zip(ids[:8], windows[:8], strict=True):
+        title, body = articles[w.article]
+        assert "".join(map(chr, row)) == f"{title}\n\n{body}"[w.offset : w.offset + 2048]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.linalg import hadamard
 
 from tq.bench.synthetic import run_synthetic
 from tq.bench.trace import run_trace
@@ -18,10 +20,12 @@ from tq.records import make_record
 from tq.report import (
     BARS_NOTE,
     COORDINATES,
+    WINDOW_SETTINGS,
     Z95,
+    Paired,
     RecordError,
     ReportError,
-    _distinguishable,
+    _against_exact,
     _few_scored_tokens,
     _figure,
     _finish,
@@ -29,13 +33,22 @@ from tq.report import (
     _plot_lines,
     _pm,
     _ranking,
+    _WindowValues,
     load_records,
     markdown_table,
+    paired_nll,
+    per_token_table,
+    per_window_table,
+    read_per_token,
+    read_per_window,
     read_summary,
     summary_table,
+    write_per_token,
+    write_per_window,
     write_report,
     write_summary,
 )
+from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se
 from tq.trace import KvTrace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -131,6 +144,57 @@ def _exact_record() -> dict:
     return make_record("real-model", config, metrics, timing, 2)
 
 
+# The window set of the perplexity records with per-window values: 8 windows of 64 tokens, 32 of
+# context and 32 scored.
+WINDOWS, WINDOW, CONTEXT = 8, 64, 32
+SCORED = WINDOW - CONTEXT
+# Rows 1-7 of the 8 x 8 Hadamard matrix: mean-zero, mutually orthogonal window patterns. Two
+# records whose per-window noise has different patterns are uncorrelated, window by window.
+PATTERNS = hadamard(WINDOWS)[1:].astype(np.float64)
+# The exact reference's per-window mean NLL, shared by every setting (windows differ in difficulty).
+EXACT_NLL = 2.9 + 0.5 * PATTERNS[6]
+TEXT_WINDOWS = [
+    {"article": (3 * index) % 5, "title": f"Article {(3 * index) % 5}", "offset": 100 * index}
+    for index in range(WINDOWS)
+]
+
+
+def _windowed(
+    ratio: float, se: float, pattern: int, window_effect: np.ndarray | None
+) -> tuple[dict, dict, dict]:
+    """Per-window and per-token values of a perplexity record, and its window-level figures: per
+    window, d = quantized - exact NLL is log(ratio), plus noise along window pattern ``pattern``
+    sized so that the window-level SE of the ratio is ``se``, plus ``window_effect`` (a window's
+    own difficulty for the quantized cache, shared by the settings given the same effect)."""
+    noise = np.sqrt(WINDOWS - 1) * se / ratio * PATTERNS[pattern]
+    d = np.log(ratio) + noise + (0.0 if window_effect is None else window_effect)
+    quantized = EXACT_NLL + d
+    per_window = {
+        "exact_nll": EXACT_NLL.tolist(),
+        "quantized_nll": quantized.tolist(),
+        "kl": [0.1 * ratio] * WINDOWS,
+        "top1_match": [1 / ratio] * WINDOWS,
+        "delta_p": [-0.0125] * WINDOWS,
+        "delta_p_sq": [0.0875**2] * WINDOWS,
+        "tokens": [SCORED] * WINDOWS,
+    }
+    window_of = np.repeat(np.arange(WINDOWS), SCORED)
+    per_token = {name: np.repeat(per_window[name], SCORED).tolist() for name in PER_TOKEN_FIELDS}
+    per_token["window"] = window_of.tolist()
+    mean, d_se = cluster_mean_se(np.repeat(d, SCORED), window_of)
+    ratio = round(float(np.exp(mean)), 12)  # without float noise, so that 0.01 shows as "0.010"
+    figures = {
+        "exact_perplexity": float(np.exp(EXACT_NLL.mean())),
+        "quantized_perplexity": float(np.exp(quantized.mean())),
+        "perplexity_ratio": ratio,
+        "perplexity_ratio_se": round(ratio * d_se, 12),
+        "perplexity_ratio_se_token": 0.2 * se,
+        "scored_tokens": WINDOWS * SCORED,
+        "clusters": WINDOWS,
+    }
+    return per_window, per_token, figures
+
+
 def _perplexity_record(
     bits: float,
     ratio: float,
@@ -139,9 +203,14 @@ def _perplexity_record(
     value_strategy: str = "mse",
     quantized_layers: list[int] | None = None,
     se: float | None = None,
+    pattern: int = 0,
+    window_effect: np.ndarray | None = None,
 ) -> dict:
-    """A perplexity record with the fields tq.bench.perplexity writes; with ``se`` also the
-    uncertainty fields of newer records (ratio and top-1 SE ``se``, KL SE ``se / 10``)."""
+    """A perplexity record with the fields tq.bench.perplexity writes. Without ``se``, an older
+    record (first windows of the text, no standard errors, no per-window values); with ``se``, a
+    record of windows drawn from seed 0 (:data:`TEXT_WINDOWS`) with its per-window and per-token
+    values (:func:`_windowed`), window-level SEs (ratio and top-1 ``se``, KL ``se / 10``) and
+    per-token SEs beside them."""
     cache = CacheConfig(
         key_bits=bits, value_bits=bits, key_strategy=key_strategy, value_strategy=value_strategy
     )
@@ -169,11 +238,21 @@ def _perplexity_record(
         "context_kv_nbytes": 1000,
         "context_kv_float_nbytes": 7000,
         "kv_compression_ratio": 7.0,
-        "window_perplexities": {"exact": [17.0, 19.0], "quantized": [17.5, 19.5]},
     }
-    if se is not None:
-        metrics |= {
-            "perplexity_ratio_se": se,
+    if se is None:
+        metrics["window_perplexities"] = {"exact": [17.0, 19.0], "quantized": [17.5, 19.5]}
+    else:
+        per_window, per_token, figures = _windowed(ratio, se, pattern, window_effect)
+        config |= {
+            "text": "Wikipedia articles (tq.corpus), windows drawn across them",
+            "sample_seed": 0,
+            "windows": WINDOWS,
+            "window": WINDOW,
+            "context": CONTEXT,
+            "text_windows": [dict(window) for window in TEXT_WINDOWS],
+            "se_unit": "window",
+        }
+        metrics |= figures | {
             "kl_divergence_se": se / 10,
             "kl_divergence_median": 0.0625,
             "kl_divergence_p99": 0.875,
@@ -183,7 +262,8 @@ def _perplexity_record(
             "delta_p_mean_se": 0.0025,
             "delta_p_rms": 0.0875,
             "delta_p_rms_se": 0.005,
-            "per_token": {"exact_nll": [2.9] * 4, "kl": [0.1] * 4},
+            "per_window": per_window,
+            "per_token": per_token,
         }
     return make_record("real-model", config, metrics, {"seconds": 3.0}, 2)
 
@@ -266,7 +346,12 @@ def records(synthetic_records, trace_records, real_records):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, records):
     """The report of every record, written once for the tests that read it."""
-    return write_report(summary_table(records), tmp_path_factory.mktemp("report") / "report")
+    return _write_report(records, tmp_path_factory.mktemp("report") / "report")
+
+
+def _write_report(records: list[dict], out) -> Path:
+    """The report of some records as the pipeline writes it: from summary.csv and per_window.csv."""
+    return write_report(summary_table(records), out, per_window=per_window_table(records))
 
 
 def _images(markdown: str) -> list[str]:
@@ -473,13 +558,13 @@ def test_new_sections_are_computed_from_the_records(report):
 
 
 def test_report_is_deterministic(tmp_path, records, report):
-    again = write_report(summary_table(records), tmp_path)
+    again = _write_report(records, tmp_path)
     for name in [*PLOTS, "report.md"]:
         assert (again.parent / name).read_bytes() == (report.parent / name).read_bytes(), name
 
 
 def test_empty_record_set_still_gives_a_report(tmp_path):
-    path = write_report(summary_table([]), tmp_path / "custom.md")
+    path = _write_report([], tmp_path / "custom.md")
     assert path == tmp_path / "custom.md"
     markdown = path.read_text()
     assert "Generated from 0 result records." in markdown
@@ -530,43 +615,109 @@ def test_plus_minus_shows_the_value_to_the_precision_of_its_error():
     assert _pm(np.nan, 0.01) == "-"
 
 
-def test_distinguishable_is_the_95_percent_test_of_two_independent_estimates():
+def test_paired_test_is_the_95_percent_interval_of_the_mean_window_difference():
     assert Z95 == 1.96
-    # 1.96 * sqrt(2) * 0.01 = 0.0277
-    assert _distinguishable(1.0, 0.01, 1.03, 0.01)
-    assert _distinguishable(1.03, 0.01, 1.0, 0.01)
-    assert not _distinguishable(1.0, 0.01, 1.02, 0.01)
-    assert _distinguishable(1.03, 0.01, 1.0, 0.0) and not _distinguishable(1.019, 0.01, 1.0, 0.0)
-    assert not _distinguishable(1.0, np.nan, 5.0, 0.01)  # no standard error: no claim
-
-
-def _ratios(*estimates: tuple[str, float, float]) -> pd.DataFrame:
-    return pd.DataFrame(
+    paired = Paired(np.array([0.1, 0.3, 0.2]), np.array([10, 30, 20]))  # per-window means, tokens
+    mean = (0.1 * 10 + 0.3 * 30 + 0.2 * 20) / 60  # the mean over tokens
+    sums = np.array([10, 30, 20]) * (np.array([0.1, 0.3, 0.2]) - mean)  # cluster-robust, G = 3
+    assert paired.windows == 3 and paired.mean == pytest.approx(mean)
+    assert paired.se == pytest.approx(np.sqrt(3 / 2 * np.sum(sums**2)) / 60)
+    assert paired.different  # 0.233 > 1.96 * 0.051
+    assert not Paired(np.array([0.1, -0.05, 0.02]), np.array([10, 30, 20])).different
+    assert not Paired(np.array([0.5]), np.array([10])).different  # one window: no SE, no claim
+    # Two settings on the same windows: the difference of their quantized NLLs, window by window.
+    a = pd.DataFrame(
         {
-            "name": [name for name, _, _ in estimates],
-            "perplexity_ratio": [value for _, value, _ in estimates],
-            "perplexity_ratio_se": [se for _, _, se in estimates],
-            "scored_tokens": 4096.0,
+            "article": [4, 1, 7],
+            "offset": [0, 10, 20],
+            "tokens": [10, 30, 20],
+            "exact_nll": [2.0, 3.0, 4.0],
+            "quantized_nll": [2.1, 3.3, 4.2],
         }
     )
+    b = a.assign(quantized_nll=[2.05, 3.35, 4.1])
+    assert paired_nll(a, b).mean == pytest.approx((0.05 * 10 - 0.05 * 30 + 0.1 * 20) / 60)
+    assert paired_nll(a, b.assign(offset=[0, 10, 30])) is None  # not the same windows
+    assert paired_nll(a, None) is None and paired_nll(None, b) is None
 
 
-def test_ranking_orders_only_what_the_intervals_separate():
-    def name(row):
-        return row["name"]
+def test_the_test_against_exact_is_the_records_window_level_error():
+    record = _perplexity_record(3, 1.2, se=0.03, pattern=2)
+    per_window, metrics = record["metrics"]["per_window"], record["metrics"]
+    d = np.subtract(per_window["quantized_nll"], per_window["exact_nll"])
+    paired = Paired(d, np.asarray(per_window["tokens"]))  # the record's own per-window difference
+    assert metrics["perplexity_ratio"] == pytest.approx(1.2) and metrics["perplexity_ratio_se"] == 0.03
+    assert np.exp(paired.mean) == pytest.approx(metrics["perplexity_ratio"])
+    assert paired.se * metrics["perplexity_ratio"] == pytest.approx(metrics["perplexity_ratio_se"])
+    row = summary_table([record]).iloc[0]
+    assert _against_exact(row) is paired.different is True
+    # 1.05 ± 0.03: log(1.05) = 0.049 < 1.96 * 0.03 / 1.05 = 0.056
+    assert _against_exact(row.copy().replace({1.2: 1.05})) is False
+    assert _against_exact(row.drop("perplexity_ratio_se")) is None
 
-    rows = _ratios(("C", 1.30, 0.02), ("B", 1.06, 0.01), ("A", 1.05, 0.01))
-    assert _ranking(rows, "perplexity_ratio", name) == (
-        "A 1.050 ± 0.010 ≈ B 1.060 ± 0.010 < C 1.300 ± 0.020 (≈: not distinguishable on 4096 tokens)"
+
+def test_compare_mode_is_tested_against_exact_over_prompts(tmp_path):
+    records = [_compare_record(2), _compare_record(4)]
+    for record, ratio in zip(records, (1.5, 1.02), strict=True):
+        record["metrics"] |= {"perplexity_ratio": ratio, "perplexity_ratio_se": 0.1, "scored_tokens": 16}
+        record["config"]["se_unit"] = "prompt"
+    headline = _section(_write_report(records, tmp_path / "a.md").read_text(), "## Headline")
+    assert (
+        "compare (teacher-forced): 1 of 2 settings have a perplexity ratio not distinguishable from 1.0 "
+        "(exact) on 2 prompts: K mse 4 / V mse 4, layers 0,3 exact (1.02 ± 0.10)."
+    ) in headline
+    del records[0]["config"]["se_unit"]  # an older record: its per-token SE is not shown
+    headline = _section(_write_report(records, tmp_path / "b.md").read_text(), "## Headline")
+    assert "| 1.5 |" in headline and "1 of 1 settings" in headline
+
+
+def _ranked(*estimates: tuple[float, float, float], old: bool = False) -> str:
+    """The ranking of perplexity records given as (bits, ratio, SE), each with its own window
+    pattern (uncorrelated between records), named by their bits; ``old``: records without
+    per-window values instead."""
+    records = [
+        _perplexity_record(bits, ratio, se=None if old else se, pattern=index)
+        for index, (bits, ratio, se) in enumerate(estimates)
+    ]
+    rows = summary_table(records)
+    return _ranking(rows, lambda row: f"b{int(row['key_bits'])}", _WindowValues(per_window_table(records)))
+
+
+def test_ranking_orders_only_what_the_paired_tests_separate():
+    assert _ranked((2, 1.30, 0.02), (3, 1.06, 0.01), (4, 1.05, 0.01)) == (
+        "b4 1.050 ± 0.010 ≈ b3 1.060 ± 0.010 < b2 1.300 ± 0.020 (≈: not distinguishable on 8 windows)"
     )
-    separated = _ratios(("A", 1.0, 0.001), ("B", 1.1, 0.001))
-    assert _ranking(separated, "perplexity_ratio", name) == "A 1.0000 ± 0.0010 < B 1.1000 ± 0.0010"
-    # A and C differ, but B is within noise of both: no "<" anywhere.
-    chain = _ratios(("A", 1.00, 0.01), ("B", 1.02, 0.01), ("C", 1.04, 0.01))
-    assert "<" not in _ranking(chain, "perplexity_ratio", name)
+    assert _ranked((2, 1.1, 0.001), (3, 1.0, 0.001)) == "b3 1.0000 ± 0.0010 < b2 1.1000 ± 0.0010"
+    # 2 and 4 differ, but 3 is within noise of both: no "<" anywhere.
+    assert "<" not in _ranked((2, 1.00, 0.01), (3, 1.02, 0.01), (4, 1.04, 0.01))
     # A wide interval before a "<" must be separated from everything after it too.
-    wide = _ratios(("A", 1.00, 0.2), ("B", 1.01, 0.001), ("C", 1.10, 0.001))
-    assert _ranking(wide, "perplexity_ratio", name).count("≈") == 3  # two joins and the note
+    assert _ranked((2, 1.00, 0.2), (3, 1.01, 0.001), (4, 1.10, 0.001)).count("≈") == 3  # 2 joins, note
+    # Records without per-window values are not tested, however far apart.
+    assert _ranked((2, 1.1, 0.001), (3, 1.0, 0.001), old=True) == (
+        "b3 1 ≈ b2 1.1 (≈: not tested, no per-window values recorded)"
+    )
+
+
+def test_paired_test_sees_through_a_shared_window_effect(tmp_path):
+    """Two settings whose per-window differences move together (a window hard for one is hard
+    for the other): their own intervals overlap, but the paired difference is consistent, so
+    they differ. With the same spread not shared, they do not."""
+    effect = 0.08 * PATTERNS[2]  # a large window effect: SE of the ratio about 0.034
+    lower = _perplexity_record(4, 1.10, se=0.004, pattern=0, window_effect=effect)
+    shared = _perplexity_record(3, 1.12, se=0.004, pattern=1, window_effect=effect)
+    apart = _perplexity_record(3, 1.12, se=0.004, pattern=1, window_effect=0.08 * PATTERNS[3])
+    for other in (shared, apart):
+        a, b = lower["metrics"], other["metrics"]
+        # The individual 95% intervals overlap.
+        gap = b["perplexity_ratio"] - a["perplexity_ratio"]
+        assert 0 < gap < Z95 * (a["perplexity_ratio_se"] + b["perplexity_ratio_se"])
+    findings = _section(_write_report([lower, shared], tmp_path / "shared.md").read_text(), "## 3.")
+    assert "K mse 4 / V mse 4 1.100 ± 0.034 < K mse 3 / V mse 3 1.120 ± 0.034." in findings
+    findings = _section(_write_report([lower, apart], tmp_path / "apart.md").read_text(), "## 3.")
+    assert (
+        "K mse 4 / V mse 4 1.100 ± 0.034 ≈ K mse 3 / V mse 3 1.120 ± 0.034 (≈: not distinguishable "
+        "on 8 windows)."
+    ) in findings
 
 
 def test_mean_of_records_combines_their_standard_errors():
@@ -628,26 +779,25 @@ def test_plots_draw_95_percent_error_bars_where_there_are_errors():
 
 @pytest.fixture(scope="module")
 def uncertain_report(tmp_path_factory):
-    """A report of records with standard errors: MSE and KIVI-style at 4 bits within noise of each
-    other, 2-bit MSE well above both, a keys-only ablation within noise of 2-bit MSE, a
-    window-protocol run, one layer whose ratio stands out and one that does not."""
+    """A report of records with window-level standard errors and per-window values, each
+    setting's window noise uncorrelated with the others': MSE and KIVI-style at 4 bits within
+    noise of each other, 2-bit MSE well above both, a keys-only ablation within noise of 2-bit MSE,
+    a window-protocol run, one layer whose ratio stands out and one that does not."""
     records = [
-        _perplexity_record(4, 1.05, se=0.01),
-        _perplexity_record(4, 1.06, key_strategy="kivi", value_strategy="kivi", se=0.01),
-        _perplexity_record(2, 1.30, se=0.02),
-        _perplexity_record(2, 1.29, value_strategy="exact", se=0.02),
-        _perplexity_record(4, 1.01, protocol="window", se=0.01),
-        _perplexity_record(2, 1.25, quantized_layers=[0], se=0.01),
-        _perplexity_record(2, 1.01, quantized_layers=[1], se=0.01),
+        _perplexity_record(4, 1.05, se=0.01, pattern=0),
+        _perplexity_record(4, 1.06, key_strategy="kivi", value_strategy="kivi", se=0.01, pattern=1),
+        _perplexity_record(2, 1.30, se=0.02, pattern=2),
+        _perplexity_record(2, 1.29, value_strategy="exact", se=0.02, pattern=3),
+        _perplexity_record(4, 1.01, protocol="window", se=0.01, pattern=4),
+        _perplexity_record(2, 1.25, quantized_layers=[0], se=0.01, pattern=5),
+        _perplexity_record(2, 1.01, quantized_layers=[1], se=0.01, pattern=6),
     ]
     path = tmp_path_factory.mktemp("uncertain") / "report.md"
-    return write_report(summary_table(records), path).read_text()
+    return _write_report(records, path).read_text()
 
 
 def test_tables_show_value_plus_minus_standard_error(uncertain_report):
     perplexity = _section(uncertain_report, "## 3. Perplexity")
-    assert "± is one standard error over the scored tokens" in perplexity
-    assert "lower bound" in perplexity
     for header in ("KL median", "KL p99", "KL max", "Δp mean", "Δp RMS"):
         assert f"| {header} |" in perplexity, header
     row = next(line for line in perplexity.splitlines() if "| kivi 4 g32 |" in line)
@@ -675,38 +825,41 @@ def test_findings_call_settings_different_only_beyond_their_intervals(uncertain_
     assert (
         "- tiny-llama, decode: perplexity ratio (best first): K mse 4 / V mse 4 1.050 ± 0.010 ≈ "
         "K kivi 4 g32 / V kivi 4 g32 1.060 ± 0.010 < K mse 2 / V exact 1.290 ± 0.020 ≈ "
-        "K mse 2 / V mse 2 1.300 ± 0.020 (≈: not distinguishable on 64 tokens)."
+        "K mse 2 / V mse 2 1.300 ± 0.020 (≈: not distinguishable on 8 windows)."
     ) in perplexity
     baselines = _section(uncertain_report, "## 6. Compared to what")
     assert (
         "TurboQuant MSE (4.57 stored bits) 1.050 ± 0.010 ≈ KIVI-style (4.57 stored bits) 1.060 ± 0.010 "
-        "(≈: not distinguishable on 64 tokens)"
+        "(≈: not distinguishable on 8 windows)"
     ) in baselines
     ablations = _section(uncertain_report, "## 7. Ablations")
     assert (
         "perplexity ratio 1.290 ± 0.020 at 4.57 stored bits vs 1.300 ± 0.020 with the whole cache "
-        "quantized (4.57 stored bits): not distinguishable on 64 tokens."
+        "quantized (4.57 stored bits): not distinguishable on 8 windows."
     ) in ablations
     headline = _section(uncertain_report, "## Headline")
     assert "perplexity (decode): 0 of 4 settings have a perplexity ratio not distinguishable" in headline
     assert (
         "perplexity (window, quantized context only): 1 of 1 settings have a perplexity ratio not "
-        "distinguishable from 1.0 (exact) on 64 tokens: K mse 4 / V mse 4 (1.010 ± 0.010)."
+        "distinguishable from 1.0 (exact) on 8 windows: K mse 4 / V mse 4 (1.010 ± 0.010)."
     ) in headline
     assert "within 0.0" not in uncertain_report
 
 
 def test_layer_sensitivity_names_the_layers_beyond_noise(uncertain_report, tmp_path):
     layers = _section(uncertain_report, "## 5. Per-layer sensitivity")
-    assert "beyond its 95% interval on 64 tokens for layer 0 (1.250 ± 0.010, KL 0.1250 ± 0.0010)." in layers
+    assert (
+        "1 of 2 layers differ from exact beyond the 95% interval of their per-window quantized - exact "
+        "NLL difference on 8 windows: layer 0 (1.250 ± 0.010, KL 0.1250 ± 0.0010)."
+    ) in layers
     assert "layer 1 (" not in layers
     quiet = [
-        _perplexity_record(2, 1.01, quantized_layers=[0], se=0.01),
-        _perplexity_record(2, 0.995, quantized_layers=[1], se=0.01),
+        _perplexity_record(2, 1.01, quantized_layers=[0], se=0.01, pattern=0),
+        _perplexity_record(2, 0.995, quantized_layers=[1], se=0.01, pattern=1),
     ]
-    markdown = write_report(summary_table(quiet), tmp_path).read_text()
+    markdown = _write_report(quiet, tmp_path).read_text()
     layers = _section(markdown, "## 5. Per-layer sensitivity")
-    assert "no layer's ratio is shown to differ from 1.0 (exact): not distinguishable on 64 tokens" in layers
+    assert "no layer's ratio is shown to differ from 1.0 (exact): not distinguishable on 8 windows" in layers
 
 
 def test_window_protocol_is_labelled_and_decode_leads(uncertain_report):
@@ -730,7 +883,7 @@ def test_old_records_without_errors_show_values_alone(report):
     headline = _section(markdown, "## Headline").splitlines()
     headline_rows = [line for line in headline if line.startswith("| tiny")]
     assert headline_rows and not any("±" in line for line in headline_rows)
-    assert "not tested, no standard error recorded" in perplexity
+    assert "not tested, no per-window values recorded" in perplexity
 
 
 def test_compare_records_that_scored_enough_are_not_flagged():
@@ -750,7 +903,134 @@ def test_compare_records_that_scored_enough_are_not_flagged():
 def test_a_baseline_at_two_group_sizes_gives_two_rows(tmp_path):
     records = [_perplexity_record(2, 1.5, key_strategy="kivi", value_strategy="kivi") for _ in range(2)]
     records[1]["config"]["cache"]["group_size"] = 16
-    section = _section(write_report(summary_table(records), tmp_path / "report.md").read_text(), "## 3.")
+    section = _section(_write_report(records, tmp_path / "report.md").read_text(), "## 3.")
     assert "| kivi 2 g32 | kivi 2 g32 |" in section and "| kivi 2 g16 | kivi 2 g16 |" in section
     with pytest.raises(ReportError, match="the same setting measured twice"):
-        write_report(summary_table([records[0], records[0]]), tmp_path / "twice.md")
+        _write_report([records[0], records[0]], tmp_path / "twice.md")
+
+
+# --------------------------------------------------------------- windows: the unit of the ±
+
+
+def test_report_states_the_text_the_windows_and_what_plus_minus_means(uncertain_report, report):
+    sentence = (
+        "Wikipedia articles (tq.corpus), windows drawn across them: 8 windows of 64 tokens (32 of "
+        "context, 32 scored) drawn from seed 0 across 5 distinct articles. ± is one standard error "
+        "with the window as the unit, over 8 windows; the per-token SE, which treats tokens as "
+        "independent, is `<name>_se_token` in summary.csv."
+    )
+    perplexity = _section(uncertain_report, "## 3. Perplexity")
+    assert sentence in perplexity
+    assert perplexity.index(sentence) < perplexity.index("![perplexity vs bits]")  # near the top
+    assert sentence in _section(uncertain_report, "## What these numbers mean")
+    assert "drawn from seed 0 across 5 distinct articles" in _section(uncertain_report, "## 5. Per-layer")
+    compare = _section(report.read_text(), "## 2b.")
+    assert "one standard error with the prompt as the unit" in compare and "scored tokens, as" not in compare
+
+
+def test_per_token_errors_of_older_records_are_not_shown(tmp_path):
+    record = _perplexity_record(4, 1.06, se=0.01)
+    for name in ("se_unit", "text_windows"):
+        del record["config"][name]
+    del record["metrics"]["per_window"]
+    perplexity = _section(_write_report([record], tmp_path).read_text(), "## 3. Perplexity")
+    row = next(line for line in perplexity.splitlines() if line.startswith("| tiny-llama"))
+    assert "| 1.06 |" in row and "±" not in row
+    assert "1 record without window-level standard errors (older runs) shows values alone" in perplexity
+
+
+def _windowed_records() -> list[dict]:
+    return [
+        _perplexity_record(4, 1.05, se=0.01, pattern=0),
+        _perplexity_record(2, 1.30, se=0.02, pattern=1, key_strategy="kivi", value_strategy="kivi"),
+        _perplexity_record(2, 1.25, quantized_layers=[0], se=0.01, pattern=2),
+        _perplexity_record(3, 1.2),  # older: no per-window values, no rows
+        _compare_record(2),
+    ]
+
+
+def test_per_window_table_has_a_row_per_record_and_window(tmp_path):
+    records = _windowed_records()
+    table = per_window_table(records)
+    assert list(table.columns[: len(WINDOW_SETTINGS)]) == list(WINDOW_SETTINGS)
+    assert {"window_index", "article", "title", "offset", "quantized_nll", "tokens"} <= set(table.columns)
+    assert len(table) == 3 * WINDOWS
+    assert (
+        table.groupby(["key_strategy", "key_bits", "quantized_layers"], dropna=False).size().tolist()
+        == [WINDOWS] * 3
+    )
+    summary = summary_table(records)
+    for record in records[:3]:
+        layers = record["config"]["quantized_layers"]
+        rows = table[
+            (table["key_bits"] == record["config"]["cache"]["key_bits"])
+            & (table["key_strategy"] == record["config"]["cache"]["key_strategy"])
+            & (table["quantized_layers"].isna() if layers is None else table["quantized_layers"] == "0")
+        ]
+        assert rows["window_index"].tolist() == list(range(WINDOWS))
+        assert rows[["article", "title", "offset"]].to_dict("records") == TEXT_WINDOWS
+        for name in ("exact_nll", "quantized_nll", "tokens"):
+            assert rows[name].tolist() == pytest.approx(record["metrics"]["per_window"][name])
+        # The setting columns are those of the record's row in summary.csv.
+        row = summary[
+            (summary["workload"] == "perplexity")
+            & (summary["key_bits"] == rows["key_bits"].iloc[0])
+            & (summary["key_strategy"] == rows["key_strategy"].iloc[0])
+            & summary["quantized_layers"].eq(rows["quantized_layers"].iloc[0]).fillna(layers is None)
+        ]
+        for name in WINDOW_SETTINGS[:-1]:  # all but the text, which summary.csv does not carry
+            assert rows[name].nunique(dropna=False) == 1
+            value, expected = rows[name].iloc[0], row[name].item()
+            assert (pd.isna(value) and pd.isna(expected)) or value == expected, name
+        assert rows["sample_seed"].iloc[0] == 0 and rows["windows"].iloc[0] == WINDOWS
+    write_per_window(table, tmp_path / "per_window.csv")
+    assert [p.name for p in tmp_path.iterdir()] == ["per_window.csv"]  # no temporary file left
+    pd.testing.assert_frame_equal(read_per_window(tmp_path / "per_window.csv"), table)
+    empty = per_window_table([_compare_record(2)])
+    write_per_window(empty, tmp_path / "empty.csv")
+    pd.testing.assert_frame_equal(read_per_window(tmp_path / "empty.csv"), empty)
+
+
+def test_per_token_file_round_trips_and_agrees_with_the_windows(tmp_path):
+    records = _windowed_records()
+    table = per_token_table(records)
+    assert len(table) == 3 * WINDOWS * SCORED
+    assert list(table.columns[: len(WINDOW_SETTINGS)]) == list(WINDOW_SETTINGS)
+    assert table.groupby(["key_bits", "quantized_layers", "window_index"], dropna=False)["position"].agg(
+        list
+    ).tolist() == [list(range(SCORED))] * (3 * WINDOWS)
+    path = tmp_path / "per_token.parquet"
+    write_per_token(table, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["per_token.parquet"]
+    pd.testing.assert_frame_equal(read_per_token(path), table)
+    keys = [*WINDOW_SETTINGS, "window_index"]
+    means = table.groupby(keys, dropna=False)[["exact_nll", "quantized_nll"]].mean().reset_index()
+    windows = per_window_table(records)
+    merged = windows.merge(means, on=keys, suffixes=("", "_tokens"))
+    assert len(merged) == len(windows)
+    assert merged["quantized_nll_tokens"].to_numpy() == pytest.approx(merged["quantized_nll"].to_numpy())
+    write_per_token(per_token_table([]), tmp_path / "empty.parquet")
+    assert read_per_token(tmp_path / "empty.parquet").empty
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda r: r["metrics"]["per_window"]["kl"].pop(), "per_window lists differ in length: .*kl 7"),
+        (lambda r: r["config"].update(windows=9), "per_window has 8 windows, config.windows is 9"),
+        (lambda r: r["config"]["text_windows"].pop(), "text_windows must describe the 8 windows"),
+        (lambda r: r["metrics"]["per_token"]["window"].pop(), "per_token lists differ in length"),
+        (lambda r: r["metrics"]["per_window"]["tokens"].__setitem__(0, 31), "does not give each window"),
+    ],
+)
+def test_a_record_with_inconsistent_per_window_values_is_refused(tmp_path, spoil, message):
+    record = _perplexity_record(4, 1.05, se=0.01)
+    write_json(tmp_path / "good.json", record)
+    assert load_records([tmp_path / "good.json"]) == [record]
+    spoil(record)
+    path = tmp_path / "spoiled.json"
+    write_json(path, record)
+    with pytest.raises(RecordError, match=f"{re.escape(str(path))}: not a result record: .*{message}"):
+        load_records([path])
+    with pytest.raises(RecordError, match=f"record 0: .*{message}"):
+        per_window_table([record])

@@ -256,6 +256,33 @@ def test_perplexity_batches_and_references_agree(tiny, tmp_path, persistent_cach
     assert together["config"]["batch"] == 2 and together["config"]["reference"] == str(path)
     with pytest.raises(ReferenceError, match="made for windows=3, this job needs windows=2"):
         _tiny_perplexity(tiny, persistent_cache_dir, windows=2, reference=path)
+    with pytest.raises(ReferenceError, match="made for sample_seed=0, this job needs sample_seed=1"):
+        _tiny_perplexity(tiny, persistent_cache_dir, sample_seed=1, reference=path)
+
+
+def test_perplexity_windows_come_from_across_the_text_and_are_the_unit(tiny, persistent_cache_dir):
+    """The record names each window's article and offset (one article per window here), keeps
+    every window's means, and states its errors over windows beside the per-token ones."""
+    from tq.corpus import corpus_articles
+
+    record = _tiny_perplexity(tiny, persistent_cache_dir, windows=4)
+    config, metrics = record["config"], record["metrics"]
+    drawn = config["text_windows"]
+    assert len(drawn) == 4 and len({w["article"] for w in drawn}) == 4
+    assert config["sample_seed"] == 0 and config["se_unit"] == "window"
+    titles = [title for title, _ in corpus_articles(persistent_cache_dir)]
+    assert [w["title"] for w in drawn] == [titles[w["article"]] for w in drawn]
+    assert (
+        drawn
+        != _tiny_perplexity(tiny, persistent_cache_dir, windows=4, sample_seed=1)["config"]["text_windows"]
+    )
+    per_window, per_token = metrics["per_window"], metrics["per_token"]
+    assert per_window["tokens"] == [24] * 4 and metrics["clusters"] == 4
+    kl = np.asarray(per_token["kl"]).reshape(4, 24).mean(axis=1)
+    np.testing.assert_allclose(per_window["kl"], kl)
+    assert per_token["window"] == np.repeat(np.arange(4), 24).tolist()
+    assert metrics["kl_divergence_se"] == pytest.approx(np.std(kl, ddof=1) / 2)
+    assert metrics["kl_divergence_se_token"] == pytest.approx(np.std(per_token["kl"], ddof=1) / np.sqrt(96))
 
 
 def test_perplexity_protocols_share_the_exact_side(tiny, persistent_cache_dir):

@@ -22,7 +22,7 @@ from tq.bench.needle import (
     DEFAULT_TRIALS,
     run_needle,
 )
-from tq.bench.perplexity import DEFAULT_BATCH, PROTOCOLS, run_perplexity
+from tq.bench.perplexity import DEFAULT_BATCH, DEFAULT_SAMPLE_SEED, PROTOCOLS, run_perplexity
 from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
 from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
@@ -136,6 +136,13 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
     real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
     real.add_argument("--windows", type=int, default=4, help="perplexity: number of text windows")
+    real.add_argument(
+        "--sample-seed",
+        type=int,
+        default=DEFAULT_SAMPLE_SEED,
+        help="perplexity: the seed the windows are drawn from, across the corpus's articles "
+        f"(default {DEFAULT_SAMPLE_SEED})",
+    )
     real.add_argument("--window", type=int, default=1024, help="perplexity: tokens per window")
     real.add_argument(
         "--context",
@@ -198,7 +205,8 @@ def _summary(record: dict) -> str:
             f"\n  perplexity exact {metrics['exact_perplexity']:.3f}  quantized "
             f"{metrics['quantized_perplexity']:.3f}  ratio {_pm(metrics, 'perplexity_ratio', '.4f')}"
             f"  KL {_pm(metrics, 'kl_divergence', '.4g')}  top-1 {_pm(metrics, 'top1_agreement', '.4f')}"
-            f"  ({metrics['scored_tokens']} tokens, ± one standard error)"
+            f"  ({metrics['scored_tokens']} tokens in {config['windows']} windows, seed "
+            f"{config['sample_seed']}; ± one standard error over windows)"
             f"\n  {timing['scored_tokens_per_s']:.1f} scored tokens/s"
         )
     if config["workload"] == "needle":
@@ -343,6 +351,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
             context=512 if args.context is None else args.context,
             protocol=args.protocol,
             batch=args.batch,
+            sample_seed=args.sample_seed,
             **_real_model_inputs(args),
         )
     if args.workload == "needle":

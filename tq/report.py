@@ -1,10 +1,14 @@
 """Turning result records (DESIGN.md section 4) into one summary table and a markdown report.
 
 The pipeline's ``aggregate`` rule reads result JSON files with :func:`load_records`, flattens
-them with :func:`summary_table` and writes the CSV with :func:`write_summary`; the ``report``
-rule reads it back with :func:`read_summary` and writes ``report.md`` and its PNG plots with
-:func:`write_report`. Every number in the report comes from the table: nothing is hard-coded,
-and a section without records is replaced by a one-line note.
+them with :func:`summary_table` and writes the CSV with :func:`write_summary`; beside it, the
+perplexity records' per-window values (:func:`per_window_table`, per_window.csv) and per-token
+values (:func:`per_token_table`, per_token.parquet). The ``report`` rule reads the summary and
+the per-window values back (:func:`read_summary`, :func:`read_per_window`) and writes
+``report.md`` and its PNG plots with :func:`write_report`. Every number in the report comes from
+those tables: nothing is hard-coded, and a section without records is replaced by a one-line
+note. Perplexity figures carry standard errors with the text window as the unit, and two
+settings are compared by their paired per-window differences (:func:`paired_nll`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pandas as pd
 from tq.baselines import BASELINE_STRATEGIES
 from tq.fileio import atomic_write_bytes
 from tq.records import SCHEMA, SOURCES
+from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se
 
 REPORT_NAME = "report.md"
 
@@ -62,9 +67,11 @@ COORDINATES = (
     "prompts",
     "max_new_tokens",
     "top_k",
+    "sample_seed",
     "windows",
     "window",
     "context",
+    "se_unit",
     "threads",
     "quick",
     "kernels",
@@ -90,6 +97,7 @@ _TEXT_COLUMNS = (
     "norm_dtype",
     "rotation",
     "rope",
+    "se_unit",
     "kernels",
     "device",
     "trace",
@@ -113,6 +121,42 @@ _CACHE_FIELDS = (
     "rotation",
     "device",
 )
+# The per-window figures of a perplexity record (``metrics.per_window``): each window's mean over
+# its scored tokens, and how many it scored.
+PER_WINDOW_FIELDS = ("tokens", "exact_nll", "quantized_nll", "kl", "top1_match", "delta_p", "delta_p_sq")
+# What tells perplexity records apart in per_window.csv and the per-token file: the coordinates of
+# summary.csv that make a setting, the window set (seed and shape), and the text they come from.
+WINDOW_SETTINGS = (
+    "model",
+    "protocol",
+    "bits",
+    "key_strategy",
+    "key_bits",
+    "value_strategy",
+    "value_bits",
+    "group_size",
+    "residual_length",
+    "exact_layers",
+    "quantized_layers",
+    "renormalize",
+    "norm_dtype",
+    "rotation",
+    "seed",
+    "device",
+    "engine",
+    "dtype",
+    "sample_seed",
+    "windows",
+    "window",
+    "context",
+    "text",
+)
+# The window set of a perplexity record: all cache settings of a model are scored on it.
+WINDOW_SET = ("sample_seed", "windows", "window", "context")
+PER_WINDOW_COLUMNS = (*WINDOW_SETTINGS, "window_index", "article", "title", "offset", *PER_WINDOW_FIELDS)
+PER_TOKEN_COLUMNS = (*WINDOW_SETTINGS, "window_index", "position", *PER_TOKEN_FIELDS)
+_WINDOW_TEXT_COLUMNS = ("text", "title")
+_WINDOW_INTEGER_COLUMNS = ("window_index", "article", "offset", "position", "tokens")
 # Cache settings other than the strategies that tell two lines of a quality plot apart.
 _LINE_SETTINGS = ("residual_length", "exact_layers", "renormalize", "norm_dtype", "rotation")
 
@@ -150,11 +194,13 @@ PROTOCOL_NOTES = {
 # A 95% interval is value ± Z95 · SE (normal approximation); every interval in the report uses it.
 Z95 = 1.96
 BARS_NOTE = f"bars: 95% intervals, ± {Z95} SE"
-PLUS_MINUS_NOTE = (
-    "± is one standard error over the scored tokens (for the perplexity ratio, of the mean paired "
-    "per-token NLL difference, as llama.cpp's `--kl-divergence` statistics). Tokens of one text "
-    "window are correlated, so the true uncertainty is larger: read it as a lower bound. Two "
-    f"settings are called different only when their 95% intervals (± {Z95} SE) say so."
+PAIRED_NOTE = (
+    "Two settings of a model are compared by their paired per-window differences (both are scored "
+    "on the same windows and share the exact reference): for the perplexity ratio, per window, the "
+    "difference of the two settings' mean quantized NLL, averaged over the windows with its "
+    f"window-level SE. They are called different only when its 95% interval (± {Z95} SE) excludes "
+    '0, "not distinguishable on N windows" otherwise. A setting is compared with exact by its own '
+    "per-window difference, quantized - exact NLL, the one its ratio's ± comes from."
 )
 
 
@@ -180,6 +226,55 @@ def _check_record(record: Any) -> str | None:
     for part in ("config", "metrics", "timing"):
         if not isinstance(record.get(part), dict):
             return f"{part!r} must be a JSON object, got {type(record.get(part)).__name__}"
+    return _check_windows(record)
+
+
+def _has_windows(record: dict[str, Any]) -> bool:
+    """Whether a record is a perplexity record with per-window values (``metrics.per_window``)."""
+    return record["config"].get("workload") == "perplexity" and "per_window" in record["metrics"]
+
+
+def _lengths(values: Any, names: Sequence[str], where: str) -> tuple[int | None, str | None]:
+    """The common length of the lists ``names`` of a dict, or what is wrong with them."""
+    if not isinstance(values, dict):
+        return None, f"{where} must be a JSON object of lists, got {type(values).__name__}"
+    missing = [name for name in names if name not in values]
+    if missing:
+        return None, f"{where} lacks {', '.join(missing)}"
+    if not all(isinstance(values[name], list) for name in names):
+        return None, f"{where} must hold lists"
+    lengths = {name: len(values[name]) for name in names}
+    if len(set(lengths.values())) != 1:
+        return None, f"{where} lists differ in length: " + ", ".join(f"{k} {v}" for k, v in lengths.items())
+    return next(iter(lengths.values())), None
+
+
+def _check_windows(record: dict[str, Any]) -> str | None:
+    """What is wrong with the per-window and per-token values of a perplexity record, or None:
+    every ``per_window`` list holds one entry per window (``config.windows``), ``text_windows``
+    describes each window, and the ``per_token`` lists (one entry per scored token) give each
+    window the tokens ``per_window.tokens`` says it scored."""
+    if not _has_windows(record):
+        return None
+    config, metrics = record["config"], record["metrics"]
+    count, problem = _lengths(metrics["per_window"], PER_WINDOW_FIELDS, "metrics.per_window")
+    if problem:
+        return problem
+    if count != config.get("windows"):
+        return f"metrics.per_window has {count} windows, config.windows is {config.get('windows')!r}"
+    described = config.get("text_windows")
+    if not isinstance(described, list) or len(described) != count:
+        return f"config.text_windows must describe the {count} windows"
+    if not all(isinstance(w, dict) and {"article", "title", "offset"} <= w.keys() for w in described):
+        return "config.text_windows entries need article, title and offset"
+    _, problem = _lengths(metrics.get("per_token"), [*PER_TOKEN_FIELDS, "window"], "metrics.per_token")
+    if problem:
+        return problem
+    window_of = np.asarray(metrics["per_token"]["window"], dtype=np.int64)
+    if window_of.size and (window_of.min() < 0 or window_of.max() >= count):
+        return f"metrics.per_token.window must index the {count} windows"
+    if np.bincount(window_of, minlength=count).tolist() != metrics["per_window"]["tokens"]:
+        return "metrics.per_token.window does not give each window its per_window.tokens"
     return None
 
 
@@ -301,6 +396,101 @@ def read_summary(path: str | os.PathLike) -> pd.DataFrame:
     return _typed(table)
 
 
+# ---------------------------------------------------------------- per-window and per-token tables
+
+
+def _typed_windows(table: pd.DataFrame) -> pd.DataFrame:
+    """Types of the per-window and per-token tables: those of :func:`_typed`, the window's title
+    and the text as strings, indices, articles, offsets and token counts as integers."""
+    special = [name for name in table.columns if name in (*_WINDOW_TEXT_COLUMNS, *_WINDOW_INTEGER_COLUMNS)]
+    typed = _typed(table.drop(columns=special))
+    for name in special:
+        typed[name] = table[name].astype("string" if name in _WINDOW_TEXT_COLUMNS else "int64")
+    return typed[list(table.columns)]
+
+
+def _windowed_records(records: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The perplexity records with per-window values, each with its setting (the
+    :data:`WINDOW_SETTINGS` values), ordered by setting as the summary rows are; every record's
+    envelope and per-window values are checked (:class:`RecordError`)."""
+    chosen = []
+    for index, record in enumerate(records):
+        problem = _check_record(record)
+        if problem:
+            raise RecordError(f"record {index}: {problem}")
+        if _has_windows(record):
+            row = _coordinates(record) | {"text": record["config"].get("text")}
+            chosen.append(({name: row.get(name) for name in WINDOW_SETTINGS}, record))
+    settings = pd.DataFrame.from_records([setting for setting, _ in chosen], columns=list(WINDOW_SETTINGS))
+    settings = _typed_windows(settings)
+    order = settings.sort_values(list(WINDOW_SETTINGS), kind="stable", na_position="last").index
+    return [chosen[index] for index in order]
+
+
+def per_window_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per perplexity record and window (:data:`PER_WINDOW_COLUMNS`): the record's setting
+    (:data:`WINDOW_SETTINGS`, as in summary.csv), the window's index, article, title and token
+    offset (``config.text_windows``), and its per-window figures (``metrics.per_window``: means over
+    the window's scored tokens, and ``tokens``). Records without per-window values (other
+    workloads, older perplexity records) give no rows.
+
+    Raises:
+        RecordError: a record is not a valid record, or its per-window values are inconsistent.
+    """
+    rows = []
+    for setting, record in _windowed_records(records):
+        per_window = record["metrics"]["per_window"]
+        for index, described in enumerate(record["config"]["text_windows"]):
+            where = {name: described[name] for name in ("article", "title", "offset")}
+            figures = {name: per_window[name][index] for name in PER_WINDOW_FIELDS}
+            rows.append(setting | {"window_index": index} | where | figures)
+    return _typed_windows(pd.DataFrame.from_records(rows, columns=list(PER_WINDOW_COLUMNS)))
+
+
+def per_token_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per scored token of every perplexity record with per-window values
+    (:data:`PER_TOKEN_COLUMNS`): the record's setting as in :func:`per_window_table`, the token's
+    window index and its position among that window's scored tokens (0 = the first), and its
+    per-token values (``metrics.per_token``), for users' own statistics.
+
+    Raises:
+        RecordError: as :func:`per_window_table`.
+    """
+    parts = [pd.DataFrame(columns=list(PER_TOKEN_COLUMNS))]
+    for setting, record in _windowed_records(records):
+        per_token = record["metrics"]["per_token"]
+        window_of = pd.Series(np.asarray(per_token["window"], dtype=np.int64))
+        values = {name: np.asarray(per_token[name], dtype=np.float64) for name in PER_TOKEN_FIELDS}
+        where = {"window_index": window_of, "position": window_of.groupby(window_of).cumcount()}
+        part = pd.DataFrame(where | values).assign(**setting)
+        parts.append(part[list(PER_TOKEN_COLUMNS)])
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    return _typed_windows(table)
+
+
+def write_per_window(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write :func:`per_window_table` as CSV, atomically."""
+    atomic_write_bytes(path, table.to_csv(index=False).encode())
+
+
+def read_per_window(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV written by :func:`write_per_window` back with the same columns and types."""
+    text = (*_TEXT_COLUMNS, *_WINDOW_TEXT_COLUMNS)
+    return _typed_windows(pd.read_csv(path, dtype={name: "string" for name in text}))
+
+
+def write_per_token(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write :func:`per_token_table` as Parquet (one columnar file), atomically."""
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_per_token(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a file written by :func:`write_per_token` back with the same columns and types."""
+    return _typed_windows(pd.read_parquet(path))
+
+
 # ------------------------------------------------------------------------------ formatting
 
 
@@ -361,53 +551,213 @@ def _with_errors(table: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
     return table.assign(**shown)
 
 
-def _distinguishable(a: float, se_a: float, b: float, se_b: float) -> bool:
-    """Whether two independent estimates differ beyond their 95% intervals,
-    |a - b| > Z95 · sqrt(se_a² + se_b²) (an exact reference value has se 0). Without both standard
-    errors nothing is claimed: False."""
-    if any(_missing(value) for value in (a, se_a, b, se_b)):
-        return False
-    return abs(a - b) > Z95 * math.hypot(se_a, se_b)
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two cells hold the same value, two missing values counting as the same."""
+    return (_missing(a) and _missing(b)) or (not _missing(a) and not _missing(b) and a == b)
 
 
-def _tokens(rows: pd.DataFrame) -> str:
-    """The scored tokens (per record) behind some rows, as "4096 tokens" or "512 to 4096 tokens"."""
-    counts = _column(rows, "scored_tokens").dropna()
-    if counts.empty:
-        return "an unrecorded number of tokens"
-    low, high = int(counts.min()), int(counts.max())
-    return f"{low} tokens" if low == high else f"{low} to {high} tokens"
+class _WindowValues:
+    """The per-window values of the perplexity records (:func:`per_window_table`, read back from
+    per_window.csv), found by the setting a report row shows."""
+
+    def __init__(self, per_window: pd.DataFrame | None) -> None:
+        table = per_window if per_window is not None else pd.DataFrame(columns=list(PER_WINDOW_COLUMNS))
+        table = _typed_windows(table)
+        self._records = [
+            (dict(zip(WINDOW_SETTINGS, key, strict=True)), windows.sort_values("window_index"))
+            for key, windows in table.groupby(list(WINDOW_SETTINGS), dropna=False, sort=False)
+        ]
+
+    def of(self, row: pd.Series) -> pd.DataFrame | None:
+        """The windows of the one record whose setting ``row`` shows, in window order; None when
+        no record with per-window values has it. A row matches a record on every setting of
+        :data:`WINDOW_SETTINGS` it has; a row without ``quantized_layers`` shows a whole-model
+        setting (none).
+
+        Raises:
+            ReportError: two records match (the row would pool them).
+        """
+        shown = [name for name in WINDOW_SETTINGS if name in row.index]
+        found = [
+            windows
+            for setting, windows in self._records
+            if all(_same_value(setting[name], row[name]) for name in shown)
+            and ("quantized_layers" in shown or _missing(setting["quantized_layers"]))
+        ]
+        if len(found) > 1:
+            raise ReportError(f"{len(found)} perplexity records match one report row: {dict(row)}")
+        return found[0] if found else None
+
+    def articles(self, rows: pd.DataFrame) -> list[int]:
+        """How many distinct articles the windows of each record of ``rows`` come from (records
+        with per-window values only), sorted."""
+        found = [self.of(row) for _, row in rows.iterrows()]
+        return sorted(windows["article"].nunique() for windows in found if windows is not None)
+
+    def texts(self, rows: pd.DataFrame) -> list[str]:
+        """The descriptions of the text the windows of ``rows`` come from (``config.text``)."""
+        found = [self.of(row) for _, row in rows.iterrows()]
+        texts = {windows["text"].iloc[0] for windows in found if windows is not None}
+        return sorted(str(text) for text in texts if not _missing(text))
 
 
-def _not_distinguishable(rows: pd.DataFrame, metric: str) -> str:
-    """How to say that a difference between some rows is not established: "not distinguishable on
-    N tokens", or that it was not tested where a row has no standard error."""
-    if _column(rows, f"{metric}_se").isna().any():
-        return "not tested, no standard error recorded"
-    return f"not distinguishable on {_tokens(rows)}"
+class Paired:
+    """A paired comparison over windows: per window a difference of mean NLLs (nats), and the
+    token-weighted mean of those differences with its window-level (cluster-robust) standard
+    error, :func:`tq.stats.cluster_mean_se` of the per-token differences they summarize."""
+
+    def __init__(self, differences: np.ndarray, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self.windows = len(tokens)
+        values = np.repeat(np.asarray(differences, dtype=np.float64), tokens)
+        self.mean, self.se = cluster_mean_se(values, np.repeat(np.arange(self.windows), tokens))
+
+    @property
+    def different(self) -> bool:
+        """Whether the 95% interval of the mean difference, ± Z95 · SE, excludes 0 (no claim
+        without an SE: fewer than two windows)."""
+        return self.se is not None and abs(self.mean) > Z95 * self.se
 
 
-def _ranking(rows: pd.DataFrame, metric: str, label: Callable[[pd.Series], str]) -> str:
-    """Rows by ``metric``, lowest first, as "A 1.05 ± 0.01 ≈ B 1.06 ± 0.01 < C 1.30 ± 0.02".
+def _same_windows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two records were scored on the same windows: the same articles, offsets and scored
+    tokens, window by window."""
+    columns = ["article", "offset", "tokens"]
+    return len(a) == len(b) and bool((a[columns].to_numpy() == b[columns].to_numpy()).all())
 
-    A "<" stands only where every row before it is below every row after it beyond the 95%
-    intervals (:func:`_distinguishable`); elsewhere "≈", and the text ends by saying what "≈"
-    means. Rows without a value are left out.
+
+def paired_nll(a: pd.DataFrame | None, b: pd.DataFrame | None) -> Paired | None:
+    """Setting ``a`` against setting ``b`` by their paired per-window differences (per-window
+    values as :meth:`_WindowValues.of` returns them): per window, the mean quantized NLL of ``a``
+    minus that of ``b``. The exact side is shared, so this is the difference of their quantized -
+    exact NLLs, and its mean is log(ratio a / ratio b). None when a side has no per-window values
+    or the two were not scored on the same windows."""
+    if a is None or b is None or not _same_windows(a, b):
+        return None
+    return Paired(a["quantized_nll"].to_numpy() - b["quantized_nll"].to_numpy(), a["tokens"].to_numpy())
+
+
+def _against_exact(row: pd.Series) -> bool | None:
+    """Whether a setting's perplexity ratio differs from 1.0 (exact) by its own paired difference,
+    quantized - exact NLL per unit (window or prompt): that difference's mean is log(ratio) and
+    its SE ``perplexity_ratio_se`` / ratio (tq.stats, delta method), and it differs when the 95%
+    interval excludes 0. None without a ratio or its standard error."""
+    ratio, se = row.get("perplexity_ratio"), _se(row, "perplexity_ratio")
+    if _missing(ratio) or _missing(se) or ratio <= 0:
+        return None
+    return bool(abs(math.log(ratio)) > Z95 * se / ratio)
+
+
+def _counted(counts: Iterable[Any], unit: str) -> str:
+    """Counts of some unit as "16 windows" or "8 to 16 windows" (one count: "1 window")."""
+    counts = sorted({int(count) for count in counts if not _missing(count)})
+    if not counts:
+        return f"an unrecorded number of {unit}s"
+    low, high = counts[0], counts[-1]
+    return f"{low} {unit}{'s' if high != 1 else ''}" if low == high else f"{low} to {high} {unit}s"
+
+
+def _units(rows: pd.DataFrame) -> str:
+    """What the standard errors of some rows rest on: "8 windows" for perplexity records, "4
+    prompts" for compare records."""
+    if (_column(rows, "workload") == "perplexity").all():
+        return _counted(_column(rows, "windows"), "window")
+    return _counted(_column(rows, "prompts"), "prompt")
+
+
+def _not_distinguishable(found: Sequence[pd.DataFrame | None]) -> str:
+    """How to say that differences between some records (their per-window values, None where a
+    record has none) are not established: "not distinguishable on N windows", or why they were
+    not tested."""
+    if not found or any(windows is None for windows in found):
+        return "not tested, no per-window values recorded"
+    if any(not _same_windows(found[0], windows) for windows in found[1:]):
+        return "not tested, not scored on the same windows"
+    return f"not distinguishable on {_counted((len(windows) for windows in found), 'window')}"
+
+
+def _ranking(rows: pd.DataFrame, label: Callable[[pd.Series], str], windows: _WindowValues) -> str:
+    """Rows by perplexity ratio, lowest first, as "A 1.05 ± 0.01 ≈ B 1.06 ± 0.01 < C 1.30 ± 0.02".
+
+    A "<" stands only where every row before it differs from every row after it by their paired
+    per-window differences (:func:`paired_nll`: the 95% interval of the mean difference excludes
+    0); elsewhere "≈", and the text ends by saying what "≈" means. Rows without a value are left
+    out.
     """
+    metric = "perplexity_ratio"
     rows = rows.dropna(subset=[metric]).sort_values(metric, kind="stable")
-    estimates = [(row[metric], _se(row, metric)) for _, row in rows.iterrows()]
+    found = [windows.of(row) for _, row in rows.iterrows()]
     parts = []
     for index, (_, row) in enumerate(rows.iterrows()):
         if index:
             separated = all(
-                _distinguishable(*before, *after)
-                for before in estimates[:index]
-                for after in estimates[index:]
+                (paired := paired_nll(after, before)) is not None and paired.different
+                for before in found[:index]
+                for after in found[index:]
             )
             parts.append("<" if separated else "≈")
         parts.append(f"{label(row)} {_pm(row[metric], _se(row, metric))}")
-    note = f" (≈: {_not_distinguishable(rows, metric)})" if "≈" in parts else ""
+    note = f" (≈: {_not_distinguishable(found)})" if "≈" in parts else ""
     return " ".join(parts) + note
+
+
+def _window_sets(rows: pd.DataFrame, windows: _WindowValues) -> str:
+    """The windows some perplexity rows were scored on, per window set: "16 windows of 1024 tokens
+    (512 of context, 512 scored) drawn from seed 0 across 16 distinct articles"."""
+    described = []
+    for (seed, count, window, context), group in rows.groupby(list(WINDOW_SET), dropna=False, sort=True):
+        text = f"{_counted([count], 'window')} of {_format(window)} tokens ({_format(context)} of context"
+        text += f", {_format(window - context)} scored)" if not _missing(window - context) else ")"
+        articles = windows.articles(group)
+        if not _missing(seed):
+            text += f" drawn from seed {_format(seed)}"
+        if articles and articles[0] == articles[-1]:
+            text += f" across {articles[0]} distinct article{'s' if articles[0] != 1 else ''}"
+        elif articles:
+            text += f" across {articles[0]} to {articles[-1]} distinct articles (per record)"
+        described.append(text)
+    return "; ".join(described)
+
+
+def _text_note(rows: pd.DataFrame, windows: _WindowValues) -> str:
+    """What text some perplexity rows were scored on and what their ± means (said once, in the
+    perplexity section and the notes)."""
+    texts = windows.texts(rows)
+    tested = rows[_column(rows, "se_unit") == "window"]
+    counts = sorted(_column(tested, "windows").dropna().unique())
+    over = "-".join(_format(count) for count in ([counts[0], counts[-1]] if len(counts) > 1 else counts))
+    note = (
+        f"**The text and the ±.** {'; '.join(texts) + ': ' if texts else ''}{_window_sets(rows, windows)}. "
+        + (
+            f"± is one standard error with the window as the unit, over {over} windows; the per-token "
+            "SE, which treats tokens as independent, is `<name>_se_token` in summary.csv. "
+            if counts
+            else ""
+        )
+        + PAIRED_NOTE
+    )
+    older = len(rows) - len(tested)
+    if older:
+        note += (
+            f" {older} record{'s' if older != 1 else ''} without window-level standard errors (older "
+            f"runs) show{'' if older != 1 else 's'} values alone and {'are' if older != 1 else 'is'} not "
+            "tested."
+        )
+    return note
+
+
+def _window_errors_only(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the standard errors of every perplexity record whose ± is not window-level
+    (``se_unit`` "window") and every compare record whose ± is not prompt-level (``se_unit``
+    "prompt") removed: older records' per-token SEs are too small to show as "how sure"."""
+    unit = _column(table, "se_unit")
+    perplexity = (table["workload"] == "perplexity") & (unit != "window").fillna(True)
+    compare = table["workload"].eq("real-model") & table["mode"].eq("compare")
+    drop = (perplexity | (compare & (unit != "prompt").fillna(True))).fillna(False).astype(bool)
+    errors = [name for name in table.columns if name.endswith("_se")]
+    table = table.copy()
+    table.loc[drop, errors] = math.nan
+    return table
 
 
 def _protocol_label(protocol: Any) -> str:
@@ -576,17 +926,26 @@ def _plot_lines(
     return bars
 
 
-def _title(title: str, bars: bool) -> str:
-    """A plot title, saying what the error bars are when there are any."""
-    return f"{title}\n({BARS_NOTE})" if bars else title
+def _title(title: str, bars: bool, unit: str | None = None) -> str:
+    """A plot title, saying what the error bars are when there are any (with the ``unit`` of
+    their standard errors, such as "window", when given)."""
+    if not bars:
+        return title
+    return f"{title}\n({BARS_NOTE}{f', {unit} as the unit' if unit else ''})"
 
 
 def _finish(
-    axis: Any, title: str, ylabel: str, bits: pd.Series, log: bool = False, bars: bool = False
+    axis: Any,
+    title: str,
+    ylabel: str,
+    bits: pd.Series,
+    log: bool = False,
+    bars: bool = False,
+    unit: str | None = None,
 ) -> None:
-    """Titles (with :data:`BARS_NOTE` when ``bars``), the measured bit widths as x ticks, an
-    optional log y axis, grid and legend."""
-    axis.set_title(_title(title, bars), fontsize=10)
+    """Titles (with :data:`BARS_NOTE` and the SE's ``unit`` when ``bars``), the measured bit
+    widths as x ticks, an optional log y axis, grid and legend."""
+    axis.set_title(_title(title, bars, unit), fontsize=10)
     axis.set_xlabel("bits per coordinate")
     axis.set_xticks(sorted(bits.dropna().unique()))
     axis.set_ylabel(ylabel)
@@ -712,9 +1071,11 @@ def _quality_section(
     out_dir: Path,
     note: str,
     over: Sequence[str] = (),
+    unit: str | None = None,
 ) -> list[str]:
     """A quality-vs-bits figure (one panel per metric, one line per key/value strategy pair and
-    any other cache setting that varies) and its table, averaged over layers, heads and runs."""
+    any other cache setting that varies) and its table, averaged over layers, heads and runs;
+    ``unit``: what the records' standard errors take as the unit, named with the error bars."""
     lines = [title, ""]
     if rows.empty:
         return [*lines, empty, ""]
@@ -741,7 +1102,7 @@ def _quality_section(
             name,
             lambda row: _line_label(row, settings),
         )
-        _finish(axis, label, label, quantized["bits"], log=log, bars=bars)
+        _finish(axis, label, label, quantized["bits"], log=log, bars=bars, unit=unit)
     _save(figure, out_dir / plot)
     means = _with_errors(_with_cache_labels(means), [name for name, _, _ in metrics])
     headers = {
@@ -822,8 +1183,11 @@ def _section_compare(table: pd.DataFrame, out_dir: Path) -> list[str]:
         out_dir,
         "Teacher-forced comparison of the quantized cache with the exact one on the exact run's "
         "greedy tokens (a drift measure); free-running columns decode on their own. ± and the error "
-        "bars are standard errors over the scored tokens, as in section 3. `scored tokens` is the "
-        "exact answers' length (per record): at most prompts x max_new_tokens.",
+        "bars are one standard error with the prompt as the unit (the tokens of one answer are not "
+        "independent), over the record's prompts; the per-token SE is `<name>_se_token` in "
+        "summary.csv. `scored tokens` is the exact answers' length (per record): at most prompts x "
+        "max_new_tokens.",
+        unit="prompt",
     )
     # The warning goes right under the title, before the figures it qualifies.
     return [*lines[:2], *_few_scored_tokens(rows), *lines[2:]]
@@ -878,12 +1242,12 @@ _PERPLEXITY_HEADERS = {
 _WITH_ERRORS = ("perplexity_ratio", "kl_divergence", "top1_agreement", "delta_p_mean", "delta_p_rms")
 
 
-def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+def _section_perplexity(table: pd.DataFrame, out_dir: Path, windows: _WindowValues) -> list[str]:
     rows = _perplexity_rows(table)
     lines = ["## 3. Perplexity and KV memory vs bits (real text)", ""]
     if rows.empty:
         return [*lines, "No perplexity records: section omitted.", ""]
-    settings = _varying(rows, ["model", "protocol", *_LINE_SETTINGS])
+    settings = _varying(rows, ["model", "protocol", *_LINE_SETTINGS, *WINDOW_SET])
     keys = [
         "model",
         "protocol",
@@ -894,6 +1258,7 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "bits",
         "group_size",
         *_LINE_SETTINGS,
+        *WINDOW_SET,
     ]
     metrics = [
         "exact_perplexity",
@@ -910,10 +1275,14 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "scored_tokens",
     ]
     means = _decode_first(_mean_by(rows, keys, metrics))
+    several = means.groupby("model")[list(WINDOW_SET)].nunique(dropna=False).gt(1).any(axis=None)
     findings = [
-        f"- {_format(model)}, {_protocol_label(protocol)}: perplexity ratio (best first): "
-        f"{_ranking(group, 'perplexity_ratio', _setting)}."
-        for (model, protocol), group in means.groupby(["model", "protocol"], dropna=False, sort=False)
+        f"- {_format(model)}, {_protocol_label(protocol)}"
+        + (f", {_window_sets(group, windows)}" if several else "")
+        + f": perplexity ratio (best first): {_ranking(group, _setting, windows)}."
+        for (model, protocol, *_), group in means.groupby(
+            ["model", "protocol", *WINDOW_SET], dropna=False, sort=False
+        )
     ]
     means = means.assign(protocol=means["protocol"].map(_protocol_label))
     line_keys = ["key_strategy", "value_strategy", *settings]
@@ -930,9 +1299,9 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         )
     _finish(axes[0], "perplexity (dashed: exact cache)", "perplexity", means["bits"], log=True)
     bars = _plot_lines(axes[1], means, line_keys, "perplexity_ratio", label)
-    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"], bars=bars)
+    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"], bars=bars, unit="window")
     bars = _plot_lines(axes[2], means[means["kl_divergence"] > 0], line_keys, "kl_divergence", label)
-    _finish(axes[2], "KL(exact || quantized), nats", "KL", means["bits"], log=True, bars=bars)
+    _finish(axes[2], "KL(exact || quantized), nats", "KL", means["bits"], log=True, bars=bars, unit="window")
     _plot_lines(axes[3], means, line_keys, "kv_compression_ratio", label)
     _finish(axes[3], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
     _save(figure, out_dir / "perplexity_vs_bits.png")
@@ -944,11 +1313,13 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "nats, its median, 99th percentile and maximum; Δp is p_quantized - p_exact of the text's "
         "next token (mean and RMS over the scored tokens).",
         "",
-        PLUS_MINUS_NOTE,
+        _text_note(rows, windows),
         "",
         "![perplexity vs bits](perplexity_vs_bits.png)",
         "",
-        markdown_table(means, _PERPLEXITY_HEADERS),
+        markdown_table(
+            means, _PERPLEXITY_HEADERS if not several else {"sample_seed": "seed"} | _PERPLEXITY_HEADERS
+        ),
         "",
         *_what_this_shows(findings),
     ]
@@ -1046,22 +1417,27 @@ def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
 
 
 def _layer_findings(line: pd.DataFrame) -> str:
-    """What the per-layer runs of one model show: the range of the ratios and the layers whose
-    ratio differs from 1.0 (exact) beyond its 95% interval, or that none does."""
+    """What the per-layer runs of one model show: the range of the ratios and how many layers,
+    and which, differ from exact by their own per-window difference (:func:`_against_exact`), or
+    that none does."""
     ratio = "perplexity_ratio"
+    tested = line[[_against_exact(row) is not None for _, row in line.iterrows()]]
     differing = [
         f"layer {int(row['quantized_layer'])} ({_pm(row[ratio], _se(row, ratio))}, "
         f"KL {_pm(row['kl_divergence'], _se(row, 'kl_divergence'))})"
-        for _, row in line.iterrows()
-        if _distinguishable(row[ratio], _se(row, ratio), 1.0, 0.0)
+        for _, row in tested.iterrows()
+        if _against_exact(row)
     ]
     if differing:
         verdict = (
-            f"ratio differs from 1.0 (exact) beyond its 95% interval on {_tokens(line)} for "
-            + ", ".join(differing)
+            f"{len(differing)} of {len(tested)} layers differ from exact beyond the 95% interval of "
+            f"their per-window quantized - exact NLL difference on {_units(tested)}: " + ", ".join(differing)
         )
     else:
-        verdict = f"no layer's ratio is shown to differ from 1.0 (exact): {_not_distinguishable(line, ratio)}"
+        why = f"not distinguishable on {_units(tested)}"
+        if tested.empty:
+            why = "not tested, no standard error recorded"
+        verdict = f"no layer's ratio is shown to differ from 1.0 (exact): {why}"
     ratios = line[ratio]
     return (
         f"- {_format(line['model'].iloc[0])} ({_setting(line.iloc[0])}, {len(line)} layers): ratios "
@@ -1069,15 +1445,15 @@ def _layer_findings(line: pd.DataFrame) -> str:
     )
 
 
-def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
+def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path, windows: _WindowValues) -> list[str]:
     rows = _perplexity_rows(table, per_layer=True)
     lines = ["## 5. Per-layer sensitivity (one layer quantized at a time)", ""]
     if rows.empty:
         return [*lines, "No per-layer sensitivity records: section omitted.", ""]
     rows = rows.assign(quantized_layer=pd.to_numeric(rows["quantized_layers"].astype(str)))
-    groups = ["model", "protocol", "key_strategy", "value_strategy", "key_bits", "value_bits"]
+    groups = ["model", "protocol", "key_strategy", "value_strategy", "key_bits", "value_bits", *WINDOW_SET]
     metrics = ["perplexity_ratio", "kl_divergence", "top1_agreement", "scored_tokens"]
-    means = _decode_first(_mean_by(rows, [*groups, "quantized_layer"], metrics))
+    means = _decode_first(_mean_by(rows, [*groups, "workload", "quantized_layer"], metrics))
     figure, axes = _figure(1)
     bars = _plot_lines(
         axes[0],
@@ -1088,7 +1464,7 @@ def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         x="quantized_layer",
     )
     axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
-    axes[0].set_title(_title("perplexity ratio with only this layer quantized", bars), fontsize=10)
+    axes[0].set_title(_title("perplexity ratio with only this layer quantized", bars, "window"), fontsize=10)
     axes[0].set_xlabel("layer")
     axes[0].set_ylabel("ratio quantized / exact")
     axes[0].grid(True, alpha=0.3)
@@ -1115,7 +1491,10 @@ def _section_layer_sensitivity(table: pd.DataFrame, out_dir: Path) -> list[str]:
         "Perplexity with the cache setting applied to one layer and every other layer exact "
         "(short windows: the per-layer differences are paired on the same text). Layers whose "
         "ratio stands out beyond its 95% interval are candidates for `exact_first_layers` / "
-        "`exact_last_layers`.",
+        "`exact_last_layers`. The windows: "
+        f"{_window_sets(rows, windows)}; ± is one standard error with the window as the unit, and "
+        "a layer differs from exact when the 95% interval of its per-window quantized - exact NLL "
+        "difference excludes 0 (section 3).",
         "",
         "![per-layer sensitivity](layer_sensitivity.png)",
         "",
@@ -1155,8 +1534,8 @@ def _is_ablation(row: pd.Series) -> bool:
 def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
     """Per model, perplexity protocol and cache setting (decode protocol first): perplexity ratio,
     KL, scored tokens and stored bits from the perplexity records, top-1 agreement from compare
-    mode (teacher-forced, joined to every protocol of the same setting); standard errors where
-    the records have them."""
+    mode (teacher-forced, joined to every protocol and window set of the same setting); standard
+    errors where the records have them."""
     keys = [
         "model",
         "key_strategy",
@@ -1170,7 +1549,7 @@ def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
     ]
     perplexity = _mean_by(
         _perplexity_rows(table),
-        [*keys, "protocol"],
+        [*keys, "protocol", *WINDOW_SET],
         ["perplexity_ratio", "kl_divergence", "kv_compression_ratio", "scored_tokens"],
     )
     compare = table[(table["workload"] == "real-model") & (table["mode"] == "compare")]
@@ -1197,7 +1576,7 @@ def _shown_quality(quality: pd.DataFrame) -> pd.DataFrame:
     return _with_errors(quality, ["perplexity_ratio", "top1_agreement", "kl_divergence"])
 
 
-def _section_baselines(quality: pd.DataFrame) -> list[str]:
+def _section_baselines(quality: pd.DataFrame, windows: _WindowValues) -> list[str]:
     """``quality``: :func:`_real_quality` of the records."""
     lines = ["## 6. Compared to what: baselines at equal bits", ""]
     quality = quality[~quality["ablation"]]
@@ -1206,12 +1585,13 @@ def _section_baselines(quality: pd.DataFrame) -> list[str]:
     quality = _decode_first(quality.sort_values(["model", "bits", "perplexity_ratio"], na_position="last"))
     headers = {"model": "model", "bits": "code bits", "method": "method", **_QUALITY_HEADERS}
     findings = []
-    for (model, protocol, bits), group in quality.groupby(["model", "protocol", "bits"], sort=False):
+    by = ["model", "protocol", "bits", *WINDOW_SET]
+    for (model, protocol, bits, *_), group in quality.groupby(by, dropna=False, sort=False):
         ranked = group.dropna(subset=["perplexity_ratio"])
         if ranked["method"].nunique() < 2:
             continue
         order = _ranking(
-            ranked, "perplexity_ratio", lambda row: f"{row['method']} ({row['stored_bits']:.2f} stored bits)"
+            ranked, lambda row: f"{row['method']} ({row['stored_bits']:.2f} stored bits)", windows
         )
         findings.append(
             f"- {_format(model)}, {_protocol_label(protocol)}, {_format(bits)} code bits, perplexity "
@@ -1225,13 +1605,22 @@ def _section_baselines(quality: pd.DataFrame) -> list[str]:
         "Perplexity contexts are long (the `perplexity` config); compare-mode prompts are mostly "
         "short, and KIVI-style keeps up to `group_size` - 1 recent keys exact, so on short prompts "
         "its top-1 mostly measures exact keys: the perplexity columns are the fairer comparison. "
-        "In a ranking, `<` separates settings whose 95% intervals do not overlap in the sense of "
-        "section 3; `≈` joins settings the records cannot tell apart.",
+        "In a ranking, `<` separates settings whose paired per-window difference lies beyond its 95% "
+        "interval (section 3); `≈` joins settings the records cannot tell apart.",
         "",
         markdown_table(_shown_quality(quality), headers),
         "",
         *_what_this_shows(findings or ["- No bit width has two methods measured on the same model."]),
     ]
+
+
+def _same_window_set(table: pd.DataFrame, row: pd.Series) -> pd.Series:
+    """Which rows of ``table`` were scored on the window set of ``row`` (:data:`WINDOW_SET`)."""
+    same = pd.Series(True, index=table.index)
+    for name in WINDOW_SET:
+        column = _column(table, name)
+        same &= column.isna() if _missing(row.get(name)) else column.eq(row.get(name)).fillna(False)
+    return same.astype(bool)
 
 
 def _ablation_what(row: pd.Series) -> tuple[str, set[str], set[float]]:
@@ -1251,24 +1640,27 @@ def _ablation_what(row: pd.Series) -> tuple[str, set[str], set[float]]:
     return ", ".join(what), {strategy for _, strategy, _ in quantized}, {bits for _, _, bits in quantized}
 
 
-def _against_whole_cache(row: pd.Series, reference: pd.DataFrame) -> str:
+def _against_whole_cache(row: pd.Series, reference: pd.DataFrame, windows: _WindowValues) -> str:
     """An ablation's ratio against the same quantizer on the whole cache (one reference row), with
-    whether the 95% intervals tell them apart; empty without a reference."""
+    whether their paired per-window difference tells them apart (:func:`paired_nll`); empty
+    without a reference."""
     ratio = "perplexity_ratio"
     if len(reference) != 1 or pd.isna(reference[ratio].iloc[0]):
         return ""
     other = reference.iloc[0]
-    if _distinguishable(row[ratio], _se(row, ratio), other[ratio], _se(other, ratio)):
-        verdict = "lower" if row[ratio] < other[ratio] else "higher"
+    found = [windows.of(row), windows.of(other)]
+    paired = paired_nll(*found)
+    if paired is not None and paired.different:
+        verdict = "lower" if paired.mean < 0 else "higher"
     else:
-        verdict = _not_distinguishable(pd.DataFrame([row, other]), ratio)
+        verdict = _not_distinguishable(found)
     return (
         f" vs {_pm(other[ratio], _se(other, ratio))} with the whole cache quantized "
         f"({other['stored_bits']:.2f} stored bits): {verdict}"
     )
 
 
-def _section_ablations(quality: pd.DataFrame) -> list[str]:
+def _section_ablations(quality: pd.DataFrame, windows: _WindowValues) -> list[str]:
     """``quality``: :func:`_real_quality` of the records."""
     lines = ["## 7. Ablations: what stays exact", ""]
     ablations = quality[quality["ablation"]]
@@ -1285,12 +1677,13 @@ def _section_ablations(quality: pd.DataFrame) -> list[str]:
             & plain["value_strategy"].isin(strategies)
             & plain["key_bits"].isin(widths)
             & plain["value_bits"].isin(widths)
+            & _same_window_set(plain, row)
         ]
         findings.append(
             f"- {_format(row['model'])}, {_protocol_label(row['protocol'])}, {what} ({_method(row)} at "
             f"{'/'.join(_format(b) for b in sorted(widths))} bits): perplexity ratio "
             f"{_pm(row['perplexity_ratio'], _se(row, 'perplexity_ratio'))} at {row['stored_bits']:.2f} "
-            f"stored bits{_against_whole_cache(row, reference)}."
+            f"stored bits{_against_whole_cache(row, reference, windows)}."
         )
     headers = {
         "model": "model",
@@ -1305,7 +1698,8 @@ def _section_ablations(quality: pd.DataFrame) -> list[str]:
         "Settings that keep part of the cache exact: keys-only or values-only quantization, a "
         "residual window of recent exact tokens, or exact first and last layers (config: `kv_caches` "
         "entries with an `exact` strategy, `residual_length`, `exact_first_layers`, "
-        "`exact_last_layers`). Lower or higher means beyond the 95% intervals (section 3).",
+        "`exact_last_layers`). Lower or higher means the paired per-window difference lies beyond its "
+        "95% interval (section 3).",
         "",
         markdown_table(_shown_quality(_with_cache_labels(ablations)), headers),
         "",
@@ -1393,24 +1787,25 @@ def _section_needle(table: pd.DataFrame, out_dir: Path) -> list[str]:
 
 def _headline_findings(means: pd.DataFrame) -> list[str]:
     """Per model and measure, how many settings have a perplexity ratio not distinguishable from
-    1.0 (exact), and which."""
+    1.0 (exact) by their own paired difference with the window or prompt as the unit
+    (:func:`_against_exact`), and which."""
     findings = []
     ratio = "perplexity_ratio"
     for (model, measure), group in means.groupby(["model", "measure"], dropna=False, sort=False):
         if group[ratio].isna().all():
             continue
-        tested = group[group[ratio].notna() & _column(group, f"{ratio}_se").notna()]
+        tested = group[[_against_exact(row) is not None for _, row in group.iterrows()]]
         if tested.empty:
             findings.append(f"- {_format(model)}, {measure}: no standard errors recorded, nothing tested.")
             continue
         exact_like = [
-            f"{_setting(row)} ({_pm(row[ratio], row[f'{ratio}_se'])})"
+            f"{_setting(row)} ({_pm(row[ratio], _se(row, ratio))})"
             for _, row in tested.iterrows()
-            if not _distinguishable(row[ratio], row[f"{ratio}_se"], 1.0, 0.0)
+            if not _against_exact(row)
         ]
         findings.append(
             f"- {_format(model)}, {measure}: {len(exact_like)} of {len(tested)} settings have a perplexity "
-            f"ratio not distinguishable from 1.0 (exact) on {_tokens(tested)}"
+            f"ratio not distinguishable from 1.0 (exact) on {_units(tested)}"
             + (": " + "; ".join(exact_like) if exact_like else "")
             + "."
         )
@@ -1450,9 +1845,11 @@ def _headline(table: pd.DataFrame) -> list[str]:
         "group_size",
         "protocol",
         "measure",
+        "workload",
+        *WINDOW_SET,
     ]
     quality = ["perplexity_ratio", "top1_agreement", "kl_divergence"]
-    means = _decode_first(_mean_by(rows, keys, [*quality, "kv", "scored_tokens"]))
+    means = _decode_first(_mean_by(rows, keys, [*quality, "kv", "scored_tokens", "prompts"]))
     findings = _headline_findings(means)
     means = _with_errors(_with_cache_labels(means), quality)
     headers = {
@@ -1474,7 +1871,9 @@ def _headline(table: pd.DataFrame) -> list[str]:
         "Per model and bit width: perplexity ratio (quantized / exact), top-1 agreement "
         "and KL(exact || quantized) of the next-token distribution, and KV-cache compression "
         "against fp32 (all stored bytes counted); the decode protocol leads. ± is one standard "
-        "error over the scored tokens (section 3).",
+        "error with the text window as the unit for perplexity (section 3) and the prompt for "
+        "compare mode (section 2b); a ratio is called distinguishable from exact when the 95% "
+        "interval of its quantized - exact NLL difference per window (per prompt) excludes 0.",
         "",
         markdown_table(means, headers),
         "",
@@ -1482,8 +1881,12 @@ def _headline(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def _notes(table: pd.DataFrame) -> list[str]:
-    lines = ["## What these numbers mean (and do not)", "", HONEST_NOTE, ""]
+def _notes(table: pd.DataFrame, windows: _WindowValues) -> list[str]:
+    lines = ["## What these numbers mean (and do not)", "", HONEST_NOTE]
+    perplexity = table[table["workload"] == "perplexity"]
+    if not perplexity.empty:
+        lines.append(f"- {_text_note(perplexity, windows)}")
+    lines.append("")
     used = table.loc[table["workload"] == "perplexity", ["protocol"]].dropna().drop_duplicates()
     protocols = list(_decode_first(used.sort_values("protocol"))["protocol"])
     if protocols:
@@ -1495,7 +1898,10 @@ def _notes(table: pd.DataFrame) -> list[str]:
 
 
 def write_report(
-    table: pd.DataFrame, out: str | os.PathLike, title: str = "TurboQuant KV-cache evaluation"
+    table: pd.DataFrame,
+    out: str | os.PathLike,
+    title: str = "TurboQuant KV-cache evaluation",
+    per_window: pd.DataFrame | None = None,
 ) -> Path:
     """Write the markdown report and its PNG plots; return the report's path.
 
@@ -1504,14 +1910,19 @@ def write_report(
     ``quality_compare.png``, ``perplexity_vs_bits.png``, ``throughput.png``), each written only
     when its section has records. Sections: headline table, distortion, attention quality on
     traces, real-model compare, perplexity and KV memory, throughput, and what the numbers mean.
-    Real-model figures are shown as "value ± SE" where the records carry standard errors, plots
-    draw 95% error bars, and findings call settings different only when :func:`_distinguishable`
-    says so. Everything is written atomically.
+    Real-model figures are shown as "value ± SE" where the records carry standard errors with
+    the window (perplexity) or the prompt (compare mode) as the unit, and plots draw their 95%
+    error bars. ``per_window``: :func:`per_window_table` of the records (per_window.csv), from
+    which findings compare two perplexity settings by their paired per-window differences
+    (:func:`paired_nll`; without it, no two settings are told apart); a setting is compared with
+    exact by its own standard error (:func:`_against_exact`). Everything is written atomically.
     """
     out = Path(out)
     path = out if out.suffix == ".md" else out / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _typed(table.reindex(columns=[*COORDINATES, *table.columns.difference(COORDINATES, sort=False)]))
+    table = _window_errors_only(table)
+    windows = _WindowValues(per_window)
     counts = table.groupby(["source", "workload"], dropna=False).size()
     lines = [
         f"# {title}",
@@ -1531,13 +1942,13 @@ def write_report(
         _section_distortion(table, path.parent),
         _section_trace(table, path.parent),
         _section_compare(table, path.parent),
-        _section_perplexity(table, path.parent),
+        _section_perplexity(table, path.parent, windows),
         _section_throughput(table, path.parent),
-        _section_layer_sensitivity(table, path.parent),
-        _section_baselines(quality),
-        _section_ablations(quality),
+        _section_layer_sensitivity(table, path.parent, windows),
+        _section_baselines(quality, windows),
+        _section_ablations(quality, windows),
         _section_needle(table, path.parent),
-        _notes(table),
+        _notes(table, windows),
     ):
         lines += section
     atomic_write_bytes(path, "\n".join(lines).rstrip("\n").encode() + b"\n")

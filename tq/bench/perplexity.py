@@ -1,10 +1,13 @@
 """Perplexity on real text (the Wikipedia excerpt of :mod:`tq.corpus`), exact vs quantized cache.
 
-Each window of ``window`` tokens is split into a context of ``context`` tokens and a scored
-continuation of window - context tokens. The exact side is the model's run on the whole window
-in one call (:func:`perplexity_reference`; one :class:`~tq.reference.ExactReference` per model and
-(windows, window, context), computed once and shared by every cache setting). The quantized
-side has two protocols:
+The text: ``windows`` windows of ``window`` tokens drawn across the corpus's articles from
+``sample_seed`` (:func:`tq.corpus.draw_windows`: one window per article while articles remain,
+none crossing an article's end); the record lists each window's article title and token offset.
+Each window is split into a context of ``context`` tokens and a scored continuation of
+window - context tokens. The exact side is the model's run on the whole window in one call
+(:func:`perplexity_reference`; one :class:`~tq.reference.ExactReference` per model and window set
+(sample_seed, windows, window, context), computed once and shared by every cache setting, so
+that every setting is scored on the same windows). The quantized side has two protocols:
 
 - ``decode`` (default; DESIGN.md section 10): tokens 0..context-1 are prefilled, then the
   continuation is decoded one token at a time with teacher forcing, every new token's keys and
@@ -16,10 +19,12 @@ side has two protocols:
   tokens context-1..window-2 against that cache. The scored tokens attend to each other's exact
   keys and values (the graph computes them within the call), so only the context is quantized.
 
-Metrics (:func:`tq.stats.quality_summary`, per token then mean ± standard error): exact and
-quantized perplexity and their ratio, KL(exact || quantized) with median, p99 and maximum, top-1
-agreement, and the change in the probability of the true next token. The record keeps the
-per-token values (``per_token``).
+Metrics (:func:`tq.stats.quality_summary`): exact and quantized perplexity and their ratio,
+KL(exact || quantized) with median, p99 and maximum, top-1 agreement, and the change in the
+probability of the true next token; each a mean over the scored tokens with its standard error
+over windows (``<name>_se``, the window as the unit) and per token (``<name>_se_token``). The
+record keeps every window's means (``per_window``, for paired comparisons between settings) and
+the per-token values with their window (``per_token``).
 """
 
 from __future__ import annotations
@@ -37,15 +42,14 @@ from tq.kvcache import CacheConfig, exact_layers
 from tq.records import make_record
 from tq.reference import ExactReference
 from tq.runner import DecodeRunner
-from tq.stats import PER_TOKEN_FIELDS, quality_summary
+from tq.stats import PER_TOKEN_FIELDS, cluster_means, quality_summary
 
 PROTOCOLS = ("decode", "window")
 # Windows decoded per engine call. Measured on SmolLM2-135M, 2 threads, 1k-token windows
 # (benchmarks/perplexity_decode.py): decode throughput rises with the batch up to 16 sequences.
 DEFAULT_BATCH = 16
-TEXT = "Wikipedia excerpt of the gensim wheel (tq.corpus)"
-# Characters of text encoded per token needed, with a wide margin (English BPE: about 4-5).
-_CHARS_PER_TOKEN = 8
+TEXT = "Wikipedia excerpt of the gensim wheel (tq.corpus), windows drawn across its articles"
+DEFAULT_SAMPLE_SEED = 0
 
 
 def _check_shape(windows: int, window: int, context: int) -> None:
@@ -56,7 +60,7 @@ def _check_shape(windows: int, window: int, context: int) -> None:
 
 
 def reference_settings(
-    runner: DecodeRunner, source: ModelSource, windows: int, window: int, context: int
+    runner: DecodeRunner, source: ModelSource, windows: int, window: int, context: int, sample_seed: int
 ) -> dict[str, Any]:
     """What a perplexity reference is made for (:meth:`ExactReference.require` checks it)."""
     return {
@@ -64,22 +68,25 @@ def reference_settings(
         "model": runner.name,
         **source.engine_settings(),
         "text": TEXT,
+        "sample_seed": sample_seed,
         "windows": windows,
         "window": window,
         "context": context,
     }
 
 
-def text_windows(files: Any, windows: int, window: int, cache: os.PathLike | None = None) -> np.ndarray:
-    """The first ``windows`` windows of ``window`` tokens of the corpus text, encoded with the
-    tokenizer of ``files`` (a runner's model files): int64 [windows, window]."""
-    from tq.corpus import corpus_text, token_windows
+def text_windows(
+    files: Any, windows: int, window: int, sample_seed: int, cache: os.PathLike | None = None
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``windows`` windows of ``window`` tokens drawn across the corpus's articles from
+    ``sample_seed`` (:func:`tq.corpus.draw_windows`), encoded with the tokenizer of ``files`` (a
+    runner's model files): int64 [windows, window], and each window's article, title and token
+    offset."""
+    from tq.corpus import draw_windows
 
-    text = corpus_text(cache)
-    ids = files.encode(text[: windows * window * _CHARS_PER_TOKEN])
-    if len(ids) < windows * window:
-        ids = files.encode(text)
-    return np.asarray(token_windows(ids, window, windows), np.int64)
+    tokens, drawn = draw_windows(files.encode, windows, window, sample_seed, cache)
+    described = [{"article": w.article, "title": w.title, "offset": w.offset} for w in drawn]
+    return np.asarray(tokens, np.int64), described
 
 
 def perplexity_reference(
@@ -89,14 +96,16 @@ def perplexity_reference(
     context: int = 512,
     threads: int | None = None,
     cache: os.PathLike | None = None,
+    sample_seed: int = DEFAULT_SAMPLE_SEED,
 ) -> ExactReference:
     """The exact run on the perplexity windows: one call per window over tokens 0..window-2,
     whose logits at positions context-1.. predict the scored tokens (compact encoding). Equal to
     the exact decode loop within float rounding: attention is causal, so a position sees the same
-    tokens either way. ``model``: the model and its engine (a path: an ONNX bundle)."""
+    tokens either way. ``model``: the model and its engine (a path: an ONNX bundle). The
+    reference's config lists the windows drawn (``text_windows``)."""
     _check_shape(windows, window, context)
     source = ModelSource.of(model)
-    return _exact_reference(source.open(threads), source, windows, window, context, cache)
+    return _exact_reference(source.open(threads), source, windows, window, context, sample_seed, cache)
 
 
 def _exact_reference(
@@ -105,9 +114,10 @@ def _exact_reference(
     windows: int,
     window: int,
     context: int,
+    sample_seed: int,
     cache: os.PathLike | None,
 ) -> ExactReference:
-    tokens = text_windows(runner.files, windows, window, cache)
+    tokens, drawn = text_windows(runner.files, windows, window, sample_seed, cache)
     progress = Progress("tq perplexity reference")
 
     def sequences() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -116,9 +126,8 @@ def _exact_reference(
             progress(f"window {index + 1}/{windows}")
             yield row, row[context:], logits[context - 1 :]
 
-    return ExactReference.from_sequences(
-        sequences(), "compact", reference_settings(runner, source, windows, window, context)
-    )
+    settings = reference_settings(runner, source, windows, window, context, sample_seed)
+    return ExactReference.from_sequences(sequences(), "compact", settings | {"text_windows": drawn})
 
 
 def _layer_configs(
@@ -155,6 +164,7 @@ def run_perplexity(
     quantized_layers: Sequence[int] | None = None,
     reference: ExactReference | str | os.PathLike | None = None,
     batch: int = DEFAULT_BATCH,
+    sample_seed: int = DEFAULT_SAMPLE_SEED,
 ) -> dict[str, Any]:
     """Exact vs quantized perplexity over ``windows`` windows; return a ``perplexity`` record.
 
@@ -162,6 +172,7 @@ def run_perplexity(
         model: the model and its engine (a path: an ONNX bundle).
         reference: the exact run (:func:`perplexity_reference`, or a file it was saved to) for
             these windows; computed here when not given.
+        sample_seed: the seed the windows are drawn from (:func:`text_windows`).
         batch: windows decoded per graph call (``decode`` protocol; 1 = one window at a time).
         quantized_layers: quantize only those layers and keep every other one exact (per-layer
             sensitivity); replaces ``exact_first_layers`` / ``exact_last_layers``.
@@ -179,14 +190,14 @@ def run_perplexity(
     )
     start = time.perf_counter()
     if reference is None:
-        reference = _exact_reference(runner, source, windows, window, context, cache)
+        reference = _exact_reference(runner, source, windows, window, context, sample_seed, cache)
         reference_source = "computed in this run"
     elif isinstance(reference, ExactReference):
         reference_source = "given"
     else:
         reference_source = os.fspath(reference)
         reference = ExactReference.load(reference)
-    reference.require(**reference_settings(runner, source, windows, window, context))
+    reference.require(**reference_settings(runner, source, windows, window, context, sample_seed))
     reference_seconds = time.perf_counter() - start
     tokens = np.stack([reference.sequence(index)[0] for index in range(windows)])
     progress = Progress("tq bench perplexity")
@@ -220,24 +231,26 @@ def run_perplexity(
         progress(f"windows {first + len(rows)}/{windows} done")
     seconds = time.perf_counter() - start
     values = {name: np.concatenate([part[name] for part in per_token]) for name in PER_TOKEN_FIELDS}
-    result = quality_summary(values) | {
+    window_of = np.concatenate([np.full(len(part["kl"]), index) for index, part in enumerate(per_token)])
+    result = quality_summary(values, window_of) | {
         "context_kv_nbytes": kv_nbytes,
         "context_kv_float_nbytes": kv_float,
         "kv_compression_ratio": kv_float / kv_nbytes,
-        "window_perplexities": {
-            side: [float(np.exp(part[f"{side}_nll"].mean())) for part in per_token]
-            for side in ("exact", "quantized")
-        },
-        "per_token": {name: values[name].tolist() for name in PER_TOKEN_FIELDS},
+        "per_window": cluster_means(values, window_of),
+        "per_token": {name: values[name].tolist() for name in PER_TOKEN_FIELDS}
+        | {"window": window_of.tolist()},
     }
     record_config = {
         "workload": "perplexity",
         **source.describe(),
         "model": runner.name,
         "text": TEXT,
+        "sample_seed": sample_seed,
         "windows": windows,
         "window": window,
         "context": context,
+        "text_windows": reference.config["text_windows"],
+        "se_unit": "window",
         "threads": threads,
         "cache": config.describe(),
         "exact_layers": sorted(layer_configs),

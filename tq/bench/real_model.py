@@ -49,7 +49,7 @@ from tq.models.chat import PROMPT_FORMATS, PromptFormat
 from tq.records import make_record
 from tq.reference import ExactReference, ReferenceError
 from tq.runner import Generation
-from tq.stats import PER_TOKEN_FIELDS, mean_se, quality_summary
+from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se, quality_summary
 
 MODES = ("exact", "quantized", "compare")
 DEFAULT_TOP_K = 5
@@ -146,16 +146,18 @@ def compare_metrics(
     """Drift of teacher-forced and free-running quantized runs against the exact runs.
 
     ``forced[i]`` follows the exact tokens of the reference's sequence i; ``free[i]`` decodes on
-    its own. Teacher-forced figures have standard errors over the forced tokens.
+    its own. Teacher-forced figures have standard errors with the prompt as the unit (and per
+    forced token as ``<name>_se_token``; :mod:`tq.stats`).
     """
     from tq import metrics
 
     parts = [reference.compare(index, run.logits) for index, run in enumerate(forced)]
     values = {name: np.concatenate([part[name] for part in parts]) for name in PER_TOKEN_FIELDS}
+    prompts = np.concatenate([np.full(len(part["kl"]), index) for index, part in enumerate(parts)])
     exact_logits = np.concatenate([reference.logits(reference.rows(i)) for i in range(len(forced))])
     forced_logits = np.concatenate([run.logits for run in forced])
     squared = np.mean((exact_logits.astype(np.float64) - forced_logits) ** 2, axis=1)
-    mean_squared, mean_squared_se = mean_se(squared)
+    mean_squared, mean_squared_se = cluster_mean_se(squared, prompts)
     rmse = float(np.sqrt(mean_squared))
     exact_tokens = [reference.sequence(i)[1].tolist() for i in range(len(free))]
     divergence = [metrics.first_divergence(e, f.tokens) for e, f in zip(exact_tokens, free, strict=True)]
@@ -164,7 +166,7 @@ def compare_metrics(
         n * metrics.token_match_rate(e, f.tokens)
         for n, e, f in zip(compared, exact_tokens, free, strict=True)
     )
-    summary = quality_summary(values)
+    summary = quality_summary(values, prompts)
     return summary | {
         "logit_rmse": rmse,
         "logit_rmse_se": None if mean_squared_se is None or rmse == 0 else mean_squared_se / (2 * rmse),
@@ -305,6 +307,7 @@ def run_real_model(
         "cache": config.describe() if mode != "exact" else None,
         "exact_layers": sorted(layer_configs),
         "exact_runs": "read from the reference" if mode == "compare" and not exact else "run here",
+        "se_unit": "prompt" if mode == "compare" else None,
         "note": f"{source.engine} computes float attention over the cache's reconstruction; the "
         "current call's own keys and values are exact and are quantized for later calls.",
     }

@@ -160,15 +160,19 @@ def exact_layer_params(wildcards) -> dict:
 def perplexity_params(section: str) -> dict:
     """The protocol, batch and windows of config section ``section`` (perplexity or
     layer_sensitivity)."""
-    return {name: config[section][name] for name in ("protocol", "batch", "windows", "window", "context")}
+    return {
+        name: config[section][name]
+        for name in ("protocol", "batch", "sample_seed", "windows", "window", "context")
+    }
 
 
 def perplexity_reference_file(section: str) -> str:
-    """The exact reference a job of config section ``section`` reads ({model} left open)."""
+    """The exact reference a job of config section ``section`` reads ({model} left open): one
+    per window set (seed, windows x window, context)."""
     settings = config[section]
     return (
-        f"results/reference/{{model}}/perplexity-{settings['windows']}x{settings['window']}"
-        f"-c{settings['context']}.safetensors"
+        f"results/reference/{{model}}/perplexity-s{settings['sample_seed']}-{settings['windows']}x"
+        f"{settings['window']}-c{settings['context']}.safetensors"
     )
 
 

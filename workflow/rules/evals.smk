@@ -96,8 +96,9 @@ rule perplexity_reference:
         model=model_input,
         corpus=rules.corpus.output[0],
     output:
-        "results/reference/{model}/perplexity-{windows}x{window}-c{context}.safetensors",
+        "results/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.safetensors",
     wildcard_constraints:
+        seed=r"\d+",
         windows=r"\d+",
         window=r"\d+",
         context=r"\d+",
@@ -105,9 +106,9 @@ rule perplexity_reference:
         engine=engine_params,
         source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
     log:
-        "results/logs/reference/{model}/perplexity-{windows}x{window}-c{context}.log",
+        "results/logs/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.log",
     benchmark:
-        "results/benchmarks/reference/{model}/perplexity-{windows}x{window}-c{context}.tsv"
+        "results/benchmarks/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.tsv"
     resources:
         mem_mb=4000,
         runtime=15,

@@ -1,4 +1,5 @@
-# Aggregate every result record into one table, then the markdown report and its plots.
+# Aggregate every result record into one table (and the perplexity records' per-window and
+# per-token values beside it), then the markdown report and its plots.
 
 localrules:
     aggregate,
@@ -9,7 +10,9 @@ rule aggregate:
     input:
         all_records,
     output:
-        "results/summary.csv",
+        summary="results/summary.csv",
+        per_window="results/per_window.csv",
+        per_token="results/per_token.parquet",
     params:
         source_hash=tq_sources_hash("tq.report"),
     log:
@@ -28,7 +31,8 @@ rule aggregate:
 
 rule report:
     input:
-        rules.aggregate.output[0],
+        summary=rules.aggregate.output.summary,
+        per_window=rules.aggregate.output.per_window,
     output:
         report(
             "results/report.md",

@@ -20,6 +20,7 @@ with open(snakemake.log[0], "w") as log:
         windows=params.windows,
         window=params.window,
         context=params.context,
+        sample_seed=params.sample_seed,
         protocol=params.protocol,
         batch=params.batch,
         reference=snakemake.input.reference,

@@ -16,6 +16,7 @@ with open(snakemake.log[0], "w") as log:
         windows=int(wildcards.windows),
         window=int(wildcards.window),
         context=int(wildcards.context),
+        sample_seed=int(wildcards.seed),
         threads=snakemake.threads,
     )
     reference.save(snakemake.output[0])
