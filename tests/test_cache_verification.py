@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tq import corpus
 from tq.codebook import lloyd_max_codebook, solve_codebook
 from tq.fileio import CacheWarning, json_checksum, read_checked_json, write_checked_json
 from tq.models import BundleError, ModelBundle, prepare_bundle
@@ -125,41 +124,7 @@ def test_every_solved_codebook_verifies(tmp_path, monkeypatch, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, CacheWarning)]
 
 
-# --- The corpus text ---------------------------------------------------------------------------
-
-ARTICLES = [("Anarchism", "Anarchism is a political philosophy."), ("Autism", "Autism is a condition.")]
-
-
-@pytest.fixture
-def extractions(monkeypatch) -> list[int]:
-    """Stand in for the gensim wheel's dump; counts the extractions."""
-    calls: list[int] = []
-
-    def articles(cache=None):
-        calls.append(1)
-        return list(ARTICLES)
-
-    monkeypatch.setattr(corpus, "wikipedia_articles", articles)
-    return calls
-
-
-def test_an_edited_corpus_cache_is_extracted_again(tmp_path, extractions):
-    text = corpus.corpus_text(tmp_path)
-    (cached,) = (tmp_path / "corpus").iterdir()
-    assert corpus.corpus_text(tmp_path) == text and len(extractions) == 1  # read from the cache
-    cached.write_text(cached.read_text().replace("political", "polotical"))
-    with pytest.warns(CacheWarning, match=f"{cached.name}: the content does not match"):
-        assert corpus.corpus_text(tmp_path) == text
-    assert len(extractions) == 2
-    assert read_checked_json(cached)["text"] == text  # rewritten
-
-
-def test_a_corpus_cache_of_another_format_is_extracted_again(tmp_path, extractions):
-    corpus.corpus_text(tmp_path)
-    (cached,) = (tmp_path / "corpus").iterdir()
-    write_checked_json(cached, {"format": "tq.corpus/0", "text": "stale"})
-    with pytest.warns(CacheWarning, match="not a tq.corpus/2 file; extracting the text again"):
-        assert "Anarchism is a political philosophy." in corpus.corpus_text(tmp_path)
+# --- The corpus text: tests/test_corpus.py checks its cache (edited, stale or malformed files).
 
 
 # --- Bundles -----------------------------------------------------------------------------------
