@@ -53,12 +53,13 @@ QUICK_JOBS = {
 }
 # The default sweep: SmolLM2, 2 layers x 3 KV heads = 6 traces; synthetic d {64, 128} x b 1..4
 # x {mse, prod} less Prod at b = 1 (14); 15 cache settings (6 TurboQuant, 5 baselines, 4
-# ablations) on each trace (90), in compare mode (15) and for perplexity (15); 30 layers alone;
+# ablations) in compare mode (15) and for perplexity (15), 14 of them on each trace (84: the
+# exact-layers ablation is the plain 2-bit setting on a single head); 30 layers alone;
 # needles at 4 bit widths in one job (each prompt's prefill shared by every width).
 DEFAULT_JOBS = QUICK_JOBS | {
     "traces": 6,
     "synthetic": 14,
-    "trace_eval": 90,
+    "trace_eval": 84,
     "compare": 15,
     "perplexity": 15,
     "layer_sensitivity": 30,

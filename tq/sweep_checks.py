@@ -152,6 +152,20 @@ class _Setting:
             )
 
 
+def trace_cache_labels(config: Mapping[str, Any]) -> list[str]:
+    """The labels of the ``kv_caches`` settings evaluated on traces. A trace is one head of one
+    layer, so exact layers (a whole-model option) do not apply to it: settings that differ only
+    in them would give the same trace records twice, and are evaluated once (the first)."""
+    labels, seen = [], set()
+    for index, entry in enumerate(config["kv_caches"]):
+        setting = _Setting(f"kv_caches[{index}]", entry, config["cache_options"])
+        identity = _identity(setting.config, (0, 0))
+        if identity not in seen:
+            seen.add(identity)
+            labels.append(setting.label)
+    return labels
+
+
 def _unique(key: str, values: Sequence[Any]) -> None:
     seen: dict[Any, int] = {}
     for index, value in enumerate(values):

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from tq.sweep_checks import BITS_PATTERN, CACHE_OPTION_CODES, bits_label, cache_fields, cache_label, check_sweep
+from tq.sweep_checks import (
+    BITS_PATTERN,
+    CACHE_OPTION_CODES,
+    bits_label,
+    cache_fields,
+    cache_label,
+    check_sweep,
+    trace_cache_labels,
+)
 from tq.sweep_models import SweepConfigError, resolve_models
 
 TQ_ROOT = Path(workflow.basedir) / "tq"
@@ -94,6 +102,8 @@ def tq_sources_hash(*modules: str) -> str:
 
 
 CACHES = [cache_label(cache) for cache in config["kv_caches"]]
+# Those evaluated on traces: settings that differ only in exact layers are one setting there.
+TRACE_CACHES = trace_cache_labels(config)
 CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}{options}"
 CACHE_OPTIONS = config["cache_options"]
 
@@ -206,7 +216,10 @@ def all_records(wildcards) -> list[str]:
     ]
     for model in MODELS:
         records += expand(
-            "results/trace_eval/{model}/{trace}/{cache}.json", model=model, trace=trace_names(model), cache=CACHES
+            "results/trace_eval/{model}/{trace}/{cache}.json",
+            model=model,
+            trace=trace_names(model),
+            cache=TRACE_CACHES,
         )
         records.append(f"results/baseline/{model}/{SUITE}.json")
         records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=CACHES)
