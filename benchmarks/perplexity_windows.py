@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tq.bench.perplexity import perplexity_reference, run_perplexity  # noqa: E402
-from tq.corpus import corpus_articles, sample_windows  # noqa: E402
+from tq.corpus import article_tokens, sample_windows  # noqa: E402
 from tq.engines import ModelSource  # noqa: E402
 from tq.fileio import write_json  # noqa: E402
 from tq.kvcache import CacheConfig  # noqa: E402
@@ -46,10 +46,7 @@ def shape(text: str) -> dict[str, int]:
 
 def disjoint_seed(source: ModelSource, windows: int, window: int) -> int:
     """The first seed after 0 whose windows share no article with seed 0's."""
-    articles = corpus_articles()
-    encode = source.open(1).files.encode
-    tokens = [encode(f"{title}\n\n{body}") for title, body in articles]
-    titles = [title for title, _ in articles]
+    tokens, titles = article_tokens(source.open(1).files.encode)
     first = {w.article for w in sample_windows(tokens, titles, windows, window, 0)}
     for seed in range(1, 10_000):
         if first.isdisjoint(w.article for w in sample_windows(tokens, titles, windows, window, seed)):

@@ -474,6 +474,16 @@ def sample_windows(
     raise AssertionError(f"drew {len(windows)} of {count} windows")  # unreachable: held >= count
 
 
+def article_tokens(
+    encode: Callable[[str], Sequence[int]], cache: str | os.PathLike | None = None
+) -> tuple[list[np.ndarray], list[str]]:
+    """Every article of :func:`corpus_articles` ``(cache)`` encoded on its own, as
+    ``title + "\\n\\n" + body``, by ``encode``: int64 token ids per article, and the titles."""
+    articles = corpus_articles(cache)
+    tokens = [np.asarray(encode(f"{title}\n\n{body}"), dtype=np.int64) for title, body in articles]
+    return tokens, [title for title, _ in articles]
+
+
 def draw_windows(
     encode: Callable[[str], Sequence[int]],
     count: int,
@@ -483,8 +493,8 @@ def draw_windows(
 ) -> tuple[np.ndarray, list[TextWindow]]:
     """``count`` windows of ``window`` tokens from across :func:`corpus_articles` ``(cache)``.
 
-    Each article is encoded on its own as ``title + "\\n\\n" + body`` by ``encode`` (e.g. a
-    model bundle's ``encode``), and its ids are taken as they come: special tokens that ``encode``
+    Each article is encoded on its own by ``encode`` (:func:`article_tokens`; e.g. a model
+    bundle's ``encode``), and its ids are taken as they come: special tokens that ``encode``
     adds are part of the article's ids (a BOS that it puts first is the first token of the
     article, so only a window at offset 0 starts with it; SmolLM2's ``encode`` adds none). The
     windows are :func:`sample_windows` of those ids.
@@ -496,9 +506,8 @@ def draw_windows(
     Raises:
         ValueError: as :func:`sample_windows` (too few windows of that length in the text).
     """
-    articles = corpus_articles(cache)
-    tokens = [np.asarray(encode(f"{title}\n\n{body}"), dtype=np.int64) for title, body in articles]
-    windows = sample_windows(tokens, [title for title, _ in articles], count, window, seed)
+    tokens, titles = article_tokens(encode, cache)
+    windows = sample_windows(tokens, titles, count, window, seed)
     ids = np.stack([tokens[w.article][w.offset : w.offset + window] for w in windows])
     return ids, windows
 
