@@ -33,7 +33,6 @@ from tq.corpus import (
     draw_windows,
     fetch_gensim_wheel,
     sample_windows,
-    token_windows,
     wikipedia_articles,
 )
 from tq.fileio import CacheWarning, read_checked_json, write_checked_json
@@ -207,41 +206,6 @@ def test_a_downloaded_wheel_with_the_wrong_checksum_is_refused(tmp_path, monkeyp
         fetch_gensim_wheel(tmp_path)
     assert not isinstance(error.value, WheelDownloadError)
     assert list((tmp_path / "wheels").iterdir()) == []
-
-
-# --- token_windows ----------------------------------------------------------------------------
-
-
-def test_token_windows_adjacent_from_the_start():
-    windows = token_windows(list(range(100, 111)), window=3, count=3)
-    assert windows.dtype == np.int64 and windows.shape == (3, 3)
-    np.testing.assert_array_equal(windows, [[100, 101, 102], [103, 104, 105], [106, 107, 108]])
-
-
-def test_token_windows_with_stride_and_exact_length():
-    ids = np.arange(10, dtype=np.int32)
-    windows = token_windows(ids, window=4, count=4, stride=2)
-    np.testing.assert_array_equal(windows, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]])
-    assert windows.dtype == np.int64
-
-
-def test_token_windows_too_short():
-    with pytest.raises(ValueError, match=r"too short: 3 windows of 4 tokens .* need 12 tokens, it has 11"):
-        token_windows(range(11), window=4, count=3)
-
-
-@pytest.mark.parametrize(
-    ("ids", "window", "count", "stride", "match"),
-    [
-        (range(10), 0, 1, None, "window must be at least 1"),
-        (range(10), 2, 0, None, "count must be at least 1"),
-        (range(10), 2, 2, 0, "stride must be at least 1"),
-        (np.zeros((2, 5)), 2, 1, None, "must be 1-D"),
-    ],
-)
-def test_token_windows_rejects_bad_arguments(ids, window, count, stride, match):
-    with pytest.raises(ValueError, match=match):
-        token_windows(ids, window, count, stride)
 
 
 # --- The corpus cache (articles stand in for the wheel's dump) -------------------------------

@@ -13,7 +13,7 @@ a MediaWiki XML dump of the first Wikipedia pages (2016), about 100 real article
    verified on every read (:func:`corpus_articles`, :func:`corpus_text`);
 4. draws token windows across the articles, reproducibly from a seed, never across an article
    boundary and at most one per article while articles remain (:func:`sample_windows`,
-   :func:`draw_windows`), or cuts them from the start of one tokenized text (:func:`token_windows`).
+   :func:`draw_windows`).
 
 ``cache`` is the cache root everywhere: an explicit directory, or ``None`` for
 :func:`tq.codebook.cache_dir` (``$TQ_CACHE_DIR``, default ``~/.cache/tq``). Nothing here is
@@ -510,33 +510,3 @@ def draw_windows(
     windows = sample_windows(tokens, titles, count, window, seed)
     ids = np.stack([tokens[w.article][w.offset : w.offset + window] for w in windows])
     return ids, windows
-
-
-def token_windows(token_ids: Sequence[int], window: int, count: int, stride: int | None = None) -> np.ndarray:
-    """``count`` windows of ``window`` consecutive tokens, taken from the start of ``token_ids``.
-
-    Window i is ``token_ids[i * stride : i * stride + window]``; ``stride`` defaults to
-    ``window`` (adjacent, non-overlapping windows). Deterministic: no sampling.
-
-    Returns:
-        int64 array of shape [count, window].
-
-    Raises:
-        ValueError: ``window``, ``count`` or ``stride`` is below 1, ``token_ids`` is not 1-D, or
-            it holds fewer than ``(count - 1) * stride + window`` tokens.
-    """
-    stride = window if stride is None else stride
-    for name, value in (("window", window), ("count", count), ("stride", stride)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.ndim != 1:
-        raise ValueError(f"token_ids must be 1-D, got shape {ids.shape}")
-    needed = (count - 1) * stride + window
-    if ids.size < needed:
-        raise ValueError(
-            f"the text is too short: {count} windows of {window} tokens at stride {stride} need "
-            f"{needed} tokens, it has {ids.size}"
-        )
-    starts = np.arange(count) * stride
-    return ids[starts[:, None] + np.arange(window)[None, :]]
