@@ -18,6 +18,7 @@ include: "workflow/rules/corpus.smk"
 include: "workflow/rules/traces.smk"
 include: "workflow/rules/synthetic.smk"
 include: "workflow/rules/evals.smk"
+include: "workflow/rules/key_stats.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -28,8 +28,9 @@ from tq.bench.real_model import MODES, run_real_model
 from tq.bench.synthetic import run_synthetic
 from tq.bench.trace import DEFAULT_TOP_K as TRACE_TOP_K
 from tq.bench.trace import run_trace
+from tq.cache_presets import CACHE_PRESETS, expand_preset
 from tq.kernels import DEVICES, DeviceUnavailableError
-from tq.kvcache import NORM_DTYPES, STRATEGIES, CacheConfig
+from tq.kvcache import FP8_SCALES, NORM_DTYPES, STRATEGIES, CacheConfig
 from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
 from tq.models.chat import PROMPT_FORMATS
 from tq.records import output_path_problem, write_record
@@ -110,6 +111,23 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
     cache.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
     cache.add_argument(
+        "--center-keys",
+        action="store_true",
+        help="subtract each head's mean key (from the prefill, stored fp32) before quantizing keys",
+    )
+    cache.add_argument(
+        "--fp8-scale",
+        choices=FP8_SCALES,
+        default="token",
+        help="fp8 strategy: a float16 scale per token (default) or one fp32 scale per head",
+    )
+    cache.add_argument(
+        "--cache-preset",
+        choices=list(CACHE_PRESETS),
+        help="a named setting (vLLM's TurboQuant presets): its bits, strategies, options and exact "
+        "layers; cache options given besides it override the preset's",
+    )
+    cache.add_argument(
         "--top-k",
         type=_positive_int,
         help=f"trace: top-k overlap (default {TRACE_TOP_K}); real-model: top-k agreement "
@@ -135,6 +153,13 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
     real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
+    real.add_argument(
+        "--exact-layers",
+        type=_layer_list,
+        default=[],
+        metavar="L,L,...",
+        help="any layers kept exact, comma-separated (e.g. 0,1,2,4,8)",
+    )
     real.add_argument("--windows", type=int, default=4, help="perplexity: number of text windows")
     real.add_argument(
         "--sample-seed",
@@ -298,20 +323,48 @@ def _whole(bits: float) -> int | float:
     return int(bits) if float(bits).is_integer() else bits
 
 
+# Cache options on the command line: destination -> (cache field, the parser's default).
+_CACHE_ARGUMENTS = {
+    "bits": ("key_bits", 4),
+    "strategy": ("key_strategy", "mse"),
+    "value_bits": ("value_bits", None),
+    "value_strategy": ("value_strategy", None),
+    "residual_length": ("residual_length", 0),
+    "group_size": ("group_size", 32),
+    "renormalize": ("renormalize", False),
+    "norm_dtype": ("norm_dtype", "float32"),
+    "seed": ("seed", 0),
+    "rotation": ("rotation", "haar"),
+    "device": ("device", "cpu"),
+    "center_keys": ("center_keys", False),
+    "fp8_scale": ("fp8_scale", "token"),
+    "exact_first_layers": ("exact_first_layers", 0),
+    "exact_last_layers": ("exact_last_layers", 0),
+    "exact_layers": ("exact_layers", []),
+}
+
+
+def _cache_settings(args: argparse.Namespace) -> dict:
+    """The cache fields and exact layers the command line asks for: ``--cache-preset``'s, with
+    every cache option given besides it (not at its default) over them; without a preset,
+    every option (the value bits and strategy default to the key's)."""
+    given = {
+        field: getattr(args, dest)
+        for dest, (field, default) in _CACHE_ARGUMENTS.items()
+        if hasattr(args, dest) and (args.cache_preset is None or getattr(args, dest) != default)
+    }
+    if args.cache_preset is not None:
+        return expand_preset({"preset": args.cache_preset, **given})
+    given["value_bits"] = args.bits if args.value_bits is None else args.value_bits
+    given["value_strategy"] = args.value_strategy or args.strategy
+    return given
+
+
 def _cache_config(args: argparse.Namespace) -> CacheConfig:
-    return CacheConfig(
-        key_bits=_whole(args.bits),
-        key_strategy=args.strategy,
-        value_bits=_whole(args.bits if args.value_bits is None else args.value_bits),
-        value_strategy=args.value_strategy or args.strategy,
-        residual_length=args.residual_length,
-        group_size=args.group_size,
-        renormalize=args.renormalize,
-        norm_dtype=args.norm_dtype,
-        seed=args.seed,
-        rotation=args.rotation,
-        device=args.device,
-    )
+    fields = _cache_settings(args)
+    fields["key_bits"], fields["value_bits"] = _whole(fields["key_bits"]), _whole(fields["value_bits"])
+    exact = ("exact_first_layers", "exact_last_layers", "exact_layers")
+    return CacheConfig(**{name: value for name, value in fields.items() if name not in exact})
 
 
 def _max_new_tokens(args: argparse.Namespace, default: int) -> int:
@@ -321,10 +374,12 @@ def _max_new_tokens(args: argparse.Namespace, default: int) -> int:
 def _real_model_inputs(args: argparse.Namespace) -> dict:
     if not args.real_model_dir:
         raise ValueError(f"the {args.workload} workload needs --real-model-dir DIR (see tq model prepare)")
+    settings = _cache_settings(args)
     return {
         "config": _cache_config(args),
-        "exact_first_layers": args.exact_first_layers,
-        "exact_last_layers": args.exact_last_layers,
+        "exact_first_layers": settings.get("exact_first_layers", 0),
+        "exact_last_layers": settings.get("exact_last_layers", 0),
+        "exact_layer_set": settings.get("exact_layers", []),
         "threads": args.threads,
     }
 
@@ -425,6 +480,19 @@ def _output_path(text: str) -> str:
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def _layer_list(text: str) -> list[int]:
+    """``"0,1,4"`` -> [0, 1, 4]: layer indices, comma-separated."""
+    try:
+        layers = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected layer indices separated by commas, got {text!r}"
+        ) from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
+    return layers
 
 
 def _positive_int(text: str) -> int:

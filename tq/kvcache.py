@@ -9,7 +9,9 @@ norm (``norm_dtype``, fp32 by default), and for Prod the QJL sign bits and the r
 gamma (fp32); for a fractional width, each channel group has its own codes and norm, and the
 outlier channel indices of each head are stored once. For the baseline strategies
 (tq.baselines: "uniform", "rotated-uniform", "kivi"): the packed codes and a float16 zero point
-and scale per group. ``exact`` tokens and the tokens of the residual window are stored as fp32.
+and scale per group. For "fp8" (tq.fp8): one byte per coordinate and a float16 scale per token
+(or one fp32 scale per head). With ``center_keys``, each head's mean key (fp32, one value per
+channel) is stored once per layer. ``exact`` tokens and the tokens of the residual window are stored as fp32.
 ``keys()`` and ``values()`` return a float32 reconstruction that the cache maintains as tokens
 arrive (a working buffer for the decode loop, not counted in ``nbytes``; ``buffer_nbytes``);
 ``dequantize_stored()`` rebuilds it from the stored codes alone. A cache made with
@@ -33,12 +35,17 @@ import numpy as np
 from tq.baselines import BASELINE_STRATEGIES, MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
 from tq.batch import BatchQuantizedMSE
 from tq.codebook import MAX_BITS
+from tq.fp8 import FP8_MAX, FP8Quantizer
 from tq.kernels import DEVICES
 from tq.quantizers import FLOAT32_MAX, TurboQuantMSE, TurboQuantProd, float32_overflow
 
 TURBOQUANT_STRATEGIES = ("mse", "prod")
-STRATEGIES = (*TURBOQUANT_STRATEGIES, "exact", *BASELINE_STRATEGIES)
+FP8_STRATEGY = "fp8"
+STRATEGIES = (*TURBOQUANT_STRATEGIES, "exact", *BASELINE_STRATEGIES, FP8_STRATEGY)
+# Strategies with one quantizer over all channels from the first token (no outlier groups).
+SINGLE_GROUP_STRATEGIES = (*BASELINE_STRATEGIES, FP8_STRATEGY)
 NORM_DTYPES = ("float32", "float16")
+FP8_SCALES = ("token", "head")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -54,7 +61,8 @@ class CacheConfig:
             bits-1 plus a 1-bit QJL sign), "exact" (fp32, bits ignored), or a baseline of
             tq.baselines (whole bits 1..8 only): "uniform" (per-token asymmetric uniform,
             groups of group_size channels), "rotated-uniform" (the same after the rotation) or
-            "kivi" (keys per channel over groups of group_size tokens, values per token).
+            "kivi" (keys per channel over groups of group_size tokens, values per token), or
+            "fp8" (FP8 E4M3 per coordinate, tq.fp8; bits must be 8; scaled as fp8_scale says).
         residual_length: the most recent tokens kept exact; older tokens leave this window
             into the quantized store. Per-channel ("kivi") keys leave it in whole groups of
             group_size tokens, so their exact part holds residual_length to
@@ -74,6 +82,14 @@ class CacheConfig:
             quantization (the last group is shorter if it does not divide head_dim), tokens
             per group for per-channel keys. Stored bits per coordinate: bits + 32 / group_size
             when it divides head_dim.
+        center_keys: subtract a per-head mean key (one fp32 value per channel, the mean of the
+            first tokens that enter the layer's cache, i.e. the prefill) before quantizing the
+            keys, and add it back on reconstruction, so that attention scores change only by
+            the quantization error of the centred keys. Stored: kv_heads * head_dim fp32 per
+            layer. Ignored for exact keys.
+        fp8_scale: scale of an "fp8" stream: "token" (a float16 scale per token and head,
+            max |x| / 448) or "head" (one fp32 scale per head, fixed from the first tokens
+            that enter the cache; later values beyond its range saturate at +-448 * scale).
     """
 
     key_bits: float = 4
@@ -87,6 +103,8 @@ class CacheConfig:
     rotation: str = "haar"
     device: str = "cpu"
     group_size: int = 32
+    center_keys: bool = False
+    fp8_scale: str = "token"
 
     def __post_init__(self) -> None:
         for part in ("key", "value"):
@@ -99,6 +117,8 @@ class CacheConfig:
             lowest = 2 if strategy == "prod" else 1
             if strategy != "exact" and not lowest <= bits <= MAX_BITS:
                 raise ValueError(f"{part}_bits must be in [{lowest}, {MAX_BITS}] for {strategy}, got {bits}")
+            if strategy == FP8_STRATEGY and bits != 8:
+                raise ValueError(f"{part}_bits must be 8 for fp8 (one byte per coordinate), got {bits}")
             if strategy in BASELINE_STRATEGIES and not float(bits).is_integer():
                 raise ValueError(
                     f"{part}_bits must be a whole number for {strategy} (fractional widths are "
@@ -116,6 +136,10 @@ class CacheConfig:
             raise TypeError(f"group_size must be an integer, got {self.group_size!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {self.group_size}")
+        if not isinstance(self.center_keys, (bool, np.bool_)):
+            raise TypeError(f"center_keys must be true or false, got {self.center_keys!r}")
+        if self.fp8_scale not in FP8_SCALES:
+            raise ValueError(f"fp8_scale must be one of {FP8_SCALES}, got {self.fp8_scale!r}")
 
     def describe(self) -> dict[str, Any]:
         """The configuration as a plain dict (for result records)."""
@@ -131,7 +155,7 @@ class _Group:
     batch, which several layers' stores may share (one kernel call per decode step).
     """
 
-    quantizer: TurboQuantMSE | TurboQuantProd | UniformQuantizer
+    quantizer: TurboQuantMSE | TurboQuantProd | UniformQuantizer | FP8Quantizer
     channels: np.ndarray
     pieces: list[tuple[BatchQuantizedMSE | BatchUniform, int, int]] = field(default_factory=list)
 
@@ -170,7 +194,7 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
     """
     buckets: dict[tuple, list[tuple[_Store, slice, np.ndarray]]] = {}
     for store, span in pending:
-        tokens = np.ascontiguousarray(store.buffer[:, store.local(span)])
+        tokens = store.to_quantized_space(store.buffer[:, store.local(span)])
         if not store.groups:
             store._make_groups(tokens)
         key = (
@@ -199,7 +223,7 @@ def _quantize_spans(pending: list[tuple[_Store, slice]]) -> None:
                 store._scatter(store.groups[index], block, out)
                 start = stop
         for (store, span, _), out in zip(members, outs, strict=True):
-            store.absorb(span, out)
+            store.absorb(span, store.from_quantized_space(out))
 
 
 class _Store:
@@ -207,7 +231,10 @@ class _Store:
     reconstruction.
 
     TurboQuant streams fix their channel groups (outliers first) from the first tokens; a
-    baseline stream has one group of all channels and its quantizer from the start. Tokens
+    baseline or fp8 stream has one group of all channels and its quantizer from the start.
+    The first tokens also fix the stream's per-head transform, applied before quantizing and
+    undone on reconstruction: the mean key (``center``, centred keys) and the fp8 per-head
+    scale (``head_scale``). Tokens
     leave the exact window in multiples of ``flush`` tokens: the quantizer's rows per group
     (group_size for per-channel keys, else 1), so per-channel groups never straddle heads or
     layers when several spans are quantized as one batch.
@@ -235,10 +262,16 @@ class _Store:
         self.widths = [] if strategy == "exact" else split_widths(bits, head_dim)
         self.groups: list[_Group] = []
         self.flush = 1
-        if strategy in BASELINE_STRATEGIES:
-            quantizer = baseline_quantizer(
-                strategy, part, head_dim, int(bits), config.group_size, seed, config.rotation
-            )
+        self.center: np.ndarray | None = None  # float32 [kv_heads, head_dim]
+        self.head_scale: np.ndarray | None = None  # float32 [kv_heads]
+        self.centered = part == "key" and config.center_keys and strategy != "exact"
+        if strategy in SINGLE_GROUP_STRATEGIES:
+            if strategy == FP8_STRATEGY:
+                quantizer = FP8Quantizer(head_dim, "token" if config.fp8_scale == "token" else None)
+            else:
+                quantizer = baseline_quantizer(
+                    strategy, part, head_dim, int(bits), config.group_size, seed, config.rotation
+                )
             self.groups.append(_Group(quantizer, np.tile(np.arange(head_dim), (kv_heads, 1))))
             self.flush = quantizer.rows_per_group
         self.keep_reconstruction = keep_reconstruction or strategy == "exact"
@@ -246,6 +279,34 @@ class _Store:
         self.length = 0  # all tokens
         self.offset = 0  # the position of buffer[:, 0]
         self.buffer = np.empty((kv_heads, 0, head_dim), np.float32)
+
+    def _fix_transform(self, tokens: np.ndarray) -> None:
+        """Fix the per-head transform from the first tokens [kv_heads, t, head_dim]: the mean key
+        of a centred stream, the per-head scale of an fp8 stream with fp8_scale "head"."""
+        if self.centered:
+            self.center = tokens.mean(axis=1, dtype=np.float64).astype(np.float32)
+        if self.strategy == FP8_STRATEGY and self.config.fp8_scale == "head":
+            shifted = tokens if self.center is None else tokens - self.center[:, None, :]
+            peak = np.abs(shifted).max(axis=(1, 2)).astype(np.float64)
+            self.head_scale = np.where(peak > 0, peak / FP8_MAX, 1.0).astype(np.float32)
+
+    def to_quantized_space(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokens [kv_heads, t, head_dim] as the quantizer sees them: centred, per-head scaled
+        (a contiguous float32 copy)."""
+        out = np.array(tokens, dtype=np.float32, order="C")
+        if self.center is not None:
+            out -= self.center[:, None, :]
+        if self.head_scale is not None:
+            out /= self.head_scale[:, None, None]
+        return out
+
+    def from_quantized_space(self, rows: np.ndarray) -> np.ndarray:
+        """Undo :meth:`to_quantized_space` on a reconstruction [kv_heads, t, head_dim] (in place)."""
+        if self.head_scale is not None:
+            rows *= self.head_scale[:, None, None]
+        if self.center is not None:
+            rows += self.center[:, None, :]
+        return rows
 
     def local(self, span: slice) -> slice:
         """Positions start..stop-1 as a slice of ``buffer``."""
@@ -281,15 +342,16 @@ class _Store:
                     f"token {token}) overflows float16 (max {_FLOAT16_MAX:g}), the norm_dtype of this "
                     "cache; use norm_dtype='float32'"
                 )
-        if self.strategy in BASELINE_STRATEGIES:
+        if self.strategy in SINGLE_GROUP_STRATEGIES:
             quantizer = self.groups[0].quantizer
             bad = quantizer.out_of_range(tokens.reshape(-1, self.head_dim))
             if bad is not None:
                 head, token = divmod(bad[0], tokens.shape[1])
                 what = "a vector norm" if quantizer.rotation is not None else "a value"
+                limit = FP8_MAX * _FLOAT16_MAX if self.strategy == FP8_STRATEGY else MAX_ABS
                 raise ValueError(
                     f"{name}: {what} of {bad[1]:.6g} (head {head}, new token {token}) is beyond "
-                    f"{MAX_ABS:g}, too large for the float16 zero points and scales of {self.strategy}"
+                    f"{limit:g}, too large for the float16 scales of {self.strategy}"
                 )
 
     def _ensure_capacity(self, length: int) -> None:
@@ -349,6 +411,8 @@ class _Store:
         """Add tokens [kv_heads, t, head_dim]; return the span of positions that now leave the
         exact window and must be quantized (None if none do)."""
         t = tokens.shape[1]
+        if self.length == 0 and t:
+            self._fix_transform(tokens)
         self._ensure_capacity(self.length + t)
         self.buffer[:, self.local(slice(self.length, self.length + t))] = tokens
         self.length += t
@@ -405,14 +469,17 @@ class _Store:
                 block = self._reconstruct(group, batch.rows(start, stop)).reshape(self.kv_heads, t, -1)
                 self._scatter(group, block, out[:, position : position + t])
             position += t
-        return out
+        return self.from_quantized_space(out)
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored: quantized parts (codes, norms at norm_dtype, QJL signs and gammas, or a
-        baseline's zero points and scales), outlier channel indices, exact tokens (fp32)."""
+        """Bytes stored: quantized parts (codes, norms at norm_dtype, QJL signs and gammas, a
+        baseline's zero points and scales, fp8 scales), outlier channel indices, the per-head
+        mean key and fp8 scale (fp32), exact tokens (fp32)."""
         exact_tokens = self.length - self.quantized if self.strategy != "exact" else self.length
         total = exact_tokens * self.kv_heads * self.head_dim * 4
+        for transform in (self.center, self.head_scale):  # fp32, once per head
+            total += 0 if transform is None else transform.nbytes
         norm_size = 2 if self.config.norm_dtype == "float16" else 4
         for group in self.groups:
             for batch, start, stop in group.pieces:
@@ -657,9 +724,20 @@ class MultiHeadKVCache:
 EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")  # keys and values kept as fp32
 
 
-def exact_layers(num_layers: int, first: int = 0, last: int = 0) -> dict[int, CacheConfig]:
-    """Overrides that keep the first ``first`` and last ``last`` layers' keys and values exact."""
+def exact_layers(
+    num_layers: int, first: int = 0, last: int = 0, layers: Sequence[int] = ()
+) -> dict[int, CacheConfig]:
+    """Overrides that keep layers' keys and values exact: the first ``first``, the last ``last``
+    and every layer in ``layers`` (any set, e.g. the layers whose keys carry a large offset).
+
+    Raises:
+        ValueError: a layer of ``layers`` is outside 0 .. num_layers - 1.
+    """
+    outside = sorted({int(layer) for layer in layers if not 0 <= int(layer) < num_layers})
+    if outside:
+        raise ValueError(f"exact layers {outside} are outside the model's layers 0..{num_layers - 1}")
     chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
+    chosen |= {int(layer) for layer in layers}
     return {layer: EXACT for layer in sorted(chosen)}
 
 

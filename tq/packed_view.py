@@ -90,13 +90,18 @@ def packed_stream(store: _Store, name: str) -> PackedStream:
     group first (``_Store.merge_pieces``).
 
     Raises:
-        NotImplementedError: a baseline strategy, or renormalize with "prod".
+        NotImplementedError: a baseline or fp8 strategy, centred keys, or renormalize with "prod".
     """
     if store.strategy not in (*TURBOQUANT_STRATEGIES, "exact"):
         raise NotImplementedError(
             f"attention from the packed cache does not support {name} strategy {store.strategy!r} "
             "(baseline strategies are out of scope); use 'mse', 'prod' or 'exact', or attend over "
             f"cache.{name}s()"
+        )
+    if store.center is not None:
+        raise NotImplementedError(
+            f"attention from the packed cache does not support centred {name}s (center_keys); attend "
+            f"over cache.{name}s(), which adds the mean back"
         )
     if store.strategy == "prod" and store.config.renormalize:
         raise NotImplementedError(

@@ -14,8 +14,9 @@ values together can say, every error naming its key:
 - shapes against each model's geometry (:class:`~tq.models.presets.ModelGeometry`, from its
   preset or its checkpoint's config.json): trace layers and heads, ``num_layers``.
 
-It also holds how a cache setting is named in result files (:func:`cache_label`), so that the
-workflow and its checks share one spelling.
+It also holds how a cache setting is named in result files (:func:`cache_label`) and what it
+computes (:func:`setting_fields`, with named presets written out), so that the workflow and its
+checks share one spelling.
 """
 
 from __future__ import annotations
@@ -26,22 +27,38 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tq.baselines import BASELINE_STRATEGIES
-from tq.kvcache import CacheConfig, exact_layers, split_widths
+from tq.cache_presets import CachePresetError, expand_preset
+from tq.kvcache import FP8_STRATEGY, CacheConfig, exact_layers, split_widths
 from tq.models.checkpoint import Checkpoint, CheckpointError
 from tq.models.presets import PRESETS, ModelGeometry
 from tq.sweep_models import SweepConfigError
 
 # Per-setting cache options (kv_caches items) and their code in a cache label: k3mse-v3mse-r64-ef2.
+# A number follows its code (-r64); a true flag is its code alone (-kc); a string option is
+# named by the code of its value (rotation hadamard: -hd); a list of layers is joined by dots
+# (-x0.1.4).
 CACHE_OPTION_CODES = {
     "residual_length": "r",
     "exact_first_layers": "ef",
     "exact_last_layers": "el",
+    "exact_layers": "x",
     "group_size": "g",
+    "center_keys": "kc",
+    "renormalize": "nc",
+}
+VALUE_CODES = {
+    ("rotation", "hadamard"): "hd",
+    ("rotation", "haar"): "haar",
+    ("norm_dtype", "float16"): "n16",
+    ("norm_dtype", "float32"): "n32",
+    ("fp8_scale", "head"): "sh",
+    ("fp8_scale", "token"): "st",
 }
 # A bit width as result files spell it: 1 .. 8, with at most two decimals (3.5, 2.25).
 BITS_PATTERN = r"\d(\.\d\d?)?"
-# The cache_options that are CacheConfig fields (exact layers are applied per model instead).
-EXACT_LAYER_OPTIONS = ("exact_first_layers", "exact_last_layers")
+# The cache options that keep whole layers exact (applied per model, not CacheConfig fields).
+EXACT_LAYER_OPTIONS = ("exact_first_layers", "exact_last_layers", "exact_layers")
+STREAM_FIELDS = ("key_bits", "key_strategy", "value_bits", "value_strategy")
 
 
 def bits_label(bits: float) -> str:
@@ -49,19 +66,69 @@ def bits_label(bits: float) -> str:
     return f"{bits:g}"
 
 
+def _option_code(name: str, value: Any) -> str:
+    if (name, value) in VALUE_CODES:
+        return f"-{VALUE_CODES[name, value]}"
+    code = CACHE_OPTION_CODES[name]
+    if isinstance(value, bool):
+        return f"-{code}" if value else f"-no{code}"
+    if isinstance(value, (list, tuple)):
+        return f"-{code}{'.'.join(str(int(item)) for item in value)}"
+    return f"-{code}{value}"
+
+
 def cache_label(cache: Mapping[str, Any]) -> str:
-    """A cache setting as a file name: ``k3.5mse-v3mse``, plus its own options: ``-r64`` (residual
-    length), ``-ef2`` / ``-el2`` (exact first / last layers), ``-g64`` (baseline group size)."""
-    options = "".join(f"-{code}{cache[name]}" for name, code in CACHE_OPTION_CODES.items() if name in cache)
-    return (
-        f"k{bits_label(cache['key_bits'])}{cache['key_strategy']}"
-        f"-v{bits_label(cache['value_bits'])}{cache['value_strategy']}{options}"
-    )
+    """A ``kv_caches`` entry as a file name: ``k3.5mse-v3mse``, or the name of its preset
+    (``vllm-4bit_nc``), then its own options in the order of :data:`CACHE_OPTION_CODES`:
+    ``-r64`` (residual length), ``-ef2`` / ``-el2`` (exact first / last layers), ``-x0.4``
+    (exact layers), ``-g64`` (baseline group size), ``-kc`` (centred keys), ``-nc``
+    (renormalized), ``-hd`` (Hadamard rotation), ``-n16`` (float16 norms), ``-sh`` (fp8 per-head
+    scale)."""
+    if "preset" in cache:
+        head = str(cache["preset"])
+    else:
+        fields = {"key_strategy": "mse", "value_strategy": "mse", **cache}
+        head = (
+            f"k{bits_label(fields['key_bits'])}{fields['key_strategy']}"
+            f"-v{bits_label(fields['value_bits'])}{fields['value_strategy']}"
+        )
+    named = [*CACHE_OPTION_CODES, *dict.fromkeys(name for name, _ in VALUE_CODES)]
+    return head + "".join(_option_code(name, cache[name]) for name in named if name in cache)
+
+
+def setting_fields(entry: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """What a ``kv_caches`` entry computes: the shared ``cache_options``, then its preset's
+    fields (:mod:`tq.cache_presets`), then its own; strategies default to "mse".
+
+    Raises:
+        SweepConfigError: an unknown preset.
+    """
+    try:
+        own = expand_preset({name: value for name, value in entry.items() if name != "models"})
+    except CachePresetError as error:
+        raise SweepConfigError(str(error)) from None
+    return {"key_strategy": "mse", "value_strategy": "mse", **options, **own}
+
+
+def setting_runs_on(entry: Mapping[str, Any], model: str) -> bool:
+    """Whether a ``kv_caches`` entry runs on ``model``: every model, unless the entry lists its
+    ``models``."""
+    return "models" not in entry or model in entry["models"]
 
 
 def cache_fields(options: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`~tq.kvcache.CacheConfig` fields among cache options (exact layers are not one)."""
     return {name: value for name, value in options.items() if name not in EXACT_LAYER_OPTIONS}
+
+
+def exact_layer_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The exact-layer options among cache options: exact_first_layers, exact_last_layers and
+    exact_layers (a sorted list), with their defaults."""
+    return {
+        "exact_first_layers": int(options.get("exact_first_layers", 0)),
+        "exact_last_layers": int(options.get("exact_last_layers", 0)),
+        "exact_layers": sorted({int(layer) for layer in options.get("exact_layers", [])}),
+    }
 
 
 def model_geometry(model: Mapping[str, Any]) -> ModelGeometry | None:
@@ -81,15 +148,21 @@ def _number(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _identity(config: CacheConfig, exact: tuple[int, int]) -> str:
+def _identity(config: CacheConfig, exact: Sequence[Any]) -> str:
     """What a setting computes: equal for two entries whose results would be equal. Bits of an
-    exact stream and the group size of a setting without a baseline stream do not count."""
+    exact stream, the group size of a setting without a baseline stream, centring of exact keys
+    and the fp8 scale of a setting without an fp8 stream do not count."""
     fields = config.describe()
     for part in ("key", "value"):
         if fields[f"{part}_strategy"] == "exact":
             fields[f"{part}_bits"] = None
-    if not {config.key_strategy, config.value_strategy} & set(BASELINE_STRATEGIES):
+    strategies = {config.key_strategy, config.value_strategy}
+    if not strategies & set(BASELINE_STRATEGIES):
         fields["group_size"] = None
+    if config.key_strategy == "exact":
+        fields["center_keys"] = None
+    if FP8_STRATEGY not in strategies:
+        fields["fp8_scale"] = None
     fields = {name: _number(value) for name, value in fields.items()}
     return json.dumps([fields, list(exact)], sort_keys=True)
 
@@ -100,7 +173,7 @@ class _Setting:
 
     def __init__(self, key: str, entry: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         self.key = key
-        merged = {**options, **entry}
+        merged = setting_fields(entry, options)
         for part in ("key", "value"):
             bits = merged[f"{part}_bits"]
             if not re.fullmatch(BITS_PATTERN, bits_label(bits)):
@@ -112,9 +185,15 @@ class _Setting:
             self.config = CacheConfig(**cache_fields(merged))
         except (TypeError, ValueError) as error:
             raise SweepConfigError(f"{key}: {error}") from None
-        self.exact = tuple(int(merged.get(name, 0)) for name in EXACT_LAYER_OPTIONS)
-        self.label = cache_label(entry) if "key_strategy" in entry else None
+        layers = exact_layer_fields(merged)
+        self.exact = (
+            layers["exact_first_layers"],
+            layers["exact_last_layers"],
+            tuple(layers["exact_layers"]),
+        )
+        self.label = cache_label(entry)
         self.identity = _identity(self.config, self.exact)
+        self.models = entry.get("models")
 
     def check_geometry(self, model: str, geometry: ModelGeometry) -> None:
         """The setting fits ``model``: fractional widths and Hadamard groups at its head_dim,
@@ -139,16 +218,23 @@ class _Setting:
                     f"{part}s at {bits} bits on {model} (head_dim {geometry.head_dim}) have a group of "
                     f"{odd[0]} channels; use rotation: haar or another width"
                 )
-        first, last = self.exact
+        first, last, chosen = self.exact
         if max(first, last) > geometry.layers:
             name = EXACT_LAYER_OPTIONS[0] if first >= last else EXACT_LAYER_OPTIONS[1]
             raise SweepConfigError(
                 f"{self.key}.{name}: {max(first, last)} exact layers, but {model} has {geometry.layers}"
             )
-        if len(exact_layers(geometry.layers, first, last)) == geometry.layers:
+        beyond = [layer for layer in chosen if layer >= geometry.layers]
+        if beyond:
             raise SweepConfigError(
-                f"{self.key}: exact_first_layers {first} and exact_last_layers {last} keep every layer "
-                f"of {model} ({geometry.layers}) exact: nothing would be quantized"
+                f"{self.key}.exact_layers: layer {beyond[0]} is out of range: {model} has "
+                f"{geometry.layers} layers (0 .. {geometry.layers - 1})"
+            )
+        if len(exact_layers(geometry.layers, first, last, chosen)) == geometry.layers:
+            raise SweepConfigError(
+                f"{self.key}: exact_first_layers {first}, exact_last_layers {last} and exact_layers "
+                f"{list(chosen)} keep every layer of {model} ({geometry.layers}) exact: nothing would "
+                "be quantized"
             )
 
 
@@ -159,7 +245,7 @@ def trace_cache_labels(config: Mapping[str, Any]) -> list[str]:
     labels, seen = [], set()
     for index, entry in enumerate(config["kv_caches"]):
         setting = _Setting(f"kv_caches[{index}]", entry, config["cache_options"])
-        identity = _identity(setting.config, (0, 0))
+        identity = _identity(setting.config, ())
         if identity not in seen:
             seen.add(identity)
             labels.append(setting.label)
@@ -252,11 +338,20 @@ def check_sweep(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any
     ]
     if any("num_layers" in model for model in models.values()):
         sensitivity = config["layer_sensitivity"]
-        fields = ("key_bits", "value_bits", "key_strategy", "value_strategy")
-        settings.append(_Setting("layer_sensitivity", {name: sensitivity[name] for name in fields}, options))
+        settings.append(
+            _Setting("layer_sensitivity", {name: sensitivity[name] for name in STREAM_FIELDS}, options)
+        )
+    for setting in caches:
+        unknown = [name for name in setting.models or () if name not in models]
+        if unknown:
+            raise SweepConfigError(
+                f"{setting.key}.models: {unknown[0]!r} is not a model of this sweep (models: "
+                f"{', '.join(models)})"
+            )
     for setting in settings:
         for name, geometry in geometries.items():
-            setting.check_geometry(name, geometry)
+            if setting.models is None or name in setting.models:
+                setting.check_geometry(name, geometry)
     for section in ("perplexity", "layer_sensitivity"):
         _check_shape(section, config[section])
     synthetic = config["synthetic"]

@@ -364,12 +364,14 @@ def run_needle(
     seed: int = 0,
     cache: str | os.PathLike | None = None,
     text: str | None = None,
+    exact_layer_set: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Needle retrieval with the exact and the quantized cache; return a ``real-model`` record.
 
     Args:
         model: the model and its engine (a path: a model bundle, ``tq model prepare``).
-        config: the quantized cache's configuration (layers in ``exact_*_layers`` stay exact).
+        config: the quantized cache's configuration (layers in ``exact_*_layers`` and
+            ``exact_layer_set`` stay exact).
         context_lengths: prompt lengths in tokens (each at most the model's positions minus
             ``max_new_tokens``).
         depths: needle depths, fractions in (0, 1) of the filler tokens before the needle.
@@ -387,7 +389,7 @@ def run_needle(
     """
     return run_needle_sweep(
         model, [config], context_lengths, depths, trials, max_new_tokens, exact_first_layers,
-        exact_last_layers, threads, seed, cache, text,
+        exact_last_layers, threads, seed, cache, text, exact_layer_set,
     )[0]  # fmt: skip
 
 
@@ -404,6 +406,7 @@ def run_needle_sweep(
     seed: int = 0,
     cache: str | os.PathLike | None = None,
     text: str | None = None,
+    exact_layer_set: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """:func:`run_needle` for several cache configurations at once: one record per config.
 
@@ -423,7 +426,7 @@ def run_needle_sweep(
     bundle = runner.files
     _check_inputs(context_lengths, depths, trials, max_new_tokens, max_positions(bundle))
     builder = NeedlePromptBuilder(bundle, text, cache)
-    layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers)
+    layer_configs = exact_layers(bundle.num_layers, exact_first_layers, exact_last_layers, exact_layer_set)
     # Every prompt first: a length too short for the template fails before any model call.
     prompts = [
         builder.build(length, depth, trial, seed)

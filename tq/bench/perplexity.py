@@ -131,13 +131,17 @@ def _exact_reference(
 
 
 def _layer_configs(
-    num_layers: int, exact_first_layers: int, exact_last_layers: int, quantized_layers: Sequence[int] | None
+    num_layers: int,
+    exact_first_layers: int,
+    exact_last_layers: int,
+    exact_layer_set: Sequence[int],
+    quantized_layers: Sequence[int] | None,
 ) -> dict[int, CacheConfig]:
     """The per-layer exact overrides of a cache (see :func:`run_perplexity`)."""
     if quantized_layers is None:
-        return exact_layers(num_layers, exact_first_layers, exact_last_layers)
-    if exact_first_layers or exact_last_layers:
-        raise ValueError("give quantized_layers or exact_first_layers/exact_last_layers, not both")
+        return exact_layers(num_layers, exact_first_layers, exact_last_layers, exact_layer_set)
+    if exact_first_layers or exact_last_layers or len(exact_layer_set):
+        raise ValueError("give quantized_layers or exact layers (first, last or a set), not both")
     outside = sorted(set(quantized_layers) - set(range(num_layers)))
     if outside or not quantized_layers:
         raise ValueError(
@@ -155,6 +159,7 @@ def run_perplexity(
     config: CacheConfig | None = None,
     exact_first_layers: int = 0,
     exact_last_layers: int = 0,
+    exact_layer_set: Sequence[int] = (),
     windows: int = 4,
     window: int = 1024,
     context: int = 512,
@@ -175,7 +180,8 @@ def run_perplexity(
         sample_seed: the seed the windows are drawn from (:func:`text_windows`).
         batch: windows decoded per graph call (``decode`` protocol; 1 = one window at a time).
         quantized_layers: quantize only those layers and keep every other one exact (per-layer
-            sensitivity); replaces ``exact_first_layers`` / ``exact_last_layers``.
+            sensitivity); replaces ``exact_first_layers`` / ``exact_last_layers`` /
+            ``exact_layer_set`` (any set of layers kept exact).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -186,7 +192,7 @@ def run_perplexity(
     source = ModelSource.of(model)
     runner = source.open(threads)
     layer_configs = _layer_configs(
-        runner.files.num_layers, exact_first_layers, exact_last_layers, quantized_layers
+        runner.files.num_layers, exact_first_layers, exact_last_layers, exact_layer_set, quantized_layers
     )
     start = time.perf_counter()
     if reference is None:

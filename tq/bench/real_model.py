@@ -206,6 +206,7 @@ def run_real_model(
     config: CacheConfig | None = None,
     exact_first_layers: int = 0,
     exact_last_layers: int = 0,
+    exact_layer_set: Sequence[int] = (),
     max_new_tokens: int = 16,
     top_k: int = DEFAULT_TOP_K,
     threads: int | None = None,
@@ -217,6 +218,8 @@ def run_real_model(
 
     Args:
         model: the model and its engine (a path: an ONNX bundle).
+        exact_first_layers, exact_last_layers, exact_layer_set: layers kept exact (the first
+            and last counts, and any set of layer indices).
         prompt_format: "chat": each prompt as one user turn of the model's chat format (raw
             text for a model without a chat template; the record's ``prompt_format`` is the
             format used); "raw": the text as it is.
@@ -243,7 +246,7 @@ def run_real_model(
     files = runner.files
     formatter = PromptFormat(files, prompt_format)
     settings = reference_settings(runner.name, max_new_tokens, source, formatter.format)
-    layer_configs = exact_layers(files.num_layers, exact_first_layers, exact_last_layers)
+    layer_configs = exact_layers(files.num_layers, exact_first_layers, exact_last_layers, exact_layer_set)
     prompt_ids = formatter.encode_all(prompts)
     if reference is not None:
         reference = _load_reference(reference, prompt_ids, settings)

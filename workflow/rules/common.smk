@@ -8,12 +8,13 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from tq.sweep_checks import (
-    BITS_PATTERN,
-    CACHE_OPTION_CODES,
     bits_label,
     cache_fields,
     cache_label,
     check_sweep,
+    exact_layer_fields,
+    setting_fields,
+    setting_runs_on,
     trace_cache_labels,
 )
 from tq.sweep_models import SweepConfigError, resolve_models
@@ -30,7 +31,19 @@ except SweepConfigError as error:
     raise WorkflowError(f"config: {error}") from None
 PRESETS = sorted({model["preset"] for model in MODELS.values() if "preset" in model})
 ONNX_MODELS = [name for name, model in MODELS.items() if model["engine"] == "onnxruntime"]
-STRATEGY = "mse|prod|exact|uniform|rotated-uniform|kivi"
+# Each kv_caches entry by its label (tq.sweep_checks.cache_label): what it computes, presets
+# written out. Jobs look their settings up here by the {cache} wildcard.
+SETTINGS = {
+    cache_label(entry): setting_fields(entry, config["cache_options"]) for entry in config["kv_caches"]
+}
+CACHES = list(SETTINGS)
+# The models each setting runs on (an entry's own models list, else every model).
+CACHE_MODELS = {
+    cache_label(entry): [name for name in MODELS if setting_runs_on(entry, name)] for entry in config["kv_caches"]
+}
+# Those evaluated on traces: settings that differ only in exact layers are one setting there.
+TRACE_CACHES = trace_cache_labels(config)
+CACHE_OPTIONS = config["cache_options"]
 
 
 def one_of(names) -> str:
@@ -42,12 +55,8 @@ wildcard_constraints:
     model=one_of(MODELS),
     layer=r"\d\d",
     head=r"\d\d",
-    strategy=STRATEGY,
-    key_strategy=STRATEGY,
-    value_strategy=STRATEGY,
-    key_bits=BITS_PATTERN,
-    value_bits=BITS_PATTERN,
-    options="(-(" + "|".join(CACHE_OPTION_CODES.values()) + r")\d+)*",
+    strategy="mse|prod",
+    cache=one_of(CACHES),
 
 
 def _module_file(name: str) -> Path | None:
@@ -101,11 +110,6 @@ def tq_sources_hash(*modules: str) -> str:
     return digest.hexdigest()
 
 
-CACHES = [cache_label(cache) for cache in config["kv_caches"]]
-# Those evaluated on traces: settings that differ only in exact layers are one setting there.
-TRACE_CACHES = trace_cache_labels(config)
-CACHE_PATTERN = "k{key_bits}{key_strategy}-v{value_bits}{value_strategy}{options}"
-CACHE_OPTIONS = config["cache_options"]
 
 
 def model_input(wildcards) -> str:
@@ -139,32 +143,26 @@ def trace_names(model: str) -> list[str]:
     return [f"layer{layer:02d}-head{head:02d}" for layer in spec["trace_layers"] for head in spec["trace_heads"]]
 
 
-def _bits(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
-
-
-def _options(wildcards) -> dict:
-    """cache_options with the setting's own options (from its label) applied."""
-    names = {code: name for name, code in CACHE_OPTION_CODES.items()}
-    own = {names[code]: int(value) for code, value in re.findall(r"-([a-z]+)(\d+)", wildcards.options)}
-    return CACHE_OPTIONS | own
+def model_caches(model: str) -> list[str]:
+    """The labels of the kv_caches settings that run on ``model``."""
+    return [cache for cache in CACHES if model in CACHE_MODELS[cache]]
 
 
 def cache_params(wildcards) -> dict:
-    """A job's tq.kvcache.CacheConfig fields: its wildcards' bits and strategies, and the cache
-    options (exact layers apart: they are not a CacheConfig field)."""
-    return {
-        "key_bits": _bits(wildcards.key_bits),
-        "key_strategy": wildcards.key_strategy,
-        "value_bits": _bits(wildcards.value_bits),
-        "value_strategy": wildcards.value_strategy,
-        **cache_fields(_options(wildcards)),
-    }
+    """A job's tq.kvcache.CacheConfig fields: its setting's, with the cache options (exact layers
+    apart: they are not a CacheConfig field)."""
+    return cache_fields(SETTINGS[wildcards.cache])
 
 
 def exact_layer_params(wildcards) -> dict:
-    """A job's exact_first_layers / exact_last_layers."""
-    return {k: v for k, v in _options(wildcards).items() if k.startswith("exact_")}
+    """A job's exact layers, as the tq.bench functions take them: exact_first_layers,
+    exact_last_layers and exact_layer_set (the config's exact_layers)."""
+    fields = exact_layer_fields(SETTINGS[wildcards.cache])
+    return {
+        "exact_first_layers": fields["exact_first_layers"],
+        "exact_last_layers": fields["exact_last_layers"],
+        "exact_layer_set": fields["exact_layers"],
+    }
 
 
 def perplexity_params(section: str) -> dict:
@@ -219,11 +217,12 @@ def all_records(wildcards) -> list[str]:
             "results/trace_eval/{model}/{trace}/{cache}.json",
             model=model,
             trace=trace_names(model),
-            cache=TRACE_CACHES,
+            cache=[cache for cache in TRACE_CACHES if cache in model_caches(model)],
         )
         records.append(f"results/baseline/{model}/{SUITE}.json")
-        records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=CACHES)
-        records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=CACHES)
+        caches = model_caches(model)
+        records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=caches)
+        records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=caches)
         records += [f"results/needle/{model}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]]
         if "num_layers" in MODELS[model]:
             records += [

@@ -6,15 +6,15 @@ rule trace_eval:
     input:
         rules.traces.output[0],
     output:
-        f"results/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{CACHE_PATTERN}.json",
+        f"results/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{{cache}}.json",
     params:
         cache=cache_params,
         top_k=config["traces"]["top_k"],
         source_hash=tq_sources_hash("tq.bench.trace"),
     log:
-        f"results/logs/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{CACHE_PATTERN}.log",
+        f"results/logs/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{{cache}}.log",
     benchmark:
-        f"results/benchmarks/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{CACHE_PATTERN}.tsv"
+        f"results/benchmarks/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{{cache}}.tsv"
     resources:
         mem_mb=2000,
         runtime=10,
@@ -64,7 +64,7 @@ rule compare:
         prompts=PROMPTS["file"],
         reference=rules.baseline.output.reference,
     output:
-        f"results/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.json",
+        f"results/compare/{{model}}/{{suite}}/{{cache}}.json",
     params:
         engine=engine_params,
         cache=cache_params,
@@ -75,9 +75,9 @@ rule compare:
         prompt_format=PROMPTS["format"],
         source_hash=tq_sources_hash("tq.bench.real_model", "tq.trace_export"),
     log:
-        f"results/logs/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.log",
+        f"results/logs/compare/{{model}}/{{suite}}/{{cache}}.log",
     benchmark:
-        f"results/benchmarks/compare/{{model}}/{{suite}}/{CACHE_PATTERN}.tsv"
+        f"results/benchmarks/compare/{{model}}/{{suite}}/{{cache}}.tsv"
     resources:
         mem_mb=4000,
         runtime=30,
@@ -126,7 +126,7 @@ rule perplexity:
         model=model_input,
         reference=perplexity_reference_file("perplexity"),
     output:
-        f"results/perplexity/{{model}}/{CACHE_PATTERN}.json",
+        f"results/perplexity/{{model}}/{{cache}}.json",
     params:
         engine=engine_params,
         cache=cache_params,
@@ -134,9 +134,9 @@ rule perplexity:
         **perplexity_params("perplexity"),
         source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
     log:
-        f"results/logs/perplexity/{{model}}/{CACHE_PATTERN}.log",
+        f"results/logs/perplexity/{{model}}/{{cache}}.log",
     benchmark:
-        f"results/benchmarks/perplexity/{{model}}/{CACHE_PATTERN}.tsv"
+        f"results/benchmarks/perplexity/{{model}}/{{cache}}.tsv"
     resources:
         mem_mb=4000,
         runtime=30,
