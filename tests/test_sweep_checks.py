@@ -83,6 +83,34 @@ BAD_CONFIGS = {
         "  - {key_bits: 4, key_strategy: exact, value_bits: 2}\n",
         "kv_caches[1] (k4exact-v2mse) is the same cache setting as kv_caches[0] (k2exact-v2mse)",
     ),
+    "exact-layer-set-beyond-model": (
+        "kv_caches:\n  - {key_bits: 2, value_bits: 2, exact_layers: [2]}\n",
+        "kv_caches[0].exact_layers: layer 2 is out of range: tiny-llama has 2 layers",
+    ),
+    "exact-layer-set-covers-the-model": (
+        "kv_caches:\n  - {key_bits: 2, value_bits: 2, exact_first_layers: 1, exact_layers: [1]}\n",
+        "kv_caches[0]: exact_first_layers 1, exact_last_layers 0 and exact_layers [1] keep every layer",
+    ),
+    "fp8-at-four-bits": (
+        "kv_caches:\n  - {key_bits: 4, key_strategy: fp8, value_bits: 2}\n",
+        "kv_caches[0]: key_bits must be 8 for fp8",
+    ),
+    "setting-on-an-unknown-model": (
+        "kv_caches:\n  - {key_bits: 2, value_bits: 2, models: [qwen]}\n",
+        "kv_caches[0].models: 'qwen' is not a model of this sweep",
+    ),
+    "preset-spelt-out": (
+        "kv_caches:\n  - {preset: vllm-4bit_nc, exact_first_layers: 0, exact_last_layers: 0}\n"
+        "  - {key_bits: 4, rotation: hadamard, renormalize: true, norm_dtype: float16, value_bits: 4,"
+        " value_strategy: uniform, group_size: 256}\n",
+        "kv_caches[1] (k4mse-v4uniform-g256-nc-hd-n16) is the same cache setting as kv_caches[0] "
+        "(vllm-4bit_nc-ef0-el0)",
+    ),
+    "centring-exact-keys-does-not-count": (
+        "kv_caches:\n  - {key_bits: 2, key_strategy: exact, value_bits: 2}\n"
+        "  - {key_bits: 2, key_strategy: exact, value_bits: 2, center_keys: true}\n",
+        "kv_caches[1] (k2exact-v2mse-kc) is the same cache setting as kv_caches[0] (k2exact-v2mse)",
+    ),
     "needle-bits-twice": ("needle:\n  bits: [2, 2]\n", "needle.bits[1]: 2 repeats needle.bits[0]"),
     "synthetic-dims-twice": (
         "synthetic:\n  dims: [16, 16]\n",
@@ -130,6 +158,11 @@ def test_settings_that_differ_pass(workdir):
         "  - {key_bits: 2, key_strategy: kivi, value_bits: 2, value_strategy: kivi}\n"
         "  - {key_bits: 2, key_strategy: kivi, value_bits: 2, value_strategy: kivi, group_size: 16}\n"
         "  - {key_bits: 2.5, value_bits: 2.5}\n"
+        "  - {key_bits: 2, value_bits: 2, center_keys: true, models: [tiny-llama]}\n"
+        "  - {key_bits: 8, key_strategy: fp8, value_bits: 2}\n"
+        "  - {key_bits: 8, key_strategy: fp8, fp8_scale: head, value_bits: 2}\n"
+        "  - {key_bits: 2, value_bits: 2, exact_layers: [1]}\n"
+        "  - {preset: vllm-k8v4, exact_first_layers: 1, exact_last_layers: 0}\n"
     )
     result = snakemake(workdir, "--dry-run", "--configfile", QUICK, "good.yaml", check=False)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]

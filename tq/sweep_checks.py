@@ -67,7 +67,7 @@ def bits_label(bits: float) -> str:
 
 
 def _option_code(name: str, value: Any) -> str:
-    if (name, value) in VALUE_CODES:
+    if isinstance(value, str) and (name, value) in VALUE_CODES:
         return f"-{VALUE_CODES[name, value]}"
     code = CACHE_OPTION_CODES[name]
     if isinstance(value, bool):

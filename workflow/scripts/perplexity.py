@@ -31,4 +31,6 @@ with open(snakemake.log[0], "w") as log:
             else params.exact_layers
         ),
     )
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+        record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)

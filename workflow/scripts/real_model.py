@@ -33,4 +33,6 @@ with open(snakemake.log[0], "w") as log:
         threads=snakemake.threads,
         **options,
     )
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+        record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)  # the record (baseline: output.record)

@@ -13,4 +13,6 @@ with open(snakemake.log[0], "w") as log:
     record = run_trace(
         snakemake.input[0], CacheConfig(**snakemake.params.cache), top_k=snakemake.params.top_k
     )
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+        record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)
