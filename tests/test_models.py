@@ -42,7 +42,11 @@ def tiny(request, tmp_path_factory) -> tuple[str, Path]:
 def test_gguf_presets_pin_their_weights():
     assert DEFAULT_PRESET == "smollm2-135m-instruct"
     gguf = [preset for preset in PRESETS.values() if preset.source == SOURCE_GGUF_WHEELS]
-    assert {preset.name for preset in gguf} == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert {preset.name for preset in gguf} == {
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+    }
     for preset in gguf:
         assert preset.wheels and preset.gguf_name
         assert len(preset.gguf_sha256) == 64 and int(preset.gguf_sha256, 16) >= 0

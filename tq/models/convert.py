@@ -11,14 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from tq.models.errors import PrepareError
-from tq.models.tokenizer_repair import gemma3_tokenizer, repair_smollm2
+from tq.models.tokenizer_repair import gemma3_tokenizer, repair_qwen2, repair_smollm2
 
-TOKENIZER_FIXES = ("smollm2", "gemma3")
+TOKENIZER_FIXES = ("smollm2", "gemma3", "qwen2")
 
 
-def _gguf_tokenizer(gguf_path: Path, tokenizer_fix: str | None) -> Any:
+def gguf_tokenizer(gguf_path: str | Path, tokenizer_fix: str | None) -> Any:
+    """The tokenizer of a GGUF file as transformers converts it, repaired as ``tokenizer_fix``
+    says (one of :data:`TOKENIZER_FIXES`, ``tq.models.tokenizer_repair``; None: as converted).
+
+    Returns:
+        A ``PreTrainedTokenizerFast``.
+
+    Raises:
+        PrepareError: an unknown ``tokenizer_fix``.
+    """
     from transformers import AutoTokenizer
 
+    gguf_path = Path(gguf_path)
+    if tokenizer_fix not in (None, *TOKENIZER_FIXES):
+        raise PrepareError(f"unknown tokenizer fix {tokenizer_fix!r} (known: {', '.join(TOKENIZER_FIXES)})")
     if tokenizer_fix == "gemma3":
         return gemma3_tokenizer(gguf_path)
     converted = AutoTokenizer.from_pretrained(
@@ -26,9 +38,9 @@ def _gguf_tokenizer(gguf_path: Path, tokenizer_fix: str | None) -> Any:
     )
     if tokenizer_fix == "smollm2":
         return repair_smollm2(converted)
-    if tokenizer_fix is None:
-        return converted
-    raise PrepareError(f"unknown tokenizer fix {tokenizer_fix!r} (known: {', '.join(TOKENIZER_FIXES)})")
+    if tokenizer_fix == "qwen2":
+        return repair_qwen2(converted, gguf_path)
+    return converted
 
 
 def load_gguf(gguf_path: str | Path, tokenizer_fix: str | None) -> tuple[Any, Any]:
@@ -45,7 +57,7 @@ def load_gguf(gguf_path: str | Path, tokenizer_fix: str | None) -> tuple[Any, An
     from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
-    tokenizer = _gguf_tokenizer(gguf_path, tokenizer_fix)
+    tokenizer = gguf_tokenizer(gguf_path, tokenizer_fix)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
     )

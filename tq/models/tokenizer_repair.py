@@ -11,6 +11,18 @@
   transformers' ``GemmaConverter`` builds it from the SentencePiece model: merges ranked by the
   score of the merged piece, spaces normalized to ``▁``, control tokens special, user-defined
   tokens matched verbatim, ``<bos>`` added in front.
+- Qwen2.5 (Qwen2.5-Coder-0.5B-Instruct): the converted tokenizer names ``<|endoftext|>`` (id
+  151643) as EOS and unknown token, while the GGUF says EOS ``<|im_end|>`` (151645), padding
+  ``<|endoftext|>`` and no BOS (``add_bos_token = false``); the chat template ends every turn with
+  ``<|im_end|>``, so with the converted EOS generation would run past the end of the answer. It
+  also registers only 3 of the GGUF's 22 control and user-defined tokens (``<|endoftext|>``,
+  ``<|im_start|>``, ``<|im_end|>``), so ``<|fim_prefix|>``, ``<tool_call>`` and the others were
+  split into ordinary byte-level pieces. The repaired tokenizer keeps the converted vocabulary,
+  merges, NFC normalizer, Qwen2 split regex, byte-level pre-tokenizer and chat template;
+  registers every control and user-defined token of the GGUF (types 3 and 4; the 271 unused
+  ``[PAD...]`` rows are left out), matched verbatim in any text, control tokens as special; adds
+  no BOS; has EOS ``<|im_end|>``, pad ``<|endoftext|>`` and no BOS or unknown token; and decodes
+  with the plain byte-level decoder.
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from typing import Any
 SMOLLM2_BOS = "<|im_start|>"
 SMOLLM2_EOS = "<|im_end|>"
 SMOLLM2_UNK = "<|endoftext|>"
+
+QWEN2_EOS = "<|im_end|>"
+QWEN2_PAD = "<|endoftext|>"
 
 # GGUF token types (gguf.TokenType).
 _CONTROL = 3
@@ -51,6 +66,45 @@ def repair_smollm2(converted: Any) -> Any:
         eos_token=SMOLLM2_EOS,
         pad_token=SMOLLM2_EOS,
         unk_token=SMOLLM2_UNK,
+        chat_template=converted.chat_template,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def repair_qwen2(converted: Any, gguf_path: str | os.PathLike) -> Any:
+    """The Qwen2.5 tokenizer, fixed: no BOS added, EOS ``<|im_end|>``, pad ``<|endoftext|>``, all
+    of the GGUF's control and user-defined tokens registered (module docstring).
+
+    Args:
+        converted: the ``PreTrainedTokenizerFast`` that ``AutoTokenizer.from_pretrained(dir,
+            gguf_file=...)`` returns for a Qwen2.5 GGUF.
+        gguf_path: that GGUF file, for its token types.
+
+    Returns:
+        A new ``PreTrainedTokenizerFast`` with the same vocabulary, merges and chat template.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(Path(gguf_path)).fields
+    tokens = _gguf_array(fields["tokenizer.ggml.tokens"])
+    types = _gguf_array(fields["tokenizer.ggml.token_type"])
+    backend = Tokenizer.from_str(converted.backend_tokenizer.to_str())
+    backend.add_tokens(
+        [
+            AddedToken(token, normalized=False, special=kind == _CONTROL)
+            for token, kind in zip(tokens, types, strict=True)
+            if kind in (_CONTROL, _USER_DEFINED)
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token=QWEN2_EOS,
+        pad_token=QWEN2_PAD,
+        unk_token=None,
         chat_template=converted.chat_template,
         clean_up_tokenization_spaces=False,
     )
