@@ -57,6 +57,7 @@ SECTIONS = (
     "## 1. Distortion vs bits",
     "## 2a. Attention quality vs bits",
     "## 2b. Next-token quality vs bits",
+    "## Across models",
     "## 3. Perplexity and KV memory vs bits",
     "## 4. Throughput",
     "## 5. Per-layer sensitivity",
@@ -69,7 +70,7 @@ PLOTS = (
     "distortion_vs_bits.png",
     "quality_trace.png",
     "quality_compare.png",
-    "perplexity_vs_bits.png",
+    "perplexity-tiny-llama.png",
     "throughput.png",
     "layer_sensitivity.png",
     "needle.png",
@@ -569,8 +570,8 @@ def test_empty_record_set_still_gives_a_report(tmp_path):
     markdown = path.read_text()
     assert "Generated from 0 result records." in markdown
     assert all(heading in markdown for heading in SECTIONS)
-    # headline, 1, 2a, 2b, 3, two throughput parts, 5, 6, 7 and 8
-    assert markdown.count("omitted") == 11
+    # headline, 1, 2a, 2b, across models, 3, two throughput parts, 5, 6, 7 and 8
+    assert markdown.count("omitted") == 12
     assert _images(markdown) == []
     assert "No perplexity records, so no perplexity protocol was used." in markdown
     assert [p.name for p in tmp_path.iterdir()] == ["custom.md"]
@@ -579,7 +580,7 @@ def test_empty_record_set_still_gives_a_report(tmp_path):
 def test_partial_record_set_reports_what_it_has(tmp_path, trace_records, real_records):
     table = summary_table([*trace_records, real_records[6]])  # one window-protocol perplexity
     markdown = write_report(_through_csv(table, tmp_path), tmp_path).read_text()
-    assert sorted(_images(markdown)) == ["perplexity_vs_bits.png", "quality_trace.png"]
+    assert sorted(_images(markdown)) == ["perplexity-tiny-llama.png", "quality_trace.png"]
     assert "No synthetic records: section omitted." in markdown
     assert "No real-model compare records: section omitted." in markdown
     assert "`window`" in markdown and "`decode`" not in markdown
@@ -921,7 +922,7 @@ def test_report_states_the_text_the_windows_and_what_plus_minus_means(uncertain_
     )
     perplexity = _section(uncertain_report, "## 3. Perplexity")
     assert sentence in perplexity
-    assert perplexity.index(sentence) < perplexity.index("![perplexity vs bits]")  # near the top
+    assert perplexity.index(sentence) < perplexity.index("| model |")  # near the top
     assert sentence in _section(uncertain_report, "## What these numbers mean")
     assert "drawn from seed 0 across 5 distinct articles" in _section(uncertain_report, "## 5. Per-layer")
     compare = _section(report.read_text(), "## 2b.")
@@ -1034,3 +1035,78 @@ def test_a_record_with_inconsistent_per_window_values_is_refused(tmp_path, spoil
         load_records([path])
     with pytest.raises(RecordError, match=f"record 0: .*{message}"):
         per_window_table([record])
+
+
+# ------------------------------------------------------------------------- across models
+
+
+def _model_record(model: str, setting: str, bits: float, ratio: float, se: float, **cache: object) -> dict:
+    """A windowed perplexity record of ``model`` named ``setting`` by the sweep, with extra cache
+    fields (``center_keys`` ...) and a KV compression of 32 / (bits + 1)."""
+    record = _perplexity_record(bits, ratio, se=se, pattern=0)
+    record["config"]["model"] = model
+    record["config"]["cache"] |= cache
+    record["metrics"]["kv_compression_ratio"] = 32 / (bits + 1)
+    record["setting"] = setting
+    return record
+
+
+def _key_stats_record(model: str, shares: list[float]) -> dict:
+    layer = lambda index, share: {  # noqa: E731
+        "layer": index,
+        "key": {"mean_energy_share": share, "channel_rms_ratio": 10.0 + index, "mean_norm": 20.0},
+        "value": {"mean_energy_share": 0.1, "channel_rms_ratio": 2.0, "mean_norm": 5.0},
+    }
+    return {
+        "model": model,
+        "windows": 4,
+        "window": 512,
+        "layers": [layer(i, s) for i, s in enumerate(shares)],
+    }
+
+
+@pytest.fixture(scope="module")
+def across_report(tmp_path_factory) -> Path:
+    records = [
+        _model_record("small", "k4mse-v4mse", 4, 1.01, 0.02),
+        _model_record("small", "k4mse-v4mse-kc", 4, 1.01, 0.02, center_keys=True),
+        _model_record("small", "k3mse-v3mse", 3, 1.2, 0.02),
+        _model_record("biased", "k4mse-v4mse", 4, 5.8, 0.3),
+        _model_record("biased", "k4mse-v4mse-kc", 4, 1.02, 0.02, center_keys=True),
+        _model_record("biased", "k3mse-v3mse", 3, 14.8, 1.1),
+    ]
+    key_stats = [_key_stats_record("small", [0.5, 0.7]), _key_stats_record("biased", [0.99, 0.6])]
+    out = tmp_path_factory.mktemp("across") / "report"
+    return write_report(
+        summary_table(records), out, per_window=per_window_table(records), key_stats=key_stats
+    )
+
+
+def test_the_cross_model_table_has_a_column_group_per_model(across_report):
+    section = _section(across_report.read_text(), "## Across models")
+    assert (
+        "| setting | biased ratio | biased KL | biased bits | small ratio | small KL | small bits |"
+        in section
+    )
+    row = next(line for line in section.splitlines() if line.startswith("| k4mse-v4mse-kc |"))
+    assert "1.010 ± 0.020" in row and "1.020 ± 0.020" in row and row.count("5.00") == 2
+    for name in ("perplexity-small.png", "perplexity-biased.png", "key_statistics.png"):
+        assert (across_report.parent / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_the_cross_model_findings_follow_the_intervals(across_report):
+    section = _section(across_report.read_text(), "## Across models")
+    assert "- Not distinguishable from the exact cache on every model: k4mse-v4mse-kc." in section
+    assert "- Not distinguishable from exact on small only: k4mse-v4mse." in section
+    assert "- Worse than the exact cache on every model: k3mse-v3mse." in section
+    assert (
+        "- biased: centring the keys of k4mse-v4mse: ratio 5.80 ± 0.30 -> 1.020 ± 0.020, lower by its paired"
+        in section
+    )
+    assert (
+        "- small: centring the keys of k4mse-v4mse: ratio 1.010 ± 0.020 -> 1.010 ± 0.020, not distinguishable"
+        in section
+    )
+    # the key statistics name the offset-dominated layer of one model and none of the other
+    assert "| biased | 2 | 0.795 | 0.990 (0) | 0 (0.990) |" in section
+    assert "| small | 2 | 0.600 | 0.700 (1) | none |" in section

@@ -13,7 +13,6 @@ settings are compared by their paired per-window differences (:func:`paired_nll`
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -56,6 +55,9 @@ COORDINATES = (
     "renormalize",
     "norm_dtype",
     "rotation",
+    "center_keys",
+    "fp8_scale",
+    "setting",
     "seed",
     "layer",
     "head",
@@ -96,6 +98,8 @@ _TEXT_COLUMNS = (
     "quantized_layers",
     "norm_dtype",
     "rotation",
+    "fp8_scale",
+    "setting",
     "rope",
     "se_unit",
     "kernels",
@@ -107,7 +111,7 @@ _TEXT_COLUMNS = (
     "tq_version",
     "created",
 )
-_BOOL_COLUMNS = ("renormalize", "quick")
+_BOOL_COLUMNS = ("renormalize", "center_keys", "quick")
 _CACHE_FIELDS = (
     "key_bits",
     "value_bits",
@@ -120,6 +124,8 @@ _CACHE_FIELDS = (
     "seed",
     "rotation",
     "device",
+    "center_keys",
+    "fp8_scale",
 )
 # The per-window figures of a perplexity record (``metrics.per_window``): each window's mean over
 # its scored tokens, and how many it scored.
@@ -141,6 +147,9 @@ WINDOW_SETTINGS = (
     "renormalize",
     "norm_dtype",
     "rotation",
+    "center_keys",
+    "fp8_scale",
+    "setting",
     "seed",
     "device",
     "engine",
@@ -158,7 +167,15 @@ PER_TOKEN_COLUMNS = (*WINDOW_SETTINGS, "window_index", "position", *PER_TOKEN_FI
 _WINDOW_TEXT_COLUMNS = ("text", "title")
 _WINDOW_INTEGER_COLUMNS = ("window_index", "article", "offset", "position", "tokens")
 # Cache settings other than the strategies that tell two lines of a quality plot apart.
-_LINE_SETTINGS = ("residual_length", "exact_layers", "renormalize", "norm_dtype", "rotation")
+_LINE_SETTINGS = (
+    "residual_length",
+    "exact_layers",
+    "renormalize",
+    "norm_dtype",
+    "rotation",
+    "center_keys",
+    "fp8_scale",
+)
 
 HONEST_NOTE = """\
 - **Attention is still float.** In the real-model runs ONNX Runtime computes ordinary float
@@ -337,6 +354,7 @@ def _coordinates(record: dict[str, Any]) -> dict[str, Any]:
     for name in ("exact_layers", "quantized_layers"):
         if isinstance(row.get(name), list):
             row[name] = ",".join(str(layer) for layer in row[name]) or "none"
+    row["setting"] = record.get("setting")  # the sweep's name of the cache setting, if any
     row["tq_version"] = record.get("env", {}).get("tq") if isinstance(record.get("env"), dict) else None
     row["created"] = record.get("created")
     return row
@@ -784,6 +802,10 @@ def _strategy(row: pd.Series, part: str) -> str:
     text = f"{strategy} {_format(row[f'{part}_bits'])}"
     if strategy in BASELINE_STRATEGIES and pd.notna(row.get("group_size")):
         text += f" g{_format(row['group_size'])}"
+    if strategy == "fp8" and row.get("fp8_scale") == "head":
+        text += " per-head scale"
+    if part == "key" and not _missing(row.get("center_keys")) and bool(row["center_keys"]):
+        text += " centred"
     return text
 
 
@@ -1002,7 +1024,11 @@ def _section_distortion(table: pd.DataFrame, out_dir: Path) -> list[str]:
             ("d_prod_lower_bound", "lower bound 4^-b/d", ":"),
         ):
             _plot_lines(
-                axis, prod, ["dim"], bound, lambda row, label=label: f"d={_format(row['dim'])} {label}",
+                axis,
+                prod,
+                ["dim"],
+                bound,
+                lambda row, label=label: f"d={_format(row['dim'])} {label}",
                 linestyle=style,
             )
         _finish(axis, "D_prod = E(<q,x> - <q,x~>)² (Prod)", "D_prod", prod["bits"], log=True)
@@ -1082,6 +1108,7 @@ def _quality_section(
     settings = _varying(rows, ["model", *_LINE_SETTINGS])
     keys = [
         "model",
+        "setting",
         "key_strategy",
         "value_strategy",
         "key_bits",
@@ -1214,11 +1241,14 @@ def _setting(row: pd.Series) -> str:
         text += f", last {_format(row['residual_length'])} tokens exact"
     if pd.notna(row.get("exact_layers")) and row["exact_layers"] != "none":
         text += f", layers {row['exact_layers']} exact"
+    if not _missing(row.get("setting")):
+        text = f"{row['setting']} ({text})"
     return text
 
 
 _PERPLEXITY_HEADERS = {
     "model": "model",
+    "setting": "setting",
     "protocol": "protocol",
     "keys": "keys",
     "values": "values",
@@ -1242,14 +1272,14 @@ _PERPLEXITY_HEADERS = {
 _WITH_ERRORS = ("perplexity_ratio", "kl_divergence", "top1_agreement", "delta_p_mean", "delta_p_rms")
 
 
-def _section_perplexity(table: pd.DataFrame, out_dir: Path, windows: _WindowValues) -> list[str]:
+def _section_perplexity(table: pd.DataFrame, windows: _WindowValues) -> list[str]:
     rows = _perplexity_rows(table)
     lines = ["## 3. Perplexity and KV memory vs bits (real text)", ""]
     if rows.empty:
         return [*lines, "No perplexity records: section omitted.", ""]
-    settings = _varying(rows, ["model", "protocol", *_LINE_SETTINGS, *WINDOW_SET])
     keys = [
         "model",
+        "setting",
         "protocol",
         "key_strategy",
         "value_strategy",
@@ -1285,26 +1315,6 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path, windows: _WindowValu
         )
     ]
     means = means.assign(protocol=means["protocol"].map(_protocol_label))
-    line_keys = ["key_strategy", "value_strategy", *settings]
-    label = functools.partial(_line_label, settings=settings)
-    figure, axes = _figure(4)
-    _plot_lines(axes[0], means, line_keys, "quantized_perplexity", label)
-    for (model, protocol), exact in means.groupby(["model", "protocol"], dropna=False, sort=False):
-        axes[0].axhline(
-            exact["exact_perplexity"].mean(),
-            color="k",
-            linestyle="--",
-            linewidth=1,
-            label=f"exact {_format(model)} ({protocol})",
-        )
-    _finish(axes[0], "perplexity (dashed: exact cache)", "perplexity", means["bits"], log=True)
-    bars = _plot_lines(axes[1], means, line_keys, "perplexity_ratio", label)
-    _finish(axes[1], "perplexity ratio quantized / exact", "ratio", means["bits"], bars=bars, unit="window")
-    bars = _plot_lines(axes[2], means[means["kl_divergence"] > 0], line_keys, "kl_divergence", label)
-    _finish(axes[2], "KL(exact || quantized), nats", "KL", means["bits"], log=True, bars=bars, unit="window")
-    _plot_lines(axes[3], means, line_keys, "kv_compression_ratio", label)
-    _finish(axes[3], "KV compression (fp32 bytes / stored bytes)", "compression", means["bits"])
-    _save(figure, out_dir / "perplexity_vs_bits.png")
     means = _with_errors(_with_cache_labels(means), _WITH_ERRORS)
     return [
         *lines,
@@ -1315,13 +1325,344 @@ def _section_perplexity(table: pd.DataFrame, out_dir: Path, windows: _WindowValu
         "",
         _text_note(rows, windows),
         "",
-        "![perplexity vs bits](perplexity_vs_bits.png)",
+        "The figures of quality against stored bits, one per model, are in the cross-model section above.",
         "",
         markdown_table(
-            means, _PERPLEXITY_HEADERS if not several else {"sample_seed": "seed"} | _PERPLEXITY_HEADERS
+            means,
+            {
+                name: header
+                for name, header in (
+                    ({"sample_seed": "seed"} if several else {}) | _PERPLEXITY_HEADERS
+                ).items()
+                if name != "setting" or means["setting"].notna().any()
+            },
         ),
         "",
         *_what_this_shows(findings),
+    ]
+
+
+# ------------------------------------------------------------------------- across models
+
+# The quality a cross-model row shows, with their standard errors.
+_ACROSS_METRICS = ("perplexity_ratio", "kl_divergence", "kv_compression_ratio")
+# A key layer whose mean vector holds at least this share of the keys' energy is "offset-dominated".
+OFFSET_SHARE = 0.9
+_FAMILY_STYLES = {  # family -> (colour, marker)
+    "TurboQuant": ("tab:blue", "o"),
+    "TurboQuant + fix": ("tab:green", "D"),
+    "vLLM preset": ("tab:purple", "s"),
+    "baseline": ("tab:orange", "^"),
+}
+
+
+def figure_name_of_model(model: str) -> str:
+    """The file stem of a model's quality-vs-stored-bits figure: ``perplexity-<model>``."""
+    return f"perplexity-{model}"
+
+
+def _setting_label(row: pd.Series) -> str:
+    """A row's short name: the sweep's label of its setting, else its strategies in words."""
+    return str(row["setting"]) if not _missing(row.get("setting")) else _setting(row)
+
+
+def _family(row: pd.Series) -> str:
+    """Which kind of cache a row is, for the colours of the cross-model plots."""
+    if str(_setting_label(row)).startswith("vllm-"):
+        return "vLLM preset"
+    strategies = {row["key_strategy"], row["value_strategy"]}
+    if strategies & set(BASELINE_STRATEGIES):
+        return "baseline"
+    fixed = (
+        not strategies <= {"mse", "prod", "exact"}
+        or (not _missing(row.get("center_keys")) and bool(row["center_keys"]))
+        or (not _missing(row.get("exact_layers")) and row["exact_layers"] != "none")
+        or max(row["key_bits"], row["value_bits"]) >= 8
+    )
+    return "TurboQuant + fix" if fixed else "TurboQuant"
+
+
+def _across_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, setting) of the whole-model perplexity records (decode protocol first:
+    the leading one), with ``stored_bits``: every stored bit per cached coordinate (codes, norms,
+    scales, zero points, means, and the fp32 tokens of exact layers or windows), 32 / the KV
+    compression."""
+    rows = _perplexity_rows(table)
+    if rows.empty:
+        return rows
+    protocol = "decode" if (rows["protocol"] == "decode").any() else rows["protocol"].dropna().iloc[0]
+    rows = rows[rows["protocol"] == protocol]
+    keys = [name for name in WINDOW_SETTINGS if name in rows.columns]
+    means = _mean_by(rows, keys, list(_ACROSS_METRICS))
+    means = means.assign(
+        label=[_setting_label(row) for _, row in means.iterrows()],
+        family=[_family(row) for _, row in means.iterrows()],
+        stored_bits=32.0 / means["kv_compression_ratio"],
+    )
+    return means
+
+
+def _frontier(rows: pd.DataFrame) -> pd.DataFrame:
+    """The settings no other beats at their budget: each has a lower perplexity ratio than every
+    setting that stores as many bits or fewer (the best measured setting at each budget)."""
+    ordered = rows.dropna(subset=["stored_bits", "perplexity_ratio"]).sort_values(
+        ["stored_bits", "perplexity_ratio"], kind="stable"
+    )
+    best, keep = math.inf, []
+    for index, row in ordered.iterrows():
+        if row["perplexity_ratio"] < best:
+            best = row["perplexity_ratio"]
+            keep.append(index)
+    return ordered.loc[keep]
+
+
+def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
+    """Perplexity ratio and KL against stored bits for one model: one point per setting, coloured
+    by family, 95% interval bars, the best setting at each budget joined and named."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13.0, 5.0))
+    axes = figure.subplots(1, 2)
+    figure.subplots_adjust(left=0.07, right=0.8, bottom=0.12, top=0.86, wspace=0.28)
+    best = _frontier(rows)
+    for axis, metric, ylabel in (
+        (axes[0], "perplexity_ratio", "perplexity ratio (quantized / exact)"),
+        (axes[1], "kl_divergence", "KL(exact || quantized), nats per token"),
+    ):
+        for family, (colour, marker) in _FAMILY_STYLES.items():
+            group = rows[(rows["family"] == family) & rows[metric].notna() & (rows[metric] > 0)]
+            if group.empty:
+                continue
+            half = _half_width(group, metric)
+            axis.errorbar(
+                group["stored_bits"], group[metric], yerr=half, fmt=marker, color=colour, capsize=3,
+                markersize=6, linestyle="none", label=family,
+            )  # fmt: skip
+        shown = best[best[metric].notna() & (best[metric] > 0)]
+        axis.step(
+            shown["stored_bits"], shown[metric], where="post", color="0.3", linewidth=1, linestyle=":",
+            label="best ratio at each budget",
+        )  # fmt: skip
+        axis.scatter(shown["stored_bits"], shown[metric], s=150, facecolors="none", edgecolors="k", zorder=3)
+        for _, row in shown.iterrows():
+            axis.annotate(
+                row["label"], (row["stored_bits"], row[metric]), xytext=(6, 6), textcoords="offset points",
+                fontsize=7,
+            )  # fmt: skip
+        if metric == "perplexity_ratio":
+            axis.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+        axis.set_yscale("log")
+        axis.set_xlabel("stored bits per coordinate (codes, norms, scales, exact layers)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+    axes[0].set_title("perplexity ratio (dashed: exact cache)", fontsize=10)
+    axes[1].set_title("KL divergence", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
+    figure.suptitle(f"{model}: quality against stored bits ({BARS_NOTE}, window as the unit)", fontsize=11)
+    _save(figure, path)
+
+
+def _across_table(rows: pd.DataFrame, models: Sequence[str]) -> str:
+    """One row per setting, a column group per model: ratio ± SE, KL ± SE, stored bits."""
+    order = (
+        rows.assign(first=rows["model"] == models[0])
+        .sort_values(["first", "stored_bits"], ascending=[False, True], kind="stable")["label"]
+        .drop_duplicates()
+    )
+    headers = ["setting"]
+    for model in models:
+        headers += [f"{model} ratio", f"{model} KL", f"{model} bits"]
+    lines = ["| " + " | ".join(_format(header) for header in headers) + " |", "|" + "---|" * len(headers)]
+    for label in order:
+        cells = [_format(label)]
+        for model in models:
+            found = rows[(rows["model"] == model) & (rows["label"] == label)]
+            if found.empty:
+                cells += ["-", "-", "-"]
+                continue
+            row = found.iloc[0]
+            cells += [
+                _pm(row["perplexity_ratio"], _se(row, "perplexity_ratio")),
+                _pm(row["kl_divergence"], _se(row, "kl_divergence")),
+                "-" if _missing(row["stored_bits"]) else f"{row['stored_bits']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _across_findings(rows: pd.DataFrame, models: Sequence[str], windows: _WindowValues) -> list[str]:
+    """What holds on every model and what does not, by each setting's own interval against exact
+    (:func:`_against_exact`); what centring the keys changes, by paired per-window differences;
+    and the best measured setting at each budget."""
+    findings = []
+    verdicts: dict[str, dict[str, bool | None]] = {}
+    for _, row in rows.iterrows():
+        verdicts.setdefault(row["label"], {})[row["model"]] = _against_exact(row)
+    on_all = {label: v for label, v in verdicts.items() if set(models) <= set(v) and None not in v.values()}
+    if len(models) > 1 and on_all:
+        groups = {
+            "not distinguishable from the exact cache on every model": [
+                label for label, v in on_all.items() if not any(v.values())
+            ],
+            "worse than the exact cache on every model": [
+                label for label, v in on_all.items() if all(v.values())
+            ],
+        }
+        for model in models:
+            groups[f"not distinguishable from exact on {model} only"] = [
+                label for label, v in on_all.items() if not v[model] and sum(not x for x in v.values()) == 1
+            ]
+        for what, labels in groups.items():
+            if labels:
+                findings.append(f"- {what[0].upper()}{what[1:]}: {', '.join(labels)}.")
+    for model in models:
+        mine = rows[rows["model"] == model]
+        for _, row in mine.iterrows():
+            label = row["label"]
+            if not label.endswith("-kc"):
+                continue
+            base = mine[mine["label"] == label[: -len("-kc")]]
+            if base.empty:
+                continue
+            base = base.iloc[0]
+            paired = paired_nll(windows.of(row), windows.of(base))
+            ratio = "perplexity_ratio"
+            change = f"{_pm(base[ratio], _se(base, ratio))} -> {_pm(row[ratio], _se(row, ratio))}"
+            if paired is None:
+                verdict = "not tested (no per-window values)"
+            else:
+                size = f"({paired.mean:+.3f} ± {paired.se:.3f} nats)"
+                if not paired.different:
+                    verdict = f"not distinguishable by its paired per-window difference {size}"
+                else:
+                    direction = "lower" if paired.mean < 0 else "higher"
+                    verdict = f"{direction} by its paired per-window difference {size}"
+            findings.append(f"- {model}: centring the keys of {base['label']}: ratio {change}, {verdict}.")
+        best = _frontier(mine)
+        if len(best):
+            ratio = "perplexity_ratio"
+            steps = "; ".join(
+                f"{row['stored_bits']:.2f} bits: {row['label']} {_pm(row[ratio], _se(row, ratio))}"
+                for _, row in best.iterrows()
+            )
+            findings.append(
+                f"- {model}: the lowest measured ratio at each budget (stored bits per coordinate; "
+                f"neighbours may not be distinguishable, see the paired tests above): {steps}."
+            )
+    return findings
+
+
+def _key_stats_rows(key_stats: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, layer) of the key statistics records (tq.key_stats)."""
+    rows = [
+        {
+            "model": record["model"],
+            "layer": layer["layer"],
+            "key_share": layer["key"]["mean_energy_share"],
+            "key_rms_ratio": layer["key"]["channel_rms_ratio"],
+            "key_norm": layer["key"]["mean_norm"],
+            "value_share": layer["value"]["mean_energy_share"],
+        }
+        for record in key_stats
+        for layer in record["layers"]
+    ]
+    return pd.DataFrame.from_records(
+        rows, columns=["model", "layer", "key_share", "key_rms_ratio", "key_norm", "value_share"]
+    ).astype({"key_share": float, "key_rms_ratio": float, "key_norm": float, "value_share": float})
+
+
+def _plot_key_stats(stats: pd.DataFrame, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12.0, 4.4))
+    axes = figure.subplots(1, 2)
+    figure.subplots_adjust(left=0.07, right=0.8, bottom=0.13, top=0.86, wspace=0.28)
+    for model, group in stats.groupby("model", sort=False):
+        axes[0].plot(group["layer"], group["key_share"], marker="o", markersize=4, label=str(model))
+        axes[1].plot(group["layer"], group["key_rms_ratio"], marker="o", markersize=4, label=str(model))
+    axes[0].axhline(OFFSET_SHARE, color="k", linewidth=0.8, linestyle="--")
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_title(f"share of the keys' energy in their mean (dashed: {OFFSET_SHARE})", fontsize=10)
+    axes[0].set_ylabel("share")
+    axes[1].set_yscale("log")
+    axes[1].set_title("largest / median channel RMS of the keys", fontsize=10)
+    axes[1].set_ylabel("ratio")
+    for axis in axes:
+        axis.set_xlabel("layer")
+        axis.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
+    _save(figure, path)
+
+
+def _key_stats_lines(key_stats: Sequence[dict[str, Any]], out_dir: Path) -> list[str]:
+    stats = _key_stats_rows(key_stats)
+    if stats.empty:
+        return []
+    _plot_key_stats(stats, out_dir / "key_statistics.png")
+    lines = [
+        "### Why: the keys per layer",
+        "",
+        "Per layer, over every token of "
+        + ", ".join(
+            f"{record['model']} ({record['windows']} windows x {record['window']} tokens)"
+            for record in key_stats
+        )
+        + ": the share of the cached keys' energy that is their per-head mean vector (tq.key_stats), "
+        "and how far the largest channel's RMS stands above the median channel's. TurboQuant "
+        "quantizes each key's direction after a rotation; where nearly all of every key is one "
+        "shared offset, the part that tells tokens apart is a small residual its error swamps "
+        "(key mean-centring subtracts the offset first).",
+        "",
+        "![key statistics](key_statistics.png)",
+        "",
+        "| model | layers | key share median | key share max (layer) | layers with share >= "
+        f"{OFFSET_SHARE} | channel RMS ratio max (layer) | value share median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, group in stats.groupby("model", sort=False):
+        top = group.loc[group["key_share"].idxmax()]
+        peak = group.loc[group["key_rms_ratio"].idxmax()]
+        heavy = group[group["key_share"] >= OFFSET_SHARE]
+        lines.append(
+            f"| {model} | {len(group)} | {group['key_share'].median():.3f} | {top['key_share']:.3f} "
+            f"({int(top['layer'])}) | "
+            + (
+                ", ".join(
+                    f"{int(layer)} ({share:.3f})" for layer, share in heavy[["layer", "key_share"]].values
+                )
+                or "none"
+            )
+            + f" | {peak['key_rms_ratio']:.1f} ({int(peak['layer'])}) | {group['value_share'].median():.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _section_across_models(
+    table: pd.DataFrame, out_dir: Path, windows: _WindowValues, key_stats: Sequence[dict[str, Any]]
+) -> list[str]:
+    lines = ["## Across models: where TurboQuant breaks, and which fix holds", ""]
+    rows = _across_rows(table)
+    if rows.empty:
+        return [*lines, "No perplexity records: section omitted.", ""]
+    models = list(dict.fromkeys(rows["model"]))
+    for model in models:
+        _plot_model_quality(
+            rows[rows["model"] == model], model, out_dir / f"{figure_name_of_model(model)}.png"
+        )
+    return [
+        *lines,
+        "Each cache setting of the sweep on each model: perplexity ratio (quantized / exact) and "
+        "KL(exact || quantized) per scored token, ± one standard error with the window as the unit, "
+        "and the bits stored per cached coordinate: codes plus every norm, scale, zero point, key "
+        "mean and exact token (32 / the KV compression, measured on the context's cache).",
+        "",
+        _across_table(rows, models),
+        "",
+        *(f"![{model}]({figure_name_of_model(model)}.png)\n" for model in models),
+        *_key_stats_lines(key_stats, out_dir),
+        *_what_this_shows(_across_findings(rows, models, windows)),
     ]
 
 
@@ -1371,6 +1712,7 @@ def _section_throughput(table: pd.DataFrame, out_dir: Path) -> list[str]:
         return [*lines, "No real-model records: decode speed omitted.", ""]
     keys = [
         "model",
+        "setting",
         "mode",
         "key_strategy",
         "value_strategy",
@@ -1538,6 +1880,7 @@ def _real_quality(table: pd.DataFrame) -> pd.DataFrame:
     errors where the records have them."""
     keys = [
         "model",
+        "setting",
         "key_strategy",
         "value_strategy",
         "key_bits",
@@ -1835,6 +2178,7 @@ def _headline(table: pd.DataFrame) -> list[str]:
     rows = pd.concat(kinds, ignore_index=True)
     keys = [
         "model",
+        "setting",
         "bits",
         "key_strategy",
         "value_strategy",
@@ -1902,6 +2246,7 @@ def write_report(
     out: str | os.PathLike,
     title: str = "TurboQuant KV-cache evaluation",
     per_window: pd.DataFrame | None = None,
+    key_stats: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write the markdown report and its PNG plots; return the report's path.
 
@@ -1915,7 +2260,9 @@ def write_report(
     error bars. ``per_window``: :func:`per_window_table` of the records (per_window.csv), from
     which findings compare two perplexity settings by their paired per-window differences
     (:func:`paired_nll`; without it, no two settings are told apart); a setting is compared with
-    exact by its own standard error (:func:`_against_exact`). Everything is written atomically.
+    exact by its own standard error (:func:`_against_exact`). ``key_stats``: per-layer key
+    statistics records (tq.key_stats), shown in the cross-model section with
+    ``key_statistics.png``. Everything is written atomically.
     """
     out = Path(out)
     path = out if out.suffix == ".md" else out / REPORT_NAME
@@ -1942,7 +2289,8 @@ def write_report(
         _section_distortion(table, path.parent),
         _section_trace(table, path.parent),
         _section_compare(table, path.parent),
-        _section_perplexity(table, path.parent, windows),
+        _section_across_models(table, path.parent, windows, key_stats),
+        _section_perplexity(table, windows),
         _section_throughput(table, path.parent),
         _section_layer_sensitivity(table, path.parent, windows),
         _section_baselines(quality, windows),

@@ -188,18 +188,21 @@ PROMPTS = config["prompts"]
 SUITE = Path(PROMPTS["file"]).stem
 
 
+# The report's figures: file stem -> (category, caption file in workflow/report/).
 FIGURES = {
-    "distortion_vs_bits": "Distortion",
-    "quality_trace": "Attention quality (traces)",
-    "quality_compare": "Next-token quality (compare)",
-    "perplexity_vs_bits": "Perplexity",
-    "throughput": "Throughput",
+    "distortion_vs_bits": ("Distortion", "distortion_vs_bits"),
+    "quality_trace": ("Attention quality (traces)", "quality_trace"),
+    "quality_compare": ("Next-token quality (compare)", "quality_compare"),
+    "throughput": ("Throughput", "throughput"),
+    "key_statistics": ("Across models", "key_statistics"),
 }
+# One quality-vs-stored-bits figure per model (tq.report.figure_name_of_model).
+FIGURES |= {f"perplexity-{model}": ("Across models", "perplexity_model") for model in MODELS}
 # Figures of the optional stages, drawn when the sweep has their records.
 if any("num_layers" in model for model in MODELS.values()):
-    FIGURES["layer_sensitivity"] = "Per-layer sensitivity"
+    FIGURES["layer_sensitivity"] = ("Per-layer sensitivity", "layer_sensitivity")
 if config["needle"]["bits"]:
-    FIGURES["needle"] = "Needle in a haystack"
+    FIGURES["needle"] = ("Needle in a haystack", "needle")
 
 
 def all_records(wildcards) -> list[str]:

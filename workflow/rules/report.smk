@@ -33,6 +33,7 @@ rule report:
     input:
         summary=rules.aggregate.output.summary,
         per_window=rules.aggregate.output.per_window,
+        key_stats=expand("results/key_stats/{model}.json", model=MODELS),
     output:
         report(
             "results/report.md",
@@ -40,8 +41,8 @@ rule report:
             category="Report",
         ),
         *(
-            report(f"results/{name}.png", caption=f"../report/{name}.rst", category=category)
-            for name, category in FIGURES.items()
+            report(f"results/{name}.png", caption=f"../report/{caption}.rst", category=category)
+            for name, (category, caption) in FIGURES.items()
         ),
     params:
         source_hash=tq_sources_hash("tq.report"),
