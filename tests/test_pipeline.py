@@ -40,29 +40,37 @@ QUICK_JOBS = {
     "corpus": 1,
     "traces": 2,
     "synthetic": 4,
-    "trace_eval": 8,
+    "trace_eval": 10,
     "baseline": 1,
-    "compare": 4,
+    "compare": 5,
     "perplexity_reference": 2,
-    "perplexity": 4,
+    "perplexity": 5,
     "layer_sensitivity": 2,
+    "key_stats": 1,
     "needle": 1,
     "aggregate": 1,
     "report": 1,
     "all": 1,
 }
-# The default sweep: SmolLM2, 2 layers x 3 KV heads = 6 traces; synthetic d {64, 128} x b 1..4
-# x {mse, prod} less Prod at b = 1 (14); 15 cache settings (6 TurboQuant, 5 baselines, 4
-# ablations) in compare mode (15) and for perplexity (15), 14 of them on each trace (84: the
-# exact-layers ablation is the plain 2-bit setting on a single head); 30 layers alone;
-# needles at 4 bit widths in one job (each prompt's prefill shared by every width).
+# The default sweep: two models (SmolLM2, Qwen2.5-Coder), each converted, exported, its keys
+# measured, an exact baseline, two perplexity references and one needle job; traces 2 layers x 3
+# KV heads (SmolLM2) and 2 x 2 (Qwen): 10; synthetic d {64, 128} x b 1..4 x {mse, prod} less Prod
+# at b = 1 (14); 19 cache settings, 18 on each model (Prod on SmolLM2 only, the exact-layer set on
+# Qwen only), in compare mode and for perplexity (36 each), on each trace less those that differ
+# only in exact layers (17 x 6 + 16 x 4 = 166); 30 + 24 layers alone.
 DEFAULT_JOBS = QUICK_JOBS | {
-    "traces": 6,
+    "hf_checkpoint": 2,
+    "bundle": 2,
+    "key_stats": 2,
+    "baseline": 2,
+    "perplexity_reference": 4,
+    "needle": 2,
+    "traces": 10,
     "synthetic": 14,
-    "trace_eval": 84,
-    "compare": 15,
-    "perplexity": 15,
-    "layer_sensitivity": 30,
+    "trace_eval": 166,
+    "compare": 36,
+    "perplexity": 36,
+    "layer_sensitivity": 54,
 }
 
 
@@ -84,14 +92,15 @@ def test_quick_run_writes_the_report(quick_workdir, quick_run):
         "distortion_vs_bits",
         "quality_trace",
         "quality_compare",
-        "perplexity_vs_bits",
+        "perplexity-tiny-llama",
+        "key_statistics",
         "throughput",
     ):
         assert (quick_workdir / "results" / f"{figure}.png").stat().st_size > 0
     rows = (quick_workdir / "results" / "summary.csv").read_text().strip().splitlines()
-    # header + 4 synthetic + 8 trace + 1 baseline + 4 compare + 4 perplexity + 2 layer sensitivity
+    # header + 4 synthetic + 10 trace + 1 baseline + 5 compare + 5 perplexity + 2 layer sensitivity
     # + 1 needle
-    assert len(rows) == 1 + 24
+    assert len(rows) == 1 + 28
     for log in ("bundle/tiny-llama.log", "aggregate.log"):
         assert (quick_workdir / "results" / "logs" / log).is_file()
 
@@ -125,7 +134,7 @@ def test_a_trace_parameter_reruns_traces_and_their_dependents(quick_workdir, qui
     extra = write_config(quick_workdir, "shorter-traces.yaml", "traces:\n  max_seq: 48\n")
     assert dry_run(quick_workdir, QUICK, extra) == {
         "traces": 2,
-        "trace_eval": 8,
+        "trace_eval": 10,
         "aggregate": 1,
         "report": 1,
         "all": 1,
@@ -139,7 +148,7 @@ def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run)
     try:
         assert dry_run(quick_workdir, QUICK) == {
             "perplexity_reference": 2,
-            "perplexity": 4,
+            "perplexity": 5,
             "layer_sensitivity": 2,
             "aggregate": 1,
             "report": 1,

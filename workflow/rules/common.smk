@@ -132,6 +132,33 @@ def engine_params(wildcards) -> dict:
     return {name: model[name] for name in ("engine", "device", "dtype")}
 
 
+# Peak memory (MB, max RSS in results/benchmarks/<rule>/) of each decode-loop job per preset,
+# measured on this machine; a job asks for its peak plus a quarter (SLURM's --mem kills a job
+# beyond it). Models without an entry get DEFAULT_PEAK_MB.
+PEAK_MB = {
+    "smollm2-135m-instruct": {
+        "baseline": 1300, "compare": 1800, "perplexity_reference": 1600, "perplexity": 4300,
+        "layer_sensitivity": 2900, "needle": 4300, "traces": 1200, "key_stats": 1300,
+    },
+    "qwen2.5-coder-0.5b-instruct": {
+        "baseline": 4700, "compare": 4700, "perplexity_reference": 6000, "perplexity": 6900,
+        "layer_sensitivity": 6900, "needle": 9000, "traces": 4000, "key_stats": 4000,
+    },
+}  # fmt: skip
+DEFAULT_PEAK_MB = 4000
+
+
+def peak_mem_mb(model: str, stage: str) -> int:
+    """The mem_mb resource of a job of ``stage`` (its rule's name) on ``model``: its preset's measured
+    peak plus a quarter (PEAK_MB)."""
+    return int(1.25 * PEAK_MB.get(MODELS[model].get("preset"), {}).get(stage, DEFAULT_PEAK_MB))
+
+
+def job_mem_mb(stage: str):
+    """The mem_mb resource function of the jobs of ``stage`` (:func:`peak_mem_mb`)."""
+    return lambda wildcards: peak_mem_mb(wildcards.model, stage)
+
+
 def model_gpus(wildcards) -> int:
     """GPUs a job of this model asks SLURM for (the gpu resource: sbatch --gpus)."""
     return 1 if MODELS[wildcards.model]["device"] == "cuda" else 0

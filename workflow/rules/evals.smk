@@ -46,7 +46,7 @@ rule baseline:
     benchmark:
         "results/benchmarks/baseline/{model}/{suite}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("baseline"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
@@ -79,10 +79,10 @@ rule compare:
     benchmark:
         f"results/benchmarks/compare/{{model}}/{{suite}}/{{cache}}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("compare"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 2
+    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
     conda:
         CONDA_ENV
     script:
@@ -110,7 +110,7 @@ rule perplexity_reference:
     benchmark:
         "results/benchmarks/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("perplexity_reference"),
         runtime=15,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
@@ -138,10 +138,10 @@ rule perplexity:
     benchmark:
         f"results/benchmarks/perplexity/{{model}}/{{cache}}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("perplexity"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 2
+    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
     conda:
         CONDA_ENV
     script:
@@ -171,10 +171,10 @@ rule layer_sensitivity:
     benchmark:
         "results/benchmarks/layer_sensitivity/{model}/layer{layer}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("layer_sensitivity"),
         runtime=15,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 2
+    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
     conda:
         CONDA_ENV
     script:
@@ -209,7 +209,7 @@ if config["needle"]["bits"]:
         benchmark:
             "results/benchmarks/needle/{model}.tsv"
         resources:
-            mem_mb=12000,
+            mem_mb=job_mem_mb("needle"),
             runtime=60,
             gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
         threads: 2

@@ -19,7 +19,7 @@ rule key_stats:
     benchmark:
         "results/benchmarks/key_stats/{model}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=job_mem_mb("key_stats"),
         runtime=15,
     threads: 2
     conda:

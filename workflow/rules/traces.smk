@@ -19,7 +19,7 @@ rule traces:
     benchmark:
         "results/benchmarks/traces/{model}/layer{layer}-head{head}.tsv"
     resources:
-        mem_mb=4000,
+        mem_mb=job_mem_mb("traces"),
         runtime=10,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 1
