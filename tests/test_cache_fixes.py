@@ -3,11 +3,14 @@ FP8 streams, any set of exact layers, and vLLM's named presets; each against a N
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
 
 from tq.cache_presets import CACHE_PRESETS, CachePresetError, expand_preset
+from tq.cli import main
 from tq.fp8 import FP8_MAX
 from tq.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
 from tq.packed_view import packed_cache
@@ -188,3 +191,43 @@ def test_a_vllm_preset_stores_fp16_norms_and_per_vector_value_scales() -> None:
     bits = cache.bits_per_coordinate()
     assert bits["key_stored_bits"] == pytest.approx(4 + 16 / HEAD_DIM)  # codes + an fp16 norm
     assert bits["value_stored_bits"] == pytest.approx(4 + 32 / HEAD_DIM)  # codes + fp16 scale, zero
+
+
+def _cli_record(bundle, tmp_path, *options: str) -> dict:
+    """``tq bench --workload real-model`` on the tiny bundle with cache ``options``: its record."""
+    out = tmp_path / "record.json"
+    args = ["bench", "--workload", "real-model", "--real-model-dir", str(bundle), "--prompt", "keys"]
+    assert main([*args, "--max-new-tokens", "2", *options, "--json", str(out)]) == 0
+    return json.loads(out.read_text())["config"]
+
+
+def test_the_cli_takes_the_fixes_and_any_exact_layers(tiny_llama_bundle, tmp_path):
+    config = _cli_record(
+        tiny_llama_bundle, tmp_path, "--bits", "8", "--strategy", "fp8", "--value-bits", "3",
+        "--value-strategy", "mse", "--fp8-scale", "head", "--center-keys", "--exact-layers", "1",
+    )  # fmt: skip
+    cache = config["cache"]
+    assert (cache["key_strategy"], cache["key_bits"], cache["value_strategy"], cache["value_bits"]) == (
+        "fp8", 8, "mse", 3,
+    )  # fmt: skip
+    assert cache["fp8_scale"] == "head" and cache["center_keys"] is True
+    assert config["exact_layers"] == [1]
+
+
+def test_a_cli_preset_is_overridden_by_the_options_given_besides_it(tiny_llama_bundle, tmp_path):
+    config = _cli_record(
+        tiny_llama_bundle, tmp_path, "--cache-preset", "vllm-4bit_nc", "--exact-first-layers", "0",
+        "--exact-last-layers", "1", "--center-keys",
+    )  # fmt: skip
+    cache = config["cache"]
+    assert (cache["key_bits"], cache["rotation"], cache["norm_dtype"], cache["renormalize"]) == (
+        4, "hadamard", "float16", True,
+    )  # fmt: skip
+    assert cache["value_strategy"] == "uniform" and cache["center_keys"] is True
+    assert config["exact_layers"] == [1]  # the preset's 2 and 2 boundary layers, given as 0 and 1
+
+
+def test_bad_exact_layers_on_the_cli_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--workload", "real-model", "--exact-layers", "1,x"])
+    assert "expected layer indices separated by commas, got '1,x'" in capsys.readouterr().err

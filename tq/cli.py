@@ -104,28 +104,30 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         choices=STRATEGIES,
         help="value strategy (default: --strategy)",
     )
-    cache.add_argument("--residual-length", type=int, default=0, help="recent tokens kept exact")
+    # The options below default to None: unset, they take their default, or their preset's value.
+    cache.add_argument("--residual-length", type=int, help="recent tokens kept exact (default 0)")
+    cache.add_argument("--group-size", type=int, help="baselines: values sharing one scale (default 32)")
     cache.add_argument(
-        "--group-size", type=int, default=32, help="baselines: values sharing one scale (default 32)"
+        "--renormalize", action="store_true", default=None, help="rescale reconstructions to their norms"
     )
-    cache.add_argument("--renormalize", action="store_true", help="rescale reconstructions to their norms")
-    cache.add_argument("--norm-dtype", choices=NORM_DTYPES, default="float32")
+    cache.add_argument("--norm-dtype", choices=NORM_DTYPES, help="norms stored as (default float32)")
     cache.add_argument(
         "--center-keys",
         action="store_true",
+        default=None,
         help="subtract each head's mean key (from the prefill, stored fp32) before quantizing keys",
     )
     cache.add_argument(
         "--fp8-scale",
         choices=FP8_SCALES,
-        default="token",
         help="fp8 strategy: a float16 scale per token (default) or one fp32 scale per head",
     )
     cache.add_argument(
         "--cache-preset",
         choices=list(CACHE_PRESETS),
         help="a named setting (vLLM's TurboQuant presets): its bits, strategies, options and exact "
-        "layers; cache options given besides it override the preset's",
+        "layers; cache options given besides it override the preset's (--bits, --strategy, "
+        "--rotation and --seed only where they differ from their defaults)",
     )
     cache.add_argument(
         "--top-k",
@@ -151,12 +153,11 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help=f"longest answer in tokens (default 16; needle: {DEFAULT_MAX_NEW_TOKENS})",
     )
     real.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
-    real.add_argument("--exact-first-layers", type=int, default=0, help="layers kept exact at the start")
-    real.add_argument("--exact-last-layers", type=int, default=0, help="layers kept exact at the end")
+    real.add_argument("--exact-first-layers", type=int, help="layers kept exact at the start (default 0)")
+    real.add_argument("--exact-last-layers", type=int, help="layers kept exact at the end (default 0)")
     real.add_argument(
         "--exact-layers",
         type=_layer_list,
-        default=[],
         metavar="L,L,...",
         help="any layers kept exact, comma-separated (e.g. 0,1,2,4,8)",
     )
@@ -323,19 +324,23 @@ def _whole(bits: float) -> int | float:
     return int(bits) if float(bits).is_integer() else bits
 
 
-# Cache options on the command line: destination -> (cache field, the parser's default).
-_CACHE_ARGUMENTS = {
+# Options shared with the synthetic and attention workloads, which need a value: destination ->
+# (cache field, default). At their default they do not override a --cache-preset.
+_SHARED_CACHE_ARGUMENTS = {
     "bits": ("key_bits", 4),
     "strategy": ("key_strategy", "mse"),
+    "seed": ("seed", 0),
+    "rotation": ("rotation", "haar"),
+    "device": ("device", "cpu"),
+}
+# Cache-only options (None when not given): destination -> (cache field, default).
+_CACHE_ARGUMENTS = {
     "value_bits": ("value_bits", None),
     "value_strategy": ("value_strategy", None),
     "residual_length": ("residual_length", 0),
     "group_size": ("group_size", 32),
     "renormalize": ("renormalize", False),
     "norm_dtype": ("norm_dtype", "float32"),
-    "seed": ("seed", 0),
-    "rotation": ("rotation", "haar"),
-    "device": ("device", "cpu"),
     "center_keys": ("center_keys", False),
     "fp8_scale": ("fp8_scale", "token"),
     "exact_first_layers": ("exact_first_layers", 0),
@@ -346,18 +351,23 @@ _CACHE_ARGUMENTS = {
 
 def _cache_settings(args: argparse.Namespace) -> dict:
     """The cache fields and exact layers the command line asks for: ``--cache-preset``'s, with
-    every cache option given besides it (not at its default) over them; without a preset,
-    every option (the value bits and strategy default to the key's)."""
-    given = {
-        field: getattr(args, dest)
-        for dest, (field, default) in _CACHE_ARGUMENTS.items()
-        if hasattr(args, dest) and (args.cache_preset is None or getattr(args, dest) != default)
-    }
+    every cache option given besides it over them; without a preset, every option at its value or
+    default (the value bits and strategy default to the key's)."""
+    shared = {field: getattr(args, dest) for dest, (field, _) in _SHARED_CACHE_ARGUMENTS.items()}
+    own = {field: getattr(args, dest, None) for dest, (field, _) in _CACHE_ARGUMENTS.items()}
+    own = {field: value for field, value in own.items() if value is not None}
     if args.cache_preset is not None:
-        return expand_preset({"preset": args.cache_preset, **given})
-    given["value_bits"] = args.bits if args.value_bits is None else args.value_bits
-    given["value_strategy"] = args.value_strategy or args.strategy
-    return given
+        changed = {
+            field: value
+            for (field, default), value in zip(_SHARED_CACHE_ARGUMENTS.values(), shared.values(), strict=True)
+            if value != default
+        }
+        return expand_preset({"preset": args.cache_preset, **changed, **own})
+    defaults = {field: default for field, default in _CACHE_ARGUMENTS.values()}
+    fields = defaults | shared | own
+    fields["value_bits"] = fields["value_bits"] if fields["value_bits"] is not None else args.bits
+    fields["value_strategy"] = fields["value_strategy"] or args.strategy
+    return fields
 
 
 def _cache_config(args: argparse.Namespace) -> CacheConfig:
