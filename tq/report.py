@@ -1852,6 +1852,7 @@ METHOD_NAMES = {
     "kivi": "KIVI-style",
     "uniform": "uniform",
     "rotated-uniform": "rotation + uniform",
+    "fp8": "FP8 E4M3",
 }
 
 
