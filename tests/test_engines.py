@@ -75,6 +75,25 @@ def test_tiny_llama_perplexity_records_agree_across_engines(tiny, config, protoc
     assert_records_agree(onnx, hf, statistical)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        CacheConfig(key_bits=3, value_bits=3, center_keys=True),
+        CacheConfig(key_bits=8, key_strategy="fp8", fp8_scale="head", value_bits=4, value_strategy="uniform"),
+    ],
+    ids=["centred-keys", "fp8-keys"],
+)
+def test_the_fixes_for_biased_keys_agree_across_engines(tiny, config):
+    """Centred keys, FP8 keys and a set of exact layers give the same record on both engines."""
+    shape = {"windows": 3, "window": 48, "context": 24}
+    onnx, hf = (
+        run_perplexity(source, config, protocol="window", exact_layer_set=[1], **shape) for source in tiny
+    )
+    assert_records_agree(onnx, hf, statistical=False)
+    assert onnx["config"]["exact_layers"] == hf["config"]["exact_layers"] == [1]
+    assert onnx["config"]["cache"] == hf["config"]["cache"] == config.describe()
+
+
 def test_tiny_llama_compare_and_needle_agree_across_engines(tiny):
     prompts = ["the quick brown fox", "a cache holds the keys and the values"]
     onnx, hf = (run_real_model(source, prompts, "compare", THREE_BIT, max_new_tokens=6) for source in tiny)
