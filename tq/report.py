@@ -1416,6 +1416,17 @@ def _frontier(rows: pd.DataFrame) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
+def _plain_log_y(axis: Any) -> None:
+    """A log y axis labelled in plain numbers (2, 5, 10, not 10^0.3)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(plain)
+    axis.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
     """Perplexity ratio and KL against stored bits for one model: one point per setting, coloured
     by family, 95% interval bars, the best setting at each budget joined and named."""
@@ -1423,7 +1434,7 @@ def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
 
     figure = Figure(figsize=(13.0, 5.0))
     axes = figure.subplots(1, 2)
-    figure.subplots_adjust(left=0.07, right=0.8, bottom=0.12, top=0.86, wspace=0.28)
+    figure.subplots_adjust(left=0.07, right=0.8, bottom=0.12, top=0.86, wspace=0.3)
     best = _frontier(rows)
     for axis, metric, ylabel in (
         (axes[0], "perplexity_ratio", "perplexity ratio (quantized / exact)"),
@@ -1444,19 +1455,20 @@ def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
             label="best ratio at each budget",
         )  # fmt: skip
         axis.scatter(shown["stored_bits"], shown[metric], s=150, facecolors="none", edgecolors="k", zorder=3)
-        for _, row in shown.iterrows():
+        for _, row in shown.iterrows() if metric == "perplexity_ratio" else ():  # named once
             axis.annotate(
                 row["label"], (row["stored_bits"], row[metric]), xytext=(6, 6), textcoords="offset points",
                 fontsize=7,
             )  # fmt: skip
         if metric == "perplexity_ratio":
             axis.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
-        axis.set_yscale("log")
+        _plain_log_y(axis)
+        axis.margins(x=0.15)  # room for the names at the ends
         axis.set_xlabel("stored bits per coordinate (codes, norms, scales, exact layers)")
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
     axes[0].set_title("perplexity ratio (dashed: exact cache)", fontsize=10)
-    axes[1].set_title("KL divergence", fontsize=10)
+    axes[1].set_title("KL divergence (circled: the best ratios, left)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
     figure.suptitle(f"{model}: quality against stored bits ({BARS_NOTE}, window as the unit)", fontsize=11)
@@ -1574,6 +1586,7 @@ def _key_stats_rows(key_stats: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def _plot_key_stats(stats: pd.DataFrame, path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(12.0, 4.4))
     axes = figure.subplots(1, 2)
@@ -1585,11 +1598,12 @@ def _plot_key_stats(stats: pd.DataFrame, path: Path) -> None:
     axes[0].set_ylim(0, 1.02)
     axes[0].set_title(f"share of the keys' energy in their mean (dashed: {OFFSET_SHARE})", fontsize=10)
     axes[0].set_ylabel("share")
-    axes[1].set_yscale("log")
+    _plain_log_y(axes[1])
     axes[1].set_title("largest / median channel RMS of the keys", fontsize=10)
     axes[1].set_ylabel("ratio")
     for axis in axes:
         axis.set_xlabel("layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
