@@ -1420,10 +1420,13 @@ def _plain_log_y(axis: Any) -> None:
     """A log y axis labelled in plain numbers (2, 5, 10, not 10^0.3)."""
     from matplotlib.ticker import FuncFormatter
 
+    def minor(value: float, _: Any) -> str:  # 2 and 5 of each decade only
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa) in (2, 5) and abs(mantissa - round(mantissa)) < 1e-6 else ""
+
     axis.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.yaxis.set_major_formatter(plain)
-    axis.yaxis.set_minor_formatter(plain)
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(FuncFormatter(minor))
     axis.tick_params(axis="y", which="minor", labelsize=7)
 
 
@@ -1455,10 +1458,10 @@ def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
             label="best ratio at each budget",
         )  # fmt: skip
         axis.scatter(shown["stored_bits"], shown[metric], s=150, facecolors="none", edgecolors="k", zorder=3)
-        for _, row in shown.iterrows() if metric == "perplexity_ratio" else ():  # named once
+        for number, (_, row) in enumerate(shown.iterrows(), start=1):  # numbered, named beside the legend
             axis.annotate(
-                row["label"], (row["stored_bits"], row[metric]), xytext=(6, 6), textcoords="offset points",
-                fontsize=7,
+                str(number), (row["stored_bits"], row[metric]), xytext=(7, 4), textcoords="offset points",
+                fontsize=8, fontweight="bold",
             )  # fmt: skip
         if metric == "perplexity_ratio":
             axis.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
@@ -1470,7 +1473,9 @@ def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
     axes[0].set_title("perplexity ratio (dashed: exact cache)", fontsize=10)
     axes[1].set_title("KL divergence (circled: the best ratios, left)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.81, 0.5), fontsize=8, frameon=False)
+    figure.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.81, 0.55), fontsize=8, frameon=False)
+    names = [f"{number}  {label}" for number, label in enumerate(best["label"], start=1)]
+    figure.text(0.815, 0.5, "best ratio at each budget:\n" + "\n".join(names), fontsize=8, va="top")
     figure.suptitle(f"{model}: quality against stored bits ({BARS_NOTE}, window as the unit)", fontsize=11)
     _save(figure, path)
 

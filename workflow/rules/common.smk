@@ -135,14 +135,14 @@ def engine_params(wildcards) -> dict:
 # Peak memory (MB, max RSS in results/benchmarks/<rule>/) of each decode-loop job per preset,
 # measured on this machine; a job asks for its peak plus a quarter (SLURM's --mem kills a job
 # beyond it). Models without an entry get DEFAULT_PEAK_MB.
-PEAK_MB = {
+PEAK_MB = {  # from the default sweep's make run of 2026-12-07, rounded up to 100 MB
     "smollm2-135m-instruct": {
-        "baseline": 1300, "compare": 1800, "perplexity_reference": 1600, "perplexity": 4300,
-        "layer_sensitivity": 2900, "needle": 4300, "traces": 1200, "key_stats": 1300,
+        "baseline": 900, "compare": 1100, "perplexity_reference": 1400, "perplexity": 3600,
+        "layer_sensitivity": 1900, "needle": 2600, "traces": 1200, "key_stats": 1300,
     },
     "qwen2.5-coder-0.5b-instruct": {
-        "baseline": 4700, "compare": 4700, "perplexity_reference": 6000, "perplexity": 6900,
-        "layer_sensitivity": 6900, "needle": 9000, "traces": 4000, "key_stats": 4000,
+        "baseline": 2400, "compare": 2700, "perplexity_reference": 3600, "perplexity": 8100,
+        "layer_sensitivity": 4600, "needle": 6000, "traces": 2900, "key_stats": 2900,
     },
 }  # fmt: skip
 DEFAULT_PEAK_MB = 4000
