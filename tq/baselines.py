@@ -63,6 +63,17 @@ def check_settings(bits, group_size, name: str = "uniform quantization") -> None
         raise ValueError(f"group_size must be >= 2, got {group_size}")
 
 
+def check_rows(x: np.ndarray, dim: int) -> None:
+    """Refuse rows to quantize unless x is a float32 or float64 numpy array [n, dim] of finite
+    values (the message names the problem, and the first bad row)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x must be a float32 or float64 numpy array, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"x must have shape [n, {dim}], got {list(x.shape)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"x row {int(np.argmin(np.all(np.isfinite(x), axis=1)))} contains NaN or inf")
+
+
 @dataclass(frozen=True, eq=False)
 class BatchUniform:
     """Packed uniform codes of n rows of dimension ``dim``, with their zero points and scales.
@@ -242,18 +253,13 @@ class UniformQuantizer:
 
     def quantize(self, x: np.ndarray) -> BatchUniform:
         """Quantize rows x float [n, dim] -> a packed batch (per channel, n a multiple of group_size)."""
-        if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"x must be a float32 or float64 numpy array, got {getattr(x, 'dtype', type(x))}")
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape [n, {self.dim}], got {list(x.shape)}")
+        check_rows(x, self.dim)
         n = x.shape[0]
         if self.axis == "channel" and n % self.group_size:
             raise ValueError(
                 f"per-channel quantization takes whole groups of rows: n = {n} is not a multiple of "
                 f"group_size {self.group_size}"
             )
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"x row {int(np.argmin(np.all(np.isfinite(x), axis=1)))} contains NaN or inf")
         bad = self.out_of_range(x)
         if bad is not None:
             raise ValueError(

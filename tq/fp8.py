@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from tq.baselines import _integer, _round_up_f16
+from tq.baselines import _integer, _round_up_f16, check_rows
 
 FP8_MAX = 448.0  # largest finite E4M3 number
 # Largest max |x| of a row accepted with scale="token": its scale max|x| / 448 must round up to
@@ -199,12 +199,7 @@ class FP8Quantizer:
 
     def quantize(self, x: np.ndarray) -> BatchFP8:
         """Quantize rows x float [n, dim] -> a batch of E4M3 codes (and scales with "token")."""
-        if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"x must be a float32 or float64 numpy array, got {getattr(x, 'dtype', type(x))}")
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape [n, {self.dim}], got {list(x.shape)}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"x row {int(np.argmin(np.all(np.isfinite(x), axis=1)))} contains NaN or inf")
+        check_rows(x, self.dim)
         bad = self.out_of_range(x)
         if bad is not None:
             raise ValueError(

@@ -54,18 +54,26 @@ def repair_smollm2(converted: Any) -> Any:
         A new ``PreTrainedTokenizerFast`` with the same vocabulary, merges, added tokens and
         chat template.
     """
-    from tokenizers import Tokenizer, decoders
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
 
     backend = Tokenizer.from_str(converted.backend_tokenizer.to_str())
     backend.post_processor = None
+    return _byte_level(backend, converted, SMOLLM2_BOS, SMOLLM2_EOS, SMOLLM2_EOS, SMOLLM2_UNK)
+
+
+def _byte_level(backend: Any, converted: Any, bos: str | None, eos: str, pad: str, unk: str | None) -> Any:
+    """A ``PreTrainedTokenizerFast`` of ``backend`` (a ``tokenizers.Tokenizer``) with the plain
+    byte-level decoder, the given special tokens and the converted tokenizer's chat template."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=SMOLLM2_BOS,
-        eos_token=SMOLLM2_EOS,
-        pad_token=SMOLLM2_EOS,
-        unk_token=SMOLLM2_UNK,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
         chat_template=converted.chat_template,
         clean_up_tokenization_spaces=False,
     )
@@ -84,8 +92,7 @@ def repair_qwen2(converted: Any, gguf_path: str | os.PathLike) -> Any:
         A new ``PreTrainedTokenizerFast`` with the same vocabulary, merges and chat template.
     """
     from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer
 
     fields = GGUFReader(Path(gguf_path)).fields
     tokens = _gguf_array(fields["tokenizer.ggml.tokens"])
@@ -98,16 +105,7 @@ def repair_qwen2(converted: Any, gguf_path: str | os.PathLike) -> Any:
             if kind in (_CONTROL, _USER_DEFINED)
         ]
     )
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=None,
-        eos_token=QWEN2_EOS,
-        pad_token=QWEN2_PAD,
-        unk_token=None,
-        chat_template=converted.chat_template,
-        clean_up_tokenization_spaces=False,
-    )
+    return _byte_level(backend, converted, None, QWEN2_EOS, QWEN2_PAD, None)
 
 
 def _gguf_array(field: Any) -> list:
