@@ -74,6 +74,15 @@ def check_rows(x: np.ndarray, dim: int) -> None:
         raise ValueError(f"x row {int(np.argmin(np.all(np.isfinite(x), axis=1)))} contains NaN or inf")
 
 
+def first_beyond(sizes: np.ndarray, limit: float) -> tuple[int, float] | None:
+    """(row, size) of the first of ``sizes`` [n] beyond ``limit``, or None when none is."""
+    bad = sizes > limit
+    if not bad.any():
+        return None
+    row = int(np.argmax(bad))
+    return row, float(sizes[row])
+
+
 @dataclass(frozen=True, eq=False)
 class BatchUniform:
     """Packed uniform codes of n rows of dimension ``dim``, with their zero points and scales.
@@ -239,11 +248,7 @@ class UniformQuantizer:
             size = np.linalg.norm(x.astype(np.float64), axis=1)
         else:
             size = np.max(np.abs(x), axis=1, initial=0.0)
-        bad = size > MAX_ABS
-        if not bad.any():
-            return None
-        row = int(np.argmax(bad))
-        return row, float(size[row])
+        return first_beyond(size, MAX_ABS)
 
     def _expand(self, params: np.ndarray) -> np.ndarray:
         """Per-group parameters -> one per coordinate, [n, dim]."""

@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from tq.baselines import _integer, _round_up_f16, check_rows
+from tq.baselines import _integer, _round_up_f16, check_rows, first_beyond
 
 FP8_MAX = 448.0  # largest finite E4M3 number
 # Largest max |x| of a row accepted with scale="token": its scale max|x| / 448 must round up to
@@ -190,12 +190,7 @@ class FP8Quantizer:
         beyond 448 saturate."""
         if self.scale is None:
             return None
-        size = np.max(np.abs(x), axis=1, initial=0.0)
-        bad = size > MAX_ABS
-        if not bad.any():
-            return None
-        row = int(np.argmax(bad))
-        return row, float(size[row])
+        return first_beyond(np.max(np.abs(x), axis=1, initial=0.0), MAX_ABS)
 
     def quantize(self, x: np.ndarray) -> BatchFP8:
         """Quantize rows x float [n, dim] -> a batch of E4M3 codes (and scales with "token")."""
