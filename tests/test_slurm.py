@@ -33,10 +33,11 @@ RULE_THREADS = {
     "traces": 1,
     "trace_eval": 1,
     "baseline": 2,
-    "compare": 2,
+    "compare": 1,
     "perplexity_reference": 2,
-    "perplexity": 2,
-    "layer_sensitivity": 2,
+    "perplexity": 1,
+    "layer_sensitivity": 1,
+    "key_stats": 2,
     "needle": 2,
 }
 # Columns that are measured times (or ratios of times) or stamps, not results.
