@@ -209,6 +209,8 @@ class UniformQuantizer:
         rotation: a tq.rotation.Rotation of size dim, applied before quantizing, or None.
     """
 
+    max_abs = MAX_ABS  # the largest |value| (rotated: norm) :meth:`out_of_range` accepts
+
     def __init__(
         self, dim: int, bits: int, group_size: int = 32, axis: str = "token", rotation: Rotation | None = None
     ) -> None:

@@ -35,6 +35,7 @@ from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepar
 from tq.models.chat import PROMPT_FORMATS
 from tq.records import output_path_problem, write_record
 from tq.rotation import ROTATION_KINDS
+from tq.sweep_checks import cache_fields, exact_layer_arguments
 from tq.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
 
 
@@ -370,11 +371,11 @@ def _cache_settings(args: argparse.Namespace) -> dict:
     return fields
 
 
-def _cache_config(args: argparse.Namespace) -> CacheConfig:
-    fields = _cache_settings(args)
+def _cache_config(settings: dict) -> CacheConfig:
+    """The CacheConfig of :func:`_cache_settings` (its exact layers apart)."""
+    fields = cache_fields(settings)
     fields["key_bits"], fields["value_bits"] = _whole(fields["key_bits"]), _whole(fields["value_bits"])
-    exact = ("exact_first_layers", "exact_last_layers", "exact_layers")
-    return CacheConfig(**{name: value for name, value in fields.items() if name not in exact})
+    return CacheConfig(**fields)
 
 
 def _max_new_tokens(args: argparse.Namespace, default: int) -> int:
@@ -385,13 +386,7 @@ def _real_model_inputs(args: argparse.Namespace) -> dict:
     if not args.real_model_dir:
         raise ValueError(f"the {args.workload} workload needs --real-model-dir DIR (see tq model prepare)")
     settings = _cache_settings(args)
-    return {
-        "config": _cache_config(args),
-        "exact_first_layers": settings.get("exact_first_layers", 0),
-        "exact_last_layers": settings.get("exact_last_layers", 0),
-        "exact_layer_set": settings.get("exact_layers", []),
-        "threads": args.threads,
-    }
+    return {"config": _cache_config(settings), **exact_layer_arguments(settings), "threads": args.threads}
 
 
 def _run_bench(args: argparse.Namespace) -> dict:
@@ -444,7 +439,7 @@ def _run_bench(args: argparse.Namespace) -> dict:
     if args.workload == "trace":
         if not args.trace:
             raise ValueError("the trace workload needs --trace PATH")
-        config = _cache_config(args)
+        config = _cache_config(_cache_settings(args))
         return run_trace(args.trace, config, top_k=TRACE_TOP_K if args.top_k is None else args.top_k)
     if not float(args.bits).is_integer():
         raise ValueError(f"the synthetic workload needs whole --bits, got {args.bits}")

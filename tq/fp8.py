@@ -172,6 +172,7 @@ class FP8Quantizer:
     rows_per_group = 1  # each row is quantized on its own
     rotation = None
     bits = 8
+    max_abs = MAX_ABS  # the largest max |x| of a row :meth:`out_of_range` accepts
 
     def __init__(self, dim: int, scale: str | None = "token") -> None:
         if not _integer(dim) or dim < 2:

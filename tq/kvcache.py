@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tq.baselines import BASELINE_STRATEGIES, MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
+from tq.baselines import BASELINE_STRATEGIES, BatchUniform, UniformQuantizer, baseline_quantizer
 from tq.batch import BatchQuantizedMSE
 from tq.codebook import MAX_BITS
 from tq.fp8 import FP8_MAX, FP8Quantizer
@@ -348,10 +348,9 @@ class _Store:
             if bad is not None:
                 head, token = divmod(bad[0], tokens.shape[1])
                 what = "a vector norm" if quantizer.rotation is not None else "a value"
-                limit = FP8_MAX * _FLOAT16_MAX if self.strategy == FP8_STRATEGY else MAX_ABS
                 raise ValueError(
                     f"{name}: {what} of {bad[1]:.6g} (head {head}, new token {token}) is beyond "
-                    f"{limit:g}, too large for the float16 scales of {self.strategy}"
+                    f"{quantizer.max_abs:g}, too large for the float16 scales of {self.strategy}"
                 )
 
     def _ensure_capacity(self, length: int) -> None:

@@ -1466,7 +1466,7 @@ def _plot_model_quality(rows: pd.DataFrame, model: str, path: Path) -> None:
         if metric == "perplexity_ratio":
             axis.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
         _plain_log_y(axis)
-        axis.margins(x=0.15)  # room for the names at the ends
+        axis.margins(x=0.15)  # room for the numbers of the end points
         axis.set_xlabel("stored bits per coordinate (codes, norms, scales, exact layers)")
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)

@@ -121,13 +121,14 @@ def cache_fields(options: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in options.items() if name not in EXACT_LAYER_OPTIONS}
 
 
-def exact_layer_fields(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The exact-layer options among cache options: exact_first_layers, exact_last_layers and
-    exact_layers (a sorted list), with their defaults."""
+def exact_layer_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The exact-layer options among cache options (exact_first_layers, exact_last_layers,
+    exact_layers), with their defaults, as the tq.bench functions take them: exact_first_layers,
+    exact_last_layers and exact_layer_set (a sorted list)."""
     return {
         "exact_first_layers": int(options.get("exact_first_layers", 0)),
         "exact_last_layers": int(options.get("exact_last_layers", 0)),
-        "exact_layers": sorted({int(layer) for layer in options.get("exact_layers", [])}),
+        "exact_layer_set": sorted({int(layer) for layer in options.get("exact_layers", [])}),
     }
 
 
@@ -185,11 +186,11 @@ class _Setting:
             self.config = CacheConfig(**cache_fields(merged))
         except (TypeError, ValueError) as error:
             raise SweepConfigError(f"{key}: {error}") from None
-        layers = exact_layer_fields(merged)
+        layers = exact_layer_arguments(merged)
         self.exact = (
             layers["exact_first_layers"],
             layers["exact_last_layers"],
-            tuple(layers["exact_layers"]),
+            tuple(layers["exact_layer_set"]),
         )
         self.label = cache_label(entry)
         self.identity = _identity(self.config, self.exact)

@@ -12,7 +12,7 @@ from tq.sweep_checks import (
     cache_fields,
     cache_label,
     check_sweep,
-    exact_layer_fields,
+    exact_layer_arguments,
     setting_fields,
     setting_runs_on,
     trace_cache_labels,
@@ -110,8 +110,6 @@ def tq_sources_hash(*modules: str) -> str:
     return digest.hexdigest()
 
 
-
-
 def model_input(wildcards) -> str:
     """What a model's decode-loop jobs read: its ONNX bundle, or its checkpoint (transformers)."""
     if MODELS[wildcards.model]["engine"] == "onnxruntime":
@@ -182,14 +180,9 @@ def cache_params(wildcards) -> dict:
 
 
 def exact_layer_params(wildcards) -> dict:
-    """A job's exact layers, as the tq.bench functions take them: exact_first_layers,
-    exact_last_layers and exact_layer_set (the config's exact_layers)."""
-    fields = exact_layer_fields(SETTINGS[wildcards.cache])
-    return {
-        "exact_first_layers": fields["exact_first_layers"],
-        "exact_last_layers": fields["exact_last_layers"],
-        "exact_layer_set": fields["exact_layers"],
-    }
+    """A job's exact layers, as the tq.bench functions take them
+    (tq.sweep_checks.exact_layer_arguments)."""
+    return exact_layer_arguments(SETTINGS[wildcards.cache])
 
 
 def perplexity_params(section: str) -> dict:
@@ -243,14 +236,14 @@ def all_records(wildcards) -> list[str]:
         if not (strategy == "prod" and bits < 2)  # Prod spends one bit on QJL signs
     ]
     for model in MODELS:
+        caches = model_caches(model)
         records += expand(
             "results/trace_eval/{model}/{trace}/{cache}.json",
             model=model,
             trace=trace_names(model),
-            cache=[cache for cache in TRACE_CACHES if cache in model_caches(model)],
+            cache=[cache for cache in TRACE_CACHES if cache in caches],
         )
         records.append(f"results/baseline/{model}/{SUITE}.json")
-        caches = model_caches(model)
         records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=caches)
         records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=caches)
         records += [f"results/needle/{model}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]]
