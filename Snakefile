@@ -1,4 +1,4 @@
-# tq: the TurboQuant KV-cache evaluation sweep (DESIGN.md section 8).
+# tq: the TurboQuant KV-cache evaluation sweep (docs/design.md section 8).
 #   snakemake --cores all                               # the default sweep (config.yaml)
 #   snakemake --cores all --configfile config/quick.yaml   # tiny models, about a minute
 from snakemake.utils import min_version, validate

@@ -17,7 +17,7 @@ Bytes read per step: the packed cache (codes, norms, exact tokens: ``DeviceKVCac
 and 2 * heads * context * dim * 2 for fp16 keys and values; GB/s = those bytes / median time.
 Checks: the full output against torch's (fp16 rounding of the reconstruction: TORCH_TOLERANCE),
 and, on a smaller cache built the same way (``--check-context`` tokens, fresh random data), against
-the Numba CPU :func:`tq.attention.decode_attention` (CPU_TOLERANCE); the script fails after writing
+the Numba CPU :func:`tq.cache.attention.decode_attention` (CPU_TOLERANCE); the script fails after writing
 the JSON if they differ.
 
 ``--allow-simulator`` runs on Numba's CUDA simulator as a smoke test: sizes are capped, times
@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from tq.attention import decode_attention  # noqa: E402
-from tq.bench.attention import torch_fp16_attention  # noqa: E402
-from tq.fileio import write_json  # noqa: E402
+from tq.cache.attention import decode_attention  # noqa: E402
+from tq.cache.kvcache import CacheConfig, QuantizedKVCache  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
 from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda  # noqa: E402
-from tq.kvcache import CacheConfig, QuantizedKVCache  # noqa: E402
+from tq.tasks.attention import torch_fp16_attention  # noqa: E402
 
 
 def _load_gpu_benchmark():

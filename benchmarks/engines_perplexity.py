@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tq.bench.perplexity import perplexity_reference, run_perplexity  # noqa: E402
-from tq.engines import ModelSource  # noqa: E402
-from tq.fileio import write_json  # noqa: E402
-from tq.kvcache import CacheConfig  # noqa: E402
-from tq.records import environment  # noqa: E402
+from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
+from tq.engines.source import ModelSource  # noqa: E402
+from tq.tasks.perplexity import perplexity_reference, run_perplexity  # noqa: E402
+from tq.tasks.records import environment  # noqa: E402
 
 CACHE = Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq"))
 

@@ -42,11 +42,11 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-from tq.fileio import write_json  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
+from tq.core.packing import code_bytes, unpack_codes, unpack_signs  # noqa: E402
 from tq.kernels import cpu as cpu_kernels  # noqa: E402
-from tq.kernels.reference import qjl_scale  # noqa: E402
-from tq.packing import code_bytes, unpack_codes, unpack_signs  # noqa: E402
-from tq.quantizers import TurboQuantMSE, TurboQuantProd  # noqa: E402
+from tq.kernels.naive import qjl_scale  # noqa: E402
+from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd  # noqa: E402
 
 SIMULATOR_MAX_N = 256
 SIMULATOR_MAX_QUERIES = 4
@@ -178,7 +178,7 @@ def timing_row(
 
 
 def torch_pack(indices, bits: int):
-    """uint8 [n, d] codes (< 2^bits) -> uint8 [n, ceil(d*bits/8)], the layout of tq.packing."""
+    """uint8 [n, d] codes (< 2^bits) -> uint8 [n, ceil(d*bits/8)], the layout of tq.core.packing."""
     import torch
 
     n, dim = indices.shape

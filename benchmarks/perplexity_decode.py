@@ -8,12 +8,12 @@ batched decode, in the same run; and decode throughput per batch size.
   per window, the exact model decoded token by token along the text, then the quantized one
   (:meth:`RealModelRunner.generate` with forced tokens, one sequence per ONNX Runtime call).
 - ``batched_path``: the exact reference (one call per window) then the quantized side of
-  :func:`tq.bench.perplexity.run_perplexity`, all windows decoded in one call per step. In the
+  :func:`tq.tasks.perplexity.run_perplexity`, all windows decoded in one call per step. In the
   pipeline the reference is computed once per model and shared by every cache setting, so the
   record gives both the job with its reference and the job reading a saved one.
 - ``batch_sweep``: decode tokens/s of :meth:`RealModelRunner.teacher_force` with a quantized
   cache for each batch size (``--sweep-steps`` steps after a ``--context`` prefill), from which
-  ``tq.bench.perplexity.DEFAULT_BATCH`` is chosen.
+  ``tq.tasks.perplexity.DEFAULT_BATCH`` is chosen.
 
 Both paths score the same tokens; the record checks that their perplexity ratios agree.
 """
@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tq import metrics  # noqa: E402
-from tq.bench.perplexity import perplexity_reference, run_perplexity, text_windows  # noqa: E402
-from tq.fileio import write_json  # noqa: E402
-from tq.kvcache import CacheConfig  # noqa: E402
+from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
+from tq.engines.onnx import RealModelRunner  # noqa: E402
 from tq.models.bundle import ModelBundle  # noqa: E402
-from tq.records import environment  # noqa: E402
-from tq.runner import RealModelRunner  # noqa: E402
+from tq.tasks import metrics  # noqa: E402
+from tq.tasks.perplexity import perplexity_reference, run_perplexity, text_windows  # noqa: E402
+from tq.tasks.records import environment  # noqa: E402
 
 DEFAULT_BUNDLE = (
     Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq")) / "bundles/smollm2-135m-instruct"

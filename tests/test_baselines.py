@@ -1,4 +1,4 @@
-"""Baseline quantizers (tq.baselines) and the cache strategies built on them.
+"""Baseline quantizers (tq.quant.uniform) and the cache strategies built on them.
 
 Tolerances: a uniform quantizer reconstructs each coordinate within half its stored (float16)
 scale; the only other error is one float32 rounding of zero + code * scale (relative 2^-24),
@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tq.baselines import MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
-from tq.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
-from tq.rotation import make_rotation
-from tq.runner import RealModelRunner
+from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
+from tq.core.rotation import make_rotation
+from tq.engines.onnx import RealModelRunner
+from tq.quant.uniform import MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
 
 HEADS, DIM = 2, 64
 

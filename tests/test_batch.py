@@ -1,4 +1,4 @@
-"""Packed batches: validation, sizes and safetensors files (DESIGN.md section 4)."""
+"""Packed batches: validation, sizes and safetensors files (docs/design.md section 4)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tq import BatchFormatError, BatchQuantizedMSE, BatchQuantizedProd, TurboQuantMSE, TurboQuantProd
-from tq.fileio import save_tensors
-from tq.packing import code_bytes, pack_codes, pack_signs
+from tq.core.fileio import save_tensors
+from tq.core.packing import code_bytes, pack_codes, pack_signs
 
 # Files are compared exactly: a save/load round trip must not change a single bit.
 

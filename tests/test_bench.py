@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tq.bench.synthetic import run_synthetic
 from tq.cli import main
-from tq.records import SCHEMA
+from tq.tasks.records import SCHEMA
+from tq.tasks.synthetic import run_synthetic
 
 
 def test_synthetic_record_has_every_field_and_sane_values() -> None:

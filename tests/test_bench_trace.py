@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from tq.bench.trace import attention_errors, run_trace
+from tq.cache.kvcache import CacheConfig
 from tq.cli import main
-from tq.kvcache import CacheConfig
-from tq.records import SCHEMA
-from tq.trace import KvTrace
+from tq.data.trace import KvTrace
+from tq.tasks.records import SCHEMA
+from tq.tasks.trace_eval import attention_errors, run_trace
 
 
 def _trace(samples: int = 3, seq: int = 96, dim: int = 64, queries: int = 8) -> KvTrace:

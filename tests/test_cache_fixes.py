@@ -11,11 +11,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tq.cache_presets import CACHE_PRESETS, CachePresetError, expand_preset
+from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
+from tq.cache.packed_view import packed_cache
+from tq.cache.presets import CACHE_PRESETS, CachePresetError, expand_preset
 from tq.cli import main
-from tq.fp8 import FP8_MAX
-from tq.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
-from tq.packed_view import packed_cache
+from tq.quant.fp8 import FP8_MAX
 
 KV_HEADS, HEAD_DIM = 2, 64
 PREFILL, DECODE = 24, 8

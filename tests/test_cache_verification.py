@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tq.codebook import lloyd_max_codebook, solve_codebook
-from tq.fileio import CacheWarning, json_checksum, read_checked_json, write_checked_json
+from tq.core.codebook import lloyd_max_codebook, solve_codebook
+from tq.core.fileio import CacheWarning, json_checksum, read_checked_json, write_checked_json
+from tq.data.trace import FORMAT, KvTrace, TraceFormatError
 from tq.models import BundleError, ModelBundle, prepare_bundle
 from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX_DATA, TOKENIZER_JSON
-from tq.trace import FORMAT, KvTrace, TraceFormatError
 
 # --- Codebooks ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Lloyd-Max codebooks for the rotated-coordinate density (DESIGN.md section 3)."""
+"""Lloyd-Max codebooks for the rotated-coordinate density (docs/design.md section 3)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.integrate import quad
 
-from tq.codebook import coordinate_density, lloyd_max_codebook, solve_codebook
-from tq.fileio import CacheWarning
+from tq.core.codebook import coordinate_density, lloyd_max_codebook, solve_codebook
+from tq.core.fileio import CacheWarning
 
-# D_mse of the exact Lloyd-Max codebook at d = 64 and in the Gaussian limit (DESIGN.md section 3).
+# D_mse of the exact Lloyd-Max codebook at d = 64 and in the Gaussian limit (docs/design.md section 3).
 D_MSE_D64 = {1: 0.3584, 2: 0.1145, 3: 0.0334, 4: 0.0091}
 D_MSE_GAUSSIAN = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
 # Both tables are rounded to 4 decimals, so the exact value is within half a unit of the last place.

@@ -1,4 +1,4 @@
-"""tq.corpus: wikitext cleaning rules on handwritten markup, the dump reader on a handwritten dump,
+"""tq.data.corpus: wikitext cleaning rules on handwritten markup, the dump reader on a handwritten dump,
 the wheel download's failure modes, the corpus cache, token windows (cut from the start, and
 sampled across articles), and the real Wikipedia text in the gensim wheel.
 
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tq import corpus
-from tq.corpus import (
+from tq.core.fileio import CacheWarning, read_checked_json, write_checked_json
+from tq.data import corpus
+from tq.data.corpus import (
     GENSIM_WHEEL,
     WIKIPEDIA_MEMBER,
     CorpusError,
@@ -35,7 +36,6 @@ from tq.corpus import (
     sample_windows,
     wikipedia_articles,
 )
-from tq.fileio import CacheWarning, read_checked_json, write_checked_json
 
 # Read at import (collection) time, before conftest's session fixture points TQ_CACHE_DIR at a
 # temporary directory: the wheel is downloaded once per machine, not once per test run.
@@ -45,7 +45,7 @@ PERSISTENT_CACHE = Path(
     or Path.home() / ".cache" / "tq"
 )
 
-# Measured on the pinned wheel: 106 articles, 442,611 words, 2,815,402 characters (DESIGN.md says
+# Measured on the pinned wheel: 106 articles, 442,611 words, 2,815,402 characters (docs/design.md says
 # about 450k words). Leaving the <ref> contents in would give about 477k words.
 ARTICLES_RANGE = (100, 115)
 WORDS_RANGE = (420_000, 470_000)

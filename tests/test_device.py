@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from tq import TurboQuantMSE, TurboQuantProd
+from tq.cache.kvcache import CacheConfig, QuantizedKVCache
 from tq.kernels import DeviceUnavailableError, gpu_present, is_gpu_array, resolve_device
-from tq.kvcache import CacheConfig, QuantizedKVCache
 
 NO_GPU = not Path("/dev/nvidia0").exists()
 needs_cuda_backend = pytest.mark.skipif(
@@ -68,7 +68,7 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 
 def test_cpu_backends_do_not_mix_with_cuda():
     with pytest.raises((ValueError, DeviceUnavailableError)):
-        TurboQuantMSE(16, 2, kernels="reference", device="cuda")
+        TurboQuantMSE(16, 2, kernels="naive", device="cuda")
 
 
 @needs_cuda_backend

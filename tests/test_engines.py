@@ -1,6 +1,6 @@
-"""The two engines (tq.engines): ONNX Runtime on a bundle and transformers on the checkpoint it was
+"""The two engines (tq.engines.source): ONNX Runtime on a bundle and transformers on the checkpoint it was
 exported from write the same records within the tolerance their float arithmetic allows; the
-sweep's models entries are checked before any job runs (tq.sweep_models, the workflow).
+sweep's models entries are checked before any job runs (tq.pipeline.models, the workflow).
 
 Tolerances. Both engines compute fp32 attention over the same reconstruction; their logits differ
 by float rounding (about 1e-6 of the logit scale). With exact caches or the ``window`` protocol
@@ -21,13 +21,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 from tests.models_fixtures import tiny_llama
-from tq.bench.needle import run_needle_sweep
-from tq.bench.perplexity import run_perplexity
-from tq.bench.real_model import run_real_model
-from tq.engines import ModelSource
-from tq.kvcache import EXACT, CacheConfig
-from tq.stats import mean_se
-from tq.sweep_models import SweepConfigError, resolve_models
+from tq.cache.kvcache import EXACT, CacheConfig
+from tq.engines.source import ModelSource
+from tq.pipeline.models import SweepConfigError, resolve_models
+from tq.tasks.compare import run_real_model
+from tq.tasks.needle import run_needle_sweep
+from tq.tasks.perplexity import run_perplexity
+from tq.tasks.stats import mean_se
 
 RATIO_TOLERANCE = 1e-4
 AGREEMENT_SE = 3.0
@@ -183,9 +183,9 @@ def test_names_are_distinct_and_default_to_preset_or_directory(tiny):
 
 
 def test_cuda_model_needs_a_gpu_here_but_not_for_a_cluster_submission(monkeypatch):
-    import tq.sweep_models
+    import tq.pipeline.models
 
-    monkeypatch.setattr(tq.sweep_models, "_cuda_available", lambda: False)
+    monkeypatch.setattr(tq.pipeline.models, "_cuda_available", lambda: False)
     cuda = [entry(preset="tiny-llama", engine="transformers", device="cuda", dtype="bfloat16")]
     with pytest.raises(
         SweepConfigError, match=re.escape("models[0].device: cuda, but this machine has no CUDA GPU")

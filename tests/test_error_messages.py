@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tq.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, append_batch
-from tq.quantizers import TurboQuantMSE
-from tq.trace import KvTrace, TraceFormatError
+from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, append_batch
+from tq.data.trace import KvTrace, TraceFormatError
+from tq.quant.turboquant import TurboQuantMSE
 
 HEADS, DIM, LAYERS = 2, 16, 3
 

@@ -1,6 +1,6 @@
 """Files written atomically (temporary file + rename) get the mode the process umask gives a plain
 ``open()`` (0o666 & ~umask), not ``mkstemp``'s 0o600; prepared bundles and checkpoints, assembled
-in a ``mkdtemp`` directory by tools that write some files private, get it too (tq.fileio)."""
+in a ``mkdtemp`` directory by tools that write some files private, get it too (tq.core.fileio)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tq import fileio
-from tq.codebook import lloyd_max_codebook
-from tq.fileio import (
+from tq.core import fileio
+from tq.core.codebook import lloyd_max_codebook
+from tq.core.fileio import (
     apply_umask,
     atomic_write_bytes,
     process_umask,
@@ -23,7 +23,7 @@ from tq.fileio import (
     write_checked_json,
     write_json,
 )
-from tq.trace import KvTrace
+from tq.data.trace import KvTrace
 
 
 @pytest.fixture

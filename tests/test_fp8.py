@@ -1,4 +1,4 @@
-"""FP8 E4M3 encoding (tq.fp8) against ml_dtypes and torch, and the FP8 quantizer.
+"""FP8 E4M3 encoding (tq.quant.fp8) against ml_dtypes and torch, and the FP8 quantizer.
 
 Tolerances: encoding is compared bit for bit with ``ml_dtypes.float8_e4m3fn`` and
 ``torch.float8_e4m3fn`` on |x| <= 448 (ml_dtypes turns larger values into NaN, so saturation is
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tq.fp8 import (
+from tq.quant.fp8 import (
     DECODE_TABLE,
     FP8_MAX,
     MAX_ABS,

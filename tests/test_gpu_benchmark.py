@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tq import TurboQuantMSE, TurboQuantProd
-from tq.kernels import reference
-from tq.packing import pack_codes, unpack_codes
+from tq.core.packing import pack_codes, unpack_codes
+from tq.kernels import naive
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
@@ -111,8 +111,8 @@ def test_torch_baseline_matches_the_oracle(bench, bits, rotation):
     rng = np.random.default_rng(bits)
     x = (rng.standard_normal((200, dim)) * rng.uniform(0.1, 10, size=(200, 1))).astype(np.float32)
     queries = rng.standard_normal((5, dim)).astype(np.float32)
-    mse = TurboQuantMSE(dim, bits, 3, rotation, normalize=True, kernels="reference")
-    prod = TurboQuantProd(dim, bits, 3, normalize=True, rotation=rotation, kernels="reference")
+    mse = TurboQuantMSE(dim, bits, 3, rotation, normalize=True, kernels="naive")
+    prod = TurboQuantProd(dim, bits, 3, normalize=True, rotation=rotation, kernels="naive")
     t = torch.from_numpy
     pi, s, xt, qt = t(mse.rotation.matrix), t(prod.qjl), t(x), t(queries)
 
@@ -120,22 +120,22 @@ def test_torch_baseline_matches_the_oracle(bench, bits, rotation):
         return t(values.astype(np.float32))
 
     codes, norms = bench.torch_mse_encode(xt, pi, f32(mse.codebook.edges), bits)
-    want_codes, want_norms = reference.mse_encode(x, mse.rotation, mse.codebook, True)
+    want_codes, want_norms = naive.mse_encode(x, mse.rotation, mse.codebook, True)
     differ = unpack_codes(codes.numpy(), dim, bits) != unpack_codes(want_codes, dim, bits)
     assert differ.mean() <= 1e-3
     np.testing.assert_allclose(norms.numpy(), want_norms, rtol=1e-5)
     codes, norms = want_codes, want_norms  # decode and score the oracle's codes
     decoded = bench.torch_mse_decode(t(codes), t(norms), pi, f32(mse.codebook.centroids), bits)
-    expected = reference.mse_decode(codes, norms, mse.rotation, mse.codebook)
+    expected = naive.mse_decode(codes, norms, mse.rotation, mse.codebook)
     np.testing.assert_allclose(decoded.numpy(), expected, atol=1e-4, rtol=1e-5)
     scores = bench.torch_mse_scores(qt, t(codes), t(norms), pi, f32(mse.codebook.centroids), bits)
-    want = reference.mse_scores(queries, codes, norms, mse.rotation, mse.codebook)
+    want = naive.mse_scores(queries, codes, norms, mse.rotation, mse.codebook)
     np.testing.assert_allclose(scores.numpy(), want, atol=1e-3)
 
     pb = bits - 1
     edges, centroids = f32(prod.codebook.edges), f32(prod.codebook.centroids)
     codes, signs, gammas, norms = bench.torch_prod_encode(xt, pi, s, edges, centroids, pb)
-    want = reference.prod_encode(x, prod.rotation, prod.qjl, prod.codebook, True)
+    want = naive.prod_encode(x, prod.rotation, prod.qjl, prod.codebook, True)
     agree = ~(unpack_codes(codes.numpy(), dim, pb) != unpack_codes(want[0], dim, pb)).any(axis=1)
     assert agree.mean() > 0.95
     sign_differ = unpack_codes(signs.numpy()[agree], dim, 1) != unpack_codes(want[1][agree], dim, 1)
@@ -143,12 +143,10 @@ def test_torch_baseline_matches_the_oracle(bench, bits, rotation):
     np.testing.assert_allclose(gammas.numpy()[agree], want[2][agree], atol=1e-5)
     codes, signs, gammas, norms = want
     decoded = bench.torch_prod_decode(t(codes), t(signs), t(gammas), t(norms), pi, s, centroids, pb)
-    expected = reference.prod_decode(codes, signs, gammas, norms, prod.rotation, prod.qjl, prod.codebook)
+    expected = naive.prod_decode(codes, signs, gammas, norms, prod.rotation, prod.qjl, prod.codebook)
     np.testing.assert_allclose(decoded.numpy(), expected, atol=1e-4, rtol=1e-5)
     scores = bench.torch_prod_scores(qt, t(codes), t(signs), t(gammas), t(norms), pi, s, centroids, pb)
-    expected = reference.prod_scores(
-        queries, codes, signs, gammas, norms, prod.rotation, prod.qjl, prod.codebook
-    )
+    expected = naive.prod_scores(queries, codes, signs, gammas, norms, prod.rotation, prod.qjl, prod.codebook)
     np.testing.assert_allclose(scores.numpy(), expected, atol=1e-3)
 
 

@@ -1,4 +1,4 @@
-"""The Numba kernels against the NumPy oracle on fresh random inputs (DESIGN.md section 7).
+"""The Numba kernels against the NumPy oracle on fresh random inputs (docs/design.md section 7).
 
 Codes must be identical except where the oracle's float64 rotated coordinate lies within
 EDGE_TIE of a cell edge (the float32 kernel may round it to the other side); reconstructions and
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tq import TurboQuantMSE, TurboQuantProd
-from tq.kernels import cpu, get_backend, reference
-from tq.packing import unpack_codes, unpack_signs
+from tq.core.packing import unpack_codes, unpack_signs
+from tq.kernels import cpu, get_backend, naive
 
 from .conftest import TEST_SEED
 
@@ -61,21 +61,21 @@ def test_mse_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None:
     quantizer = TurboQuantMSE(dim, bits, seed=int(rng.integers(1000)), normalize=normalize)
     x = _rows(rng, 257, dim, unit=not normalize)
     fast_codes, fast_norms = cpu.mse_encode(x, quantizer.rotation, quantizer.codebook, normalize)
-    codes, norms = reference.mse_encode(x, quantizer.rotation, quantizer.codebook, normalize)
+    codes, norms = naive.mse_encode(x, quantizer.rotation, quantizer.codebook, normalize)
     _assert_codes_match(fast_codes, codes, _rotated_oracle(x, quantizer, normalize), quantizer)
     np.testing.assert_allclose(fast_norms, norms, rtol=RTOL)
 
     stored = norms if normalize else None
     np.testing.assert_allclose(
         cpu.mse_decode(codes, stored, quantizer.rotation, quantizer.codebook),
-        reference.mse_decode(codes, stored, quantizer.rotation, quantizer.codebook),
+        naive.mse_decode(codes, stored, quantizer.rotation, quantizer.codebook),
         rtol=RTOL,
         atol=ATOL * (10 if normalize else 1),
     )
     queries = _rows(rng, 7, dim, unit=False)
     np.testing.assert_allclose(
         cpu.mse_scores(queries, codes, stored, quantizer.rotation, quantizer.codebook),
-        reference.mse_scores(queries, codes, stored, quantizer.rotation, quantizer.codebook),
+        naive.mse_scores(queries, codes, stored, quantizer.rotation, quantizer.codebook),
         rtol=RTOL,
         atol=ATOL * 100,
     )
@@ -90,7 +90,7 @@ def test_prod_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None
     args = (quantizer.rotation, quantizer.qjl, quantizer.codebook)
     x = _rows(rng, 257, dim, unit=not normalize)
     fast = cpu.prod_encode(x, *args, normalize)
-    oracle = reference.prod_encode(x, *args, normalize)
+    oracle = naive.prod_encode(x, *args, normalize)
     rotated = _rotated_oracle(x, quantizer, normalize)
     _assert_codes_match(fast[0], oracle[0], rotated, quantizer)
 
@@ -111,14 +111,14 @@ def test_prod_kernels_match_oracle(dim: int, bits: int, normalize: bool) -> None
     stored = norms if normalize else None
     np.testing.assert_allclose(
         cpu.prod_decode(codes, signs, gammas, stored, *args),
-        reference.prod_decode(codes, signs, gammas, stored, *args),
+        naive.prod_decode(codes, signs, gammas, stored, *args),
         rtol=RTOL,
         atol=ATOL * (10 if normalize else 1),
     )
     queries = _rows(rng, 7, dim, unit=False)
     np.testing.assert_allclose(
         cpu.prod_scores(queries, codes, signs, gammas, stored, *args),
-        reference.prod_scores(queries, codes, signs, gammas, stored, *args),
+        naive.prod_scores(queries, codes, signs, gammas, stored, *args),
         rtol=RTOL,
         atol=ATOL * 100,
     )
@@ -129,7 +129,7 @@ def test_hadamard_rotation_matches_oracle() -> None:
     quantizer = TurboQuantMSE(128, 4, seed=5, rotation="hadamard")
     x = _rows(rng, 300, 128, unit=True)
     fast, _ = cpu.mse_encode(x, quantizer.rotation, quantizer.codebook, False)
-    oracle, _ = reference.mse_encode(x, quantizer.rotation, quantizer.codebook, False)
+    oracle, _ = naive.mse_encode(x, quantizer.rotation, quantizer.codebook, False)
     _assert_codes_match(fast, oracle, _rotated_oracle(x, quantizer, False), quantizer)
 
 
@@ -148,9 +148,9 @@ def test_many_chunks_and_threads_match_single_thread(monkeypatch: pytest.MonkeyP
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TQ_KERNELS", raising=False)
     assert get_backend() is cpu
-    monkeypatch.setenv("TQ_KERNELS", "reference")
-    assert get_backend() is reference
-    assert TurboQuantMSE(16, 2).kernels is reference
+    monkeypatch.setenv("TQ_KERNELS", "naive")
+    assert get_backend() is naive
+    assert TurboQuantMSE(16, 2).kernels is naive
     monkeypatch.setenv("TQ_KERNELS", "gpu-please")
     with pytest.raises(ValueError, match="unknown kernel backend 'gpu-please'"):
         get_backend()
@@ -178,8 +178,13 @@ def test_each_kernel_specialization_has_its_own_disk_cache(tmp_path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
     indexes = sorted(tmp_path.rglob("*.nbi"))
     names = [index.name for index in indexes]
-    for kernel in ("quantize_row_b2", "quantize_row_b3", "pack_row_b2", "transform_rows_d64",
-                   "transform_rows_d128"):
+    for kernel in (
+        "quantize_row_b2",
+        "quantize_row_b3",
+        "pack_row_b2",
+        "transform_rows_d64",
+        "transform_rows_d128",
+    ):
         assert any(kernel in name for name in names), (kernel, names)
     for index in indexes:
         with index.open("rb") as stream:

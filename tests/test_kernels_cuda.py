@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from numba import cuda as numba_cuda
 
-from tq.codebook import Codebook, lloyd_max_codebook
-from tq.kernels import cpu, reference
+from tq.core.codebook import Codebook, lloyd_max_codebook
+from tq.core.packing import padding_is_zero, unpack_codes, unpack_signs
+from tq.core.rotation import Rotation, make_rotation, qjl_matrix
+from tq.kernels import cpu, naive
 from tq.kernels import cuda as gpu
-from tq.packing import padding_is_zero, unpack_codes, unpack_signs
-from tq.rotation import Rotation, make_rotation, qjl_matrix
 
 from .conftest import TEST_SEED
 
@@ -106,7 +106,7 @@ def test_mse_kernels_match_oracle(dim: int, bits: int, kind: str, normalize: boo
     _, rotation, x, queries = _setup(dim, bits, kind, normalize, 0)
     codebook = lloyd_max_codebook(dim, bits)
     codes, norms = gpu.mse_encode(x, rotation, codebook, normalize)
-    oracle_codes, oracle_norms = reference.mse_encode(x, rotation, codebook, normalize)
+    oracle_codes, oracle_norms = naive.mse_encode(x, rotation, codebook, normalize)
     rotated = _rotated_oracle(x, rotation, normalize)
     _assert_codes_match(codes, oracle_codes, rotated, codebook)
     _assert_codes_match(codes, cpu.mse_encode(x, rotation, codebook, normalize)[0], rotated, codebook)
@@ -118,7 +118,7 @@ def test_mse_kernels_match_oracle(dim: int, bits: int, kind: str, normalize: boo
     assert decoded.dtype == np.float32
     np.testing.assert_allclose(
         decoded,
-        reference.mse_decode(oracle_codes, stored, rotation, codebook),
+        naive.mse_decode(oracle_codes, stored, rotation, codebook),
         rtol=RTOL,
         atol=ATOL * (10 if normalize else 1),
     )
@@ -126,7 +126,7 @@ def test_mse_kernels_match_oracle(dim: int, bits: int, kind: str, normalize: boo
     assert scores.dtype == np.float32
     np.testing.assert_allclose(
         scores,
-        reference.mse_scores(queries, oracle_codes, stored, rotation, codebook),
+        naive.mse_scores(queries, oracle_codes, stored, rotation, codebook),
         rtol=RTOL,
         atol=ATOL * 100,
     )
@@ -139,7 +139,7 @@ def test_prod_kernels_match_oracle(dim: int, bits: int, kind: str, normalize: bo
     qjl = qjl_matrix(dim, int(rng.integers(1000)))
     args = (rotation, qjl, codebook)
     fast = gpu.prod_encode(x, *args, normalize)
-    oracle = reference.prod_encode(x, *args, normalize)
+    oracle = naive.prod_encode(x, *args, normalize)
     rotated = _rotated_oracle(x, rotation, normalize)
     _assert_codes_match(fast[0], oracle[0], rotated, codebook)
     _assert_codes_match(fast[0], cpu.prod_encode(x, *args, normalize)[0], rotated, codebook)
@@ -161,13 +161,13 @@ def test_prod_kernels_match_oracle(dim: int, bits: int, kind: str, normalize: bo
     stored = norms if normalize else None
     np.testing.assert_allclose(
         gpu.prod_decode(codes, signs, gammas, stored, *args),
-        reference.prod_decode(codes, signs, gammas, stored, *args),
+        naive.prod_decode(codes, signs, gammas, stored, *args),
         rtol=RTOL,
         atol=ATOL * (10 if normalize else 1),
     )
     np.testing.assert_allclose(
         gpu.prod_scores(queries, codes, signs, gammas, stored, *args),
-        reference.prod_scores(queries, codes, signs, gammas, stored, *args),
+        naive.prod_scores(queries, codes, signs, gammas, stored, *args),
         rtol=RTOL,
         atol=ATOL * 100,
     )
@@ -229,8 +229,13 @@ def test_bad_dtypes_and_shapes_are_clear_errors() -> None:
     prod_codebook = lloyd_max_codebook(16, 1)
     with pytest.raises(ValueError, match=r"signs must have shape \[4, 2\]"):
         gpu.prod_decode(
-            np.zeros((4, 2), np.uint8), np.zeros((4, 3), np.uint8), np.ones(4), None,
-            rotation, qjl_matrix(16, 0), prod_codebook,
+            np.zeros((4, 2), np.uint8),
+            np.zeros((4, 3), np.uint8),
+            np.ones(4),
+            None,
+            rotation,
+            qjl_matrix(16, 0),
+            prod_codebook,
         )
 
 

@@ -1,4 +1,4 @@
-"""Key statistics (tq.key_stats): the per-head offset share, channel RMS ratio and mean norm
+"""Key statistics (tq.tasks.key_stats): the per-head offset share, channel RMS ratio and mean norm
 against a direct NumPy oracle on constructed keys, bad input, and the per-layer record of the tiny
 random Llama on windows of a stand-in corpus.
 
@@ -17,8 +17,8 @@ import json
 import numpy as np
 import pytest
 
-from tq import corpus
-from tq.key_stats import KeyStatsError, cached_keys_values, key_statistics, model_key_statistics
+from tq.data import corpus
+from tq.tasks.key_stats import KeyStatsError, cached_keys_values, key_statistics, model_key_statistics
 
 RTOL = 1e-12
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tq.kvcache import (
+from tq.cache.kvcache import (
     CacheConfig,
     MultiHeadKVCache,
     QuantizedKVCache,
@@ -25,7 +25,7 @@ CONFIGS = {
     "window": CacheConfig(key_bits=3, value_bits=3, residual_length=7),
     "fp16-renorm": CacheConfig(norm_dtype="float16", renormalize=True),
     "hadamard": CacheConfig(rotation="hadamard", key_bits=2),
-    # baselines (tq.baselines); kivi keys leave the window in whole groups of 8 tokens
+    # baselines (tq.quant.uniform); kivi keys leave the window in whole groups of 8 tokens
     "kivi": CacheConfig(
         key_strategy="kivi", value_strategy="kivi", key_bits=2, residual_length=5, group_size=8
     ),

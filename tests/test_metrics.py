@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tq import metrics
+from tq.tasks import metrics
 
 
 def test_identical_logits_give_zero_drift():

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from tests.models_fixtures import tiny_bundle
-from tq.bench.needle import (
+from tq.cache.kvcache import CacheConfig
+from tq.cli import main
+from tq.models import ModelBundle
+from tq.models.chat import render_chat
+from tq.tasks.needle import (
     NEEDLE,
     PLAIN_ANSWER,
     NeedleError,
@@ -20,10 +24,6 @@ from tq.bench.needle import (
     run_needle,
     run_needle_sweep,
 )
-from tq.cli import main
-from tq.kvcache import CacheConfig
-from tq.models import ModelBundle
-from tq.models.chat import render_chat
 
 EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")
 # Filler for the tiny model: paragraphs of short sentences (no corpus download needed).
@@ -205,7 +205,7 @@ def test_a_sweep_shares_the_exact_side_and_equals_separate_runs(tiny):
 
 
 def test_needle_cli_writes_a_record(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("tq.corpus.corpus_text", lambda cache=None: FILLER)
+    monkeypatch.setattr("tq.data.corpus.corpus_text", lambda cache=None: FILLER)
     out = tmp_path / "needle.json"
     args = ["bench", "--workload", "needle", "--real-model-dir", str(tiny), "--bits", "2"]
     args += ["--value-bits", "3", "--context-lengths", "192,256", "--depths", "0.3,0.6", "--trials", "1"]
@@ -232,7 +232,7 @@ def test_needle_cli_writes_a_record(tiny, tmp_path, monkeypatch, capsys):
     ],
 )
 def test_needle_cli_errors(tiny, extra, message, monkeypatch, capsys):
-    monkeypatch.setattr("tq.corpus.corpus_text", lambda cache=None: FILLER)
+    monkeypatch.setattr("tq.data.corpus.corpus_text", lambda cache=None: FILLER)
     assert main(["bench", "--workload", "needle", "--real-model-dir", str(tiny), *extra]) == 2
     assert message in capsys.readouterr().err
 

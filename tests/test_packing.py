@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tq.packing import code_bytes, pack_codes, pack_signs, padding_is_zero, unpack_codes, unpack_signs
+from tq.core.packing import code_bytes, pack_codes, pack_signs, padding_is_zero, unpack_codes, unpack_signs
 
 
 @st.composite

@@ -1,5 +1,5 @@
 """The Snakemake pipeline (Snakefile, workflow/): DAG shape, an end-to-end quick run, and what
-a re-run does after a change (DESIGN.md section 8).
+a re-run does after a change (docs/design.md section 8).
 
 Snakemake runs as a subprocess in a temporary copy of the workflow, so that runs and edits
 never touch the checkout. The quick config (tiny random Llama) runs the whole DAG once, in

@@ -12,19 +12,19 @@ import shutil
 import pytest
 
 from tests.models_fixtures import tiny_bundle
-from tq.bench.needle import NeedlePromptBuilder
-from tq.bench.real_model import answer_lengths, run_real_model
+from tq.cache.kvcache import CacheConfig
 from tq.cli import main
-from tq.engines import ModelSource
-from tq.kvcache import CacheConfig
+from tq.engines.onnx import RealModelRunner
+from tq.engines.source import ModelSource
 from tq.models import ModelBundle, prepare_bundle
 from tq.models.bundle import write_bundle_info
 from tq.models.chat import ChatTemplateError, PromptFormat, render_chat
 from tq.models.checkpoint import Checkpoint
 from tq.models.tiny import IM_START, build_tiny
-from tq.reference import ReferenceError
 from tq.report import summary_table, write_report
-from tq.runner import RealModelRunner
+from tq.tasks.compare import answer_lengths, run_real_model
+from tq.tasks.exact_run import ReferenceError
+from tq.tasks.needle import NeedlePromptBuilder
 
 # ChatML, as SmolLM2 writes it (without its system turn); the tiny tokenizer knows both tokens.
 CHATML = (

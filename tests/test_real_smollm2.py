@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from tq import metrics
-from tq.bench.perplexity import perplexity_reference, run_perplexity
-from tq.bench.real_model import run_real_model
+from tq.cache.kvcache import CacheConfig
 from tq.cli import main
-from tq.kvcache import CacheConfig
+from tq.engines.onnx import RealModelRunner
 from tq.models import ModelBundle
-from tq.reference import KL_TOLERANCE
-from tq.runner import RealModelRunner
+from tq.tasks import metrics
+from tq.tasks.compare import run_real_model
+from tq.tasks.exact_run import KL_TOLERANCE
+from tq.tasks.perplexity import perplexity_reference, run_perplexity
 
 PROMPTS = [
     "The history of the Roman Empire begins with",
@@ -69,7 +69,7 @@ def test_wikipedia_perplexity_on_smollm2(smollm2_bundle, persistent_cache_dir):
         return record["metrics"]
 
     eight, two = run(8, "window"), run(2, "window")
-    # SmolLM2-135M on English Wikipedia: about 18.5 over 1024-token windows (DESIGN.md section 10)
+    # SmolLM2-135M on English Wikipedia: about 18.5 over 1024-token windows (docs/design.md section 10)
     assert 8 < eight["exact_perplexity"] < 40
     assert eight["perplexity_ratio"] == pytest.approx(1.0, abs=0.01)
     assert two["perplexity_ratio"] > eight["perplexity_ratio"]
@@ -85,7 +85,7 @@ def test_wikipedia_perplexity_on_smollm2(smollm2_bundle, persistent_cache_dir):
 def test_the_exact_reference_matches_the_exact_decode_loop_on_smollm2(smollm2_bundle, persistent_cache_dir):
     """The reference's one call per window equals decoding the exact model token by token, and
     its compact encoding keeps KL(exact || quantized) within KL_TOLERANCE of the computation from
-    the full logits (the figure DESIGN.md and tq.reference state)."""
+    the full logits (the figure docs/design.md and tq.tasks.exact_run state)."""
     bundle = ModelBundle.load(smollm2_bundle)
     runner = RealModelRunner(bundle, threads=2)
     reference = perplexity_reference(smollm2_bundle, 1, 320, 192, threads=2, cache=persistent_cache_dir)

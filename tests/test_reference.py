@@ -1,4 +1,4 @@
-"""The exact reference: encodings, comparison, files (tq.reference)."""
+"""The exact reference: encodings, comparison, files (tq.tasks.exact_run)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tq.metrics import log_softmax
-from tq.reference import KL_TOLERANCE, ExactReference, ReferenceError
+from tq.tasks.exact_run import KL_TOLERANCE, ExactReference, ReferenceError
+from tq.tasks.metrics import log_softmax
 
 SETTINGS = {"workload": "test", "model": "random", "windows": 2}
 

@@ -12,11 +12,9 @@ import pandas as pd
 import pytest
 from scipy.linalg import hadamard
 
-from tq.bench.synthetic import run_synthetic
-from tq.bench.trace import run_trace
-from tq.fileio import write_json
-from tq.kvcache import CacheConfig
-from tq.records import make_record
+from tq.cache.kvcache import CacheConfig
+from tq.core.fileio import write_json
+from tq.data.trace import KvTrace
 from tq.report import (
     BARS_NOTE,
     COORDINATES,
@@ -48,8 +46,10 @@ from tq.report import (
     write_report,
     write_summary,
 )
-from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se
-from tq.trace import KvTrace
+from tq.tasks.records import make_record
+from tq.tasks.stats import PER_TOKEN_FIELDS, cluster_mean_se
+from tq.tasks.synthetic import run_synthetic
+from tq.tasks.trace_eval import run_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = (
@@ -87,7 +87,7 @@ def _trace(layer: int) -> KvTrace:
 
 
 def _compare_record(bits: float, strategy: str = "mse", agreement: float = 0.9) -> dict:
-    """A real-model compare record with the fields tq.bench.real_model writes."""
+    """A real-model compare record with the fields tq.tasks.compare writes."""
     cache = CacheConfig(key_bits=bits, value_bits=bits, key_strategy=strategy)
     config = {
         "workload": "real-model",
@@ -207,7 +207,7 @@ def _perplexity_record(
     pattern: int = 0,
     window_effect: np.ndarray | None = None,
 ) -> dict:
-    """A perplexity record with the fields tq.bench.perplexity writes. Without ``se``, an older
+    """A perplexity record with the fields tq.tasks.perplexity writes. Without ``se``, an older
     record (first windows of the text, no standard errors, no per-window values); with ``se``, a
     record of windows drawn from seed 0 (:data:`TEXT_WINDOWS`) with its per-window and per-token
     values (:func:`_windowed`), window-level SEs (ratio and top-1 ``se``, KL ``se / 10``) and
@@ -245,7 +245,7 @@ def _perplexity_record(
     else:
         per_window, per_token, figures = _windowed(ratio, se, pattern, window_effect)
         config |= {
-            "text": "Wikipedia articles (tq.corpus), windows drawn across them",
+            "text": "Wikipedia articles (tq.data.corpus), windows drawn across them",
             "sample_seed": 0,
             "windows": WINDOWS,
             "window": WINDOW,
@@ -296,7 +296,7 @@ def trace_records(tmp_path_factory):
 
 
 def _needle_record(bits: float, quantized: float) -> dict:
-    """A needle record with the fields tq.bench.needle writes (exact retrieval 0.75)."""
+    """A needle record with the fields tq.tasks.needle writes (exact retrieval 0.75)."""
     config = {
         "workload": "needle",
         "bundle": "/bundles/tiny",
@@ -915,7 +915,7 @@ def test_a_baseline_at_two_group_sizes_gives_two_rows(tmp_path):
 
 def test_report_states_the_text_the_windows_and_what_plus_minus_means(uncertain_report, report):
     sentence = (
-        "Wikipedia articles (tq.corpus), windows drawn across them: 8 windows of 64 tokens (32 of "
+        "Wikipedia articles (tq.data.corpus), windows drawn across them: 8 windows of 64 tokens (32 of "
         "context, 32 scored) drawn from seed 0 across 5 distinct articles. ± is one standard error "
         "with the window as the unit, over 8 windows; the per-token SE, which treats tokens as "
         "independent, is `<name>_se_token` in summary.csv."

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.special import betainc
 
-from tq.rotation import make_rotation, qjl_matrix
+from tq.core.rotation import make_rotation, qjl_matrix
 
 # The matrix is computed in float64 and rounded to float32 (relative error 2^-24 = 6e-8 per entry),
 # so entries of Pi Pi^T - I are sums of d products each off by about 6e-8 / d: about 1e-7 in total.

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from tests.models_fixtures import tiny_gpt2, tiny_llama
-from tq.bench.real_model import run_real_model
+from tq.cache.kvcache import CacheConfig, MultiHeadKVCache
 from tq.cli import main
-from tq.kvcache import CacheConfig, MultiHeadKVCache
+from tq.engines.onnx import RealModelRunner
 from tq.models import ModelBundle, prepare_bundle
-from tq.runner import RealModelRunner
+from tq.tasks.compare import run_real_model
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")
@@ -204,7 +204,7 @@ def test_compare_with_no_decode_step_reports_speed_as_null(tiny, tmp_path):
 def test_compare_reads_the_baseline_reference(tiny, tmp_path):
     """Compare mode with the exact mode's reference gives the metrics of a compare run that
     makes its own exact runs, and refuses a reference of other prompts or settings."""
-    from tq.reference import ReferenceError
+    from tq.tasks.exact_run import ReferenceError
 
     path = tmp_path / "baseline.safetensors"
     prompts = [PROMPT, "keys and values"]
@@ -230,7 +230,7 @@ def test_compare_reads_the_baseline_reference(tiny, tmp_path):
 
 
 def _tiny_perplexity(tiny, cache_dir, **options) -> dict:
-    from tq.bench.perplexity import run_perplexity
+    from tq.tasks.perplexity import run_perplexity
 
     settings = {"windows": 3, "window": 48, "context": 24, "cache": cache_dir}
     return run_perplexity(tiny[1], CacheConfig(key_bits=2, value_bits=2), **(settings | options))
@@ -239,8 +239,8 @@ def _tiny_perplexity(tiny, cache_dir, **options) -> dict:
 def test_perplexity_batches_and_references_agree(tiny, tmp_path, persistent_cache_dir):
     """Decoding the windows together, or one at a time, or against a saved reference gives the
     same per-token values; a reference made for other windows is refused."""
-    from tq.bench.perplexity import perplexity_reference
-    from tq.reference import ReferenceError
+    from tq.tasks.exact_run import ReferenceError
+    from tq.tasks.perplexity import perplexity_reference
 
     one = _tiny_perplexity(tiny, persistent_cache_dir, batch=1)
     path = tmp_path / "reference.safetensors"
@@ -263,7 +263,7 @@ def test_perplexity_batches_and_references_agree(tiny, tmp_path, persistent_cach
 def test_perplexity_windows_come_from_across_the_text_and_are_the_unit(tiny, persistent_cache_dir):
     """The record names each window's article and offset (one article per window here), keeps
     every window's means, and states its errors over windows beside the per-token ones."""
-    from tq.corpus import corpus_articles
+    from tq.data.corpus import corpus_articles
 
     record = _tiny_perplexity(tiny, persistent_cache_dir, windows=4)
     config, metrics = record["config"], record["metrics"]

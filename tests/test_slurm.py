@@ -1,6 +1,6 @@
 """Cluster submission for real: the quick config through Snakemake's SLURM executor
 (profiles/slurm) on a single-node SLURM cluster started for this module (tests/slurm_cluster.py,
-DESIGN.md section 9).
+docs/design.md section 9).
 
 Checks that every non-local job ran as a SLURM job (its id, final state and resources as the
 scheduler reports them), that a rule's ``gpu`` resource reaches the scheduler as ``--gpus``, and

@@ -1,11 +1,11 @@
-"""Mean ± standard error of per-token quality values (tq.stats)."""
+"""Mean ± standard error of per-token quality values (tq.tasks.stats)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se, cluster_means, mean_se, quality_summary
+from tq.tasks.stats import PER_TOKEN_FIELDS, cluster_mean_se, cluster_means, mean_se, quality_summary
 
 
 def _per_token(n: int, seed: int = 0, shift: float = 0.1) -> dict[str, np.ndarray]:

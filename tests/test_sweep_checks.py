@@ -1,4 +1,4 @@
-"""A sweep config is checked as a whole when the workflow starts (tq.sweep_checks): every value
+"""A sweep config is checked as a whole when the workflow starts (tq.pipeline.checks): every value
 a job would reject, and every entry that would repeat another's results, stops ``snakemake -n``
 before the DAG is built, with a message that names the key."""
 

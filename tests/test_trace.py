@@ -1,12 +1,12 @@
-"""KvTrace: validation, slicing and safetensors files (DESIGN.md section 4)."""
+"""KvTrace: validation, slicing and safetensors files (docs/design.md section 4)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tq.fileio import save_tensors
-from tq.trace import FORMAT, KvTrace, TraceFormatError
+from tq.core.fileio import save_tensors
+from tq.data.trace import FORMAT, KvTrace, TraceFormatError
 
 SAMPLES, SEQ, DIM, QUERIES = 3, 10, 8, 4
 

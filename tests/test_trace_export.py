@@ -20,8 +20,8 @@ import transformers
 
 from tests.models_fixtures import tiny_gemma3, tiny_gpt2, tiny_llama
 from tq.cli import main
-from tq.trace import KvTrace
-from tq.trace_export import TraceExportError, export_traces, read_prompts, trace_filename
+from tq.data.trace import KvTrace
+from tq.tasks.trace_export import TraceExportError, export_traces, read_prompts, trace_filename
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 

@@ -1,4 +1,4 @@
-"""tq inside Hugging Face transformers (tq.integrations.transformers).
+"""tq inside Hugging Face transformers (tq.engines.transformers_cache).
 
 Tolerances. ``LOGIT_TOLERANCE`` = 1e-4 of the logit scale (max |logit|) between the packed and
 the reconstruct path: both attend over the same stored codes; the packed path scores in the
@@ -31,8 +31,8 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from tests.models_fixtures import tiny_gemma3, tiny_llama  # noqa: E402
-from tq.integrations.transformers import TurboQuantCache, teacher_force  # noqa: E402
-from tq.kvcache import CacheConfig  # noqa: E402
+from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.engines.transformers_cache import TurboQuantCache, teacher_force  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
 AGREEMENT_SE = 3.0
@@ -160,12 +160,12 @@ def test_smollm2_eight_bit_generation_equals_exact(smollm2_checkpoint):
 def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_bundle):
     """Two 192-token windows of the Wikipedia corpus (context 128, 64 decoded steps), 3-bit MSE:
     the packed path's logits equal the reconstruct path's; with exact-strategy caches the
-    transformers path equals the ONNX Runtime loop (tq.runner) within LOGIT_TOLERANCE; with the
+    transformers path equals the ONNX Runtime loop (tq.engines.onnx) within LOGIT_TOLERANCE; with the
     3-bit cache their per-token NLLs are statistically indistinguishable (AGREEMENT_SE)."""
-    from tq.bench.perplexity import text_windows
+    from tq.engines.onnx import RealModelRunner
     from tq.models.bundle import ModelBundle
-    from tq.runner import RealModelRunner
-    from tq.stats import mean_se
+    from tq.tasks.perplexity import text_windows
+    from tq.tasks.stats import mean_se
 
     bundle = ModelBundle.load(smollm2_bundle)
     rows, _ = text_windows(bundle, 2, 192, sample_seed=0)

@@ -14,29 +14,29 @@ import json
 import math
 import sys
 
-from tq.bench.attention import run_attention
-from tq.bench.needle import (
+from tq.cache.kvcache import FP8_SCALES, NORM_DTYPES, STRATEGIES, CacheConfig
+from tq.cache.presets import CACHE_PRESETS, expand_preset
+from tq.core.rotation import ROTATION_KINDS
+from tq.kernels import DEVICES, DeviceUnavailableError
+from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
+from tq.models.chat import PROMPT_FORMATS
+from tq.pipeline.checks import cache_fields, exact_layer_arguments
+from tq.tasks.attention import run_attention
+from tq.tasks.compare import DEFAULT_TOP_K as REAL_TOP_K
+from tq.tasks.compare import MODES, run_real_model
+from tq.tasks.needle import (
     DEFAULT_CONTEXT_LENGTHS,
     DEFAULT_DEPTHS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TRIALS,
     run_needle,
 )
-from tq.bench.perplexity import DEFAULT_BATCH, DEFAULT_SAMPLE_SEED, PROTOCOLS, run_perplexity
-from tq.bench.real_model import DEFAULT_TOP_K as REAL_TOP_K
-from tq.bench.real_model import MODES, run_real_model
-from tq.bench.synthetic import run_synthetic
-from tq.bench.trace import DEFAULT_TOP_K as TRACE_TOP_K
-from tq.bench.trace import run_trace
-from tq.cache_presets import CACHE_PRESETS, expand_preset
-from tq.kernels import DEVICES, DeviceUnavailableError
-from tq.kvcache import FP8_SCALES, NORM_DTYPES, STRATEGIES, CacheConfig
-from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
-from tq.models.chat import PROMPT_FORMATS
-from tq.records import output_path_problem, write_record
-from tq.rotation import ROTATION_KINDS
-from tq.sweep_checks import cache_fields, exact_layer_arguments
-from tq.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
+from tq.tasks.perplexity import DEFAULT_BATCH, DEFAULT_SAMPLE_SEED, PROTOCOLS, run_perplexity
+from tq.tasks.records import output_path_problem, write_record
+from tq.tasks.synthetic import run_synthetic
+from tq.tasks.trace_eval import DEFAULT_TOP_K as TRACE_TOP_K
+from tq.tasks.trace_eval import run_trace
+from tq.tasks.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
 
 
 def _parser() -> argparse.ArgumentParser:

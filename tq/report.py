@@ -1,4 +1,4 @@
-"""Turning result records (DESIGN.md section 4) into one summary table and a markdown report.
+"""Turning result records (docs/design.md section 4) into one summary table and a markdown report.
 
 The pipeline's ``aggregate`` rule reads result JSON files with :func:`load_records`, flattens
 them with :func:`summary_table` and writes the CSV with :func:`write_summary`; beside it, the
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tq.baselines import BASELINE_STRATEGIES
-from tq.fileio import atomic_write_bytes
-from tq.records import SCHEMA, SOURCES
-from tq.stats import PER_TOKEN_FIELDS, cluster_mean_se
+from tq.core.fileio import atomic_write_bytes
+from tq.quant.uniform import BASELINE_STRATEGIES
+from tq.tasks.records import SCHEMA, SOURCES
+from tq.tasks.stats import PER_TOKEN_FIELDS, cluster_mean_se
 
 REPORT_NAME = "report.md"
 
@@ -201,8 +201,8 @@ PROTOCOL_NOTES = {
     "window": "`window` (quantized context only): the context is prefilled in one call and stored in "
     "the cache (quantized or not); the scored continuation is fed in one more call, so it reads the "
     "context through the cache but attends to its own tokens exactly. It measures a quantized context "
-    "only, which flatters the cache (DESIGN.md section 10).",
-    "decode": "`decode` (DESIGN.md section 10): the context is prefilled, then the continuation is "
+    "only, which flatters the cache (docs/design.md section 10).",
+    "decode": "`decode` (docs/design.md section 10): the context is prefilled, then the continuation is "
     "decoded one token at a time with teacher forcing, every new token's keys and values quantized "
     "as they enter the cache, as a decoding server with a quantized cache would see it.",
 }
@@ -622,7 +622,7 @@ class _WindowValues:
 class Paired:
     """A paired comparison over windows: per window a difference of mean NLLs (nats), and the
     token-weighted mean of those differences with its window-level (cluster-robust) standard
-    error, :func:`tq.stats.cluster_mean_se` of the per-token differences they summarize."""
+    error, :func:`tq.tasks.stats.cluster_mean_se` of the per-token differences they summarize."""
 
     def __init__(self, differences: np.ndarray, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -658,7 +658,7 @@ def paired_nll(a: pd.DataFrame | None, b: pd.DataFrame | None) -> Paired | None:
 def _against_exact(row: pd.Series) -> bool | None:
     """Whether a setting's perplexity ratio differs from 1.0 (exact) by its own paired difference,
     quantized - exact NLL per unit (window or prompt): that difference's mean is log(ratio) and
-    its SE ``perplexity_ratio_se`` / ratio (tq.stats, delta method), and it differs when the 95%
+    its SE ``perplexity_ratio_se`` / ratio (tq.tasks.stats, delta method), and it differs when the 95%
     interval excludes 0. None without a ratio or its standard error."""
     ratio, se = row.get("perplexity_ratio"), _se(row, "perplexity_ratio")
     if _missing(ratio) or _missing(se) or ratio <= 0:
@@ -1571,7 +1571,7 @@ def _across_findings(rows: pd.DataFrame, models: Sequence[str], windows: _Window
 
 
 def _key_stats_rows(key_stats: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, layer) of the key statistics records (tq.key_stats)."""
+    """One row per (model, layer) of the key statistics records (tq.tasks.key_stats)."""
     rows = [
         {
             "model": record["model"],
@@ -1628,7 +1628,7 @@ def _key_stats_lines(key_stats: Sequence[dict[str, Any]], out_dir: Path) -> list
             f"{record['model']} ({record['windows']} windows x {record['window']} tokens)"
             for record in key_stats
         )
-        + ": the share of the cached keys' energy that is their per-head mean vector (tq.key_stats), "
+        + ": the share of the cached keys' energy that is their per-head mean vector (tq.tasks.key_stats), "
         "and how far the largest channel's RMS stands above the median channel's. TurboQuant "
         "quantizes each key's direction after a rotation; where nearly all of every key is one "
         "shared offset, the part that tells tokens apart is a small residual its error swamps "
@@ -2281,7 +2281,7 @@ def write_report(
     which findings compare two perplexity settings by their paired per-window differences
     (:func:`paired_nll`; without it, no two settings are told apart); a setting is compared with
     exact by its own standard error (:func:`_against_exact`). ``key_stats``: per-layer key
-    statistics records (tq.key_stats), shown in the cross-model section with
+    statistics records (tq.tasks.key_stats), shown in the cross-model section with
     ``key_statistics.png``. Everything is written atomically.
     """
     out = Path(out)

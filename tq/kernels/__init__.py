@@ -3,7 +3,7 @@
 
 Every backend module provides the same six functions, with the same arguments and results:
 ``mse_encode``, ``mse_decode``, ``mse_scores``, ``prod_encode``, ``prod_decode`` and
-``prod_scores`` (see :mod:`tq.kernels.reference` for their contracts). ``TQ_KERNELS=reference``
+``prod_scores`` (see :mod:`tq.kernels.naive` for their contracts). ``TQ_KERNELS=naive``
 selects the oracle instead of the Numba CPU kernels for a whole process.
 
 Quantizers and caches choose a device: ``"cpu"`` runs the CPU backend that ``kernels`` /
@@ -20,7 +20,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-BACKENDS = ("cpu", "reference")  # the CPU backends; the cuda one is chosen by device
+BACKENDS = ("cpu", "naive")  # the CPU backends; the cuda one is chosen by device
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -49,7 +49,7 @@ def gpu_present() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """"cpu" or "cuda" for a requested device; raises when "cuda" cannot run here."""
+    """ "cpu" or "cuda" for a requested device; raises when "cuda" cannot run here."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "auto":
@@ -65,7 +65,7 @@ def resolve_device(device: str) -> str:
 def backend_for(device: str, kernels: str | None = None) -> tuple[str, ModuleType]:
     """(resolved device, kernel module) for a quantizer's ``device`` and ``kernels`` arguments.
 
-    ``kernels`` picks among the CPU backends ("cpu", "reference"; default ``$TQ_KERNELS``) and
+    ``kernels`` picks among the CPU backends ("cpu", "naive"; default ``$TQ_KERNELS``) and
     only applies to the CPU device.
     """
     resolved = resolve_device(device)

@@ -1,5 +1,5 @@
 """Decode attention from the packed cache on an NVIDIA GPU (numba.cuda): the CUDA path of
-:func:`tq.attention.decode_attention`, with the same semantics (see that module's docstring).
+:func:`tq.cache.attention.decode_attention`, with the same semantics (see that module's docstring).
 
     device_cache = DeviceKVCache(cache)      # upload the packed streams once
     out = decode_attention_cuda(queries, device_cache, scale)
@@ -63,12 +63,12 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32, uint64
 
+from tq.cache.packed_view import PackedCache, check_host_queries, check_query_shape, check_scale, packed_cache
+from tq.core.packing import code_bytes
 from tq.kernels import is_gpu_array
 from tq.kernels.cuda import THREADS, U, _floats, _pow2_ceil, _pow2_floor, _results, simulated
-from tq.kernels.reference import qjl_scale
-from tq.packed_view import PackedCache, check_host_queries, check_query_shape, check_scale, packed_cache
-from tq.packing import code_bytes
-from tq.quantizers import TurboQuantProd
+from tq.kernels.naive import qjl_scale
+from tq.quant.turboquant import TurboQuantProd
 
 __all__ = ["DeviceKVCache", "decode_attention_cuda"]
 
@@ -84,7 +84,7 @@ _MIN_SPLIT = 32
 _BLOCKS_PER_SM = 32  # the default split aims at this many blocks per multiprocessor
 _MAX_GRID_Z = 65535
 _SLOTS = 4  # layout entries per quantized part: codes, signs, scales, weights offsets
-_MAX_GROUPS = 2  # channel groups per stream (tq.kvcache.split_widths)
+_MAX_GROUPS = 2  # channel groups per stream (tq.cache.kvcache.split_widths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,12 +670,12 @@ class _Buffers:
 
 
 class DeviceKVCache:
-    """A snapshot of a :class:`~tq.kvcache.QuantizedKVCache`'s packed streams on the GPU (or of
-    a :class:`~tq.packed_view.PackedCache`: a window of it, with new exact tokens).
+    """A snapshot of a :class:`~tq.cache.kvcache.QuantizedKVCache`'s packed streams on the GPU (or of
+    a :class:`~tq.cache.packed_view.PackedCache`: a window of it, with new exact tokens).
 
     Uploaded once (for repeated decode steps and benchmarks); later appends to the cache are not
     seen. Strategies "mse", "prod" and "exact" (anything else: NotImplementedError, as for
-    :func:`tq.attention.decode_attention`).
+    :func:`tq.cache.attention.decode_attention`).
 
     Attributes:
         kv_heads, head_dim: of the cache.

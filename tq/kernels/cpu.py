@@ -1,4 +1,4 @@
-"""Numba CPU kernels: the default backend, tested against :mod:`tq.kernels.reference`.
+"""Numba CPU kernels: the default backend, tested against :mod:`tq.kernels.naive`.
 
 Same functions, arguments and results as the reference (see its docstring for shapes). Rows are
 split into chunks that run on a pool of kernel threads; within a chunk, an encode is one
@@ -23,10 +23,10 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from tq.codebook import Codebook
-from tq.kernels.reference import qjl_scale
-from tq.packing import code_bytes
-from tq.rotation import Rotation
+from tq.core.codebook import Codebook
+from tq.core.packing import code_bytes
+from tq.core.rotation import Rotation
+from tq.kernels.naive import qjl_scale
 
 _FASTMATH = {"contract", "reassoc"}  # vectorize sums; keep NaN and inf semantics
 _jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
@@ -70,7 +70,7 @@ def _row_norm(y: np.ndarray) -> float:
 
 @functools.cache
 def _row_kernels(bits: int) -> SimpleNamespace:
-    """Numba kernels for codes of ``bits`` bits (layout of tq.packing)."""
+    """Numba kernels for codes of ``bits`` bits (layout of tq.core.packing)."""
     per_byte = 8 // bits if 8 % bits == 0 else 0  # codes per byte, when whole codes fill bytes
     mask = (1 << bits) - 1
     n_edges = (1 << bits) - 1
@@ -383,7 +383,7 @@ def _rotated(x: np.ndarray, rotation: Rotation) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend contract (see tq.kernels.reference)
+# The backend contract (see tq.kernels.naive)
 
 
 def mse_encode(

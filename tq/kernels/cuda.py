@@ -1,4 +1,4 @@
-"""Numba CUDA kernels: the GPU backend, tested against :mod:`tq.kernels.reference`.
+"""Numba CUDA kernels: the GPU backend, tested against :mod:`tq.kernels.naive`.
 
 Same six functions, arguments and results as the reference (see its docstring for shapes, ties
 and ``normalize``), plus :func:`available` and :func:`simulated`. Every array argument may be a
@@ -19,7 +19,7 @@ one shared-memory tile [ROWS, G*E] switches between the two.
 - encode (one kernel): load the strided coordinates, row norm in float64 (sum in registers, then
   across the row's threads), rotate, switch to contiguous, quantize by binary search over the cell
   edges in shared memory (the number of edges < value, so ties go to the lower cell), pack
-  E*b/8 bytes per thread in the layout of :mod:`tq.packing`. Hadamard rotation: the Walsh-Hadamard
+  E*b/8 bytes per thread in the layout of :mod:`tq.core.packing`. Hadamard rotation: the Walsh-Hadamard
   butterflies of span >= G run in registers in the strided layout and those of span < G in the
   contiguous one, so the transform costs one pass through shared memory. Haar rotation: the tile
   is multiplied in place by the zero-padded Pi^T, each thread accumulating a register micro-tile
@@ -59,11 +59,11 @@ import numba
 import numpy as np
 from numba import cuda, float32, float64, uint8, uint64
 
-from tq.codebook import Codebook
+from tq.core.codebook import Codebook
+from tq.core.packing import code_bytes
+from tq.core.rotation import Rotation
 from tq.kernels import is_gpu_array
-from tq.kernels.reference import qjl_scale
-from tq.packing import code_bytes
-from tq.rotation import Rotation
+from tq.kernels.naive import qjl_scale
 
 THREADS = 128  # threads per block, every kernel
 _STAGED_FLOATS = 2048  # matrix rows staged per k-tile: at most this many floats (8 KiB)
@@ -839,7 +839,7 @@ def _rotate_queries(queries: Any, rotation: Rotation, matrix: Any | None = None)
 
 
 # ---------------------------------------------------------------------------------------------
-# The backend contract (see tq.kernels.reference)
+# The backend contract (see tq.kernels.naive)
 
 
 def mse_encode(x: Any, rotation: Rotation, codebook: Codebook, normalize: bool) -> tuple[Any, Any]:
@@ -938,9 +938,7 @@ def _launch_scores(
     return _results(on_device, out)
 
 
-def mse_scores(
-    queries: Any, codes: Any, norms: Any | None, rotation: Rotation, codebook: Codebook
-) -> Any:
+def mse_scores(queries: Any, codes: Any, norms: Any | None, rotation: Rotation, codebook: Codebook) -> Any:
     """Estimates of <q_i, x_j> from the codes: <Pi q_i, c[idx_j]> |x_j| -> float32 [m, n]."""
     return _launch_scores(queries, codes, None, None, norms, rotation, None, codebook)
 

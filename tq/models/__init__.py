@@ -1,5 +1,5 @@
 """Real models: presets, weight provisioning, GGUF to Hugging Face conversion, ONNX export, and
-``ModelBundle``, the prepared directory the decode loop runs (DESIGN.md sections 4 and 5)."""
+``ModelBundle``, the prepared directory the decode loop runs (docs/design.md sections 4 and 5)."""
 
 from tq.models.bundle import BundleError, ModelBundle
 from tq.models.errors import DownloadError, PrepareError

@@ -1,4 +1,4 @@
-"""``ModelBundle``: a prepared model directory (DESIGN.md section 4), validated on load.
+"""``ModelBundle``: a prepared model directory (docs/design.md section 4), validated on load.
 
 A bundle holds ``model.onnx`` (a decoder exported with past key values, float32; its weights in
 the external data file ``model.onnx_data`` next to it, so the graph can be read without reading
@@ -18,7 +18,7 @@ Graph contract (checked by :meth:`ModelBundle.load`):
 
 Graph inputs differ by model family and order: feed them by name.
 
-Integrity: ``bundle.json`` carries its own checksum (``sha256``, :func:`tq.fileio.json_checksum`)
+Integrity: ``bundle.json`` carries its own checksum (``sha256``, :func:`tq.core.fileio.json_checksum`)
 and a manifest of every other file (``files``: bytes and SHA-256 of each), written by
 :func:`write_bundle_info` when the bundle is prepared. :meth:`ModelBundle.load` verifies the
 checksum, every file's size, and the SHA-256 of every file up to :data:`HASH_ON_LOAD_BYTES` (the
@@ -36,7 +36,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tq.fileio import ChecksumError, read_checked_json, sha256_file, write_checked_json
+from tq.core.fileio import ChecksumError, read_checked_json, sha256_file, write_checked_json
 
 if TYPE_CHECKING:
     import onnxruntime

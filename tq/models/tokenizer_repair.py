@@ -1,4 +1,4 @@
-"""Repairs of the tokenizers transformers converts from GGUF files (DESIGN.md section 5).
+"""Repairs of the tokenizers transformers converts from GGUF files (docs/design.md section 5).
 
 - SmolLM2: the converted tokenizer adds ``<|im_start|>`` as a BOS token to every text and names
   it as the EOS token, while the GGUF says ``add_bos_token = false`` and EOS ``<|im_end|>`` (id

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from tq.sweep_checks import (
+from tq.pipeline.checks import (
     bits_label,
     cache_fields,
     cache_label,
@@ -17,13 +17,13 @@ from tq.sweep_checks import (
     setting_runs_on,
     trace_cache_labels,
 )
-from tq.sweep_models import SweepConfigError, resolve_models
+from tq.pipeline.models import SweepConfigError, resolve_models
 
 TQ_ROOT = Path(workflow.basedir) / "tq"
 CONDA_ENV = "../../envs/tq.yaml"
-# name -> models entry (tq.sweep_models): checked before any job runs. A cuda model needs a GPU
+# name -> models entry (tq.pipeline.models): checked before any job runs. A cuda model needs a GPU
 # here unless the jobs go to a cluster (there, a job on a node without one fails, saying so).
-# The whole config is checked against itself and the models' geometry (tq.sweep_checks).
+# The whole config is checked against itself and the models' geometry (tq.pipeline.checks).
 try:
     MODELS = resolve_models(config["models"], local=workflow.local_exec and workflow.is_main_process)
     check_sweep(config, MODELS)
@@ -31,7 +31,7 @@ except SweepConfigError as error:
     raise WorkflowError(f"config: {error}") from None
 PRESETS = sorted({model["preset"] for model in MODELS.values() if "preset" in model})
 ONNX_MODELS = [name for name, model in MODELS.items() if model["engine"] == "onnxruntime"]
-# Each kv_caches entry by its label (tq.sweep_checks.cache_label): what it computes, presets
+# Each kv_caches entry by its label (tq.pipeline.checks.cache_label): what it computes, presets
 # written out. Jobs look their settings up here by the {cache} wildcard.
 SETTINGS = {
     cache_label(entry): setting_fields(entry, config["cache_options"]) for entry in config["kv_caches"]
@@ -163,7 +163,7 @@ def model_gpus(wildcards) -> int:
 
 
 def trace_names(model: str) -> list[str]:
-    """``layer00-head00`` ... for the traces of ``model`` (tq.trace_export.trace_filename)."""
+    """``layer00-head00`` ... for the traces of ``model`` (tq.tasks.trace_export.trace_filename)."""
     spec = MODELS[model]
     return [f"layer{layer:02d}-head{head:02d}" for layer in spec["trace_layers"] for head in spec["trace_heads"]]
 
@@ -174,14 +174,14 @@ def model_caches(model: str) -> list[str]:
 
 
 def cache_params(wildcards) -> dict:
-    """A job's tq.kvcache.CacheConfig fields: its setting's, with the cache options (exact layers
+    """A job's tq.cache.kvcache.CacheConfig fields: its setting's, with the cache options (exact layers
     apart: they are not a CacheConfig field)."""
     return cache_fields(SETTINGS[wildcards.cache])
 
 
 def exact_layer_params(wildcards) -> dict:
     """A job's exact layers, as the tq.bench functions take them
-    (tq.sweep_checks.exact_layer_arguments)."""
+    (tq.pipeline.checks.exact_layer_arguments)."""
     return exact_layer_arguments(SETTINGS[wildcards.cache])
 
 

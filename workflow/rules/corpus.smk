@@ -1,4 +1,4 @@
-# Corpus: the Wikipedia excerpt of the gensim wheel as plain text (tq.corpus), for traces and
+# Corpus: the Wikipedia excerpt of the gensim wheel as plain text (tq.data.corpus), for traces and
 # perplexity. A local rule: it reads from PyPI (often unreachable from cluster compute nodes)
 # and takes a second.
 
@@ -11,7 +11,7 @@ rule corpus:
     output:
         "results/corpus/wikipedia.txt",
     params:
-        source_hash=tq_sources_hash("tq.corpus"),
+        source_hash=tq_sources_hash("tq.data.corpus"),
     log:
         "results/logs/corpus.log",
     benchmark:

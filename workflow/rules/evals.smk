@@ -10,7 +10,7 @@ rule trace_eval:
     params:
         cache=cache_params,
         top_k=config["traces"]["top_k"],
-        source_hash=tq_sources_hash("tq.bench.trace"),
+        source_hash=tq_sources_hash("tq.tasks.trace_eval"),
     log:
         f"results/logs/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{{cache}}.log",
     benchmark:
@@ -40,7 +40,7 @@ rule baseline:
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
         prompt_format=PROMPTS["format"],
-        source_hash=tq_sources_hash("tq.bench.real_model", "tq.trace_export"),
+        source_hash=tq_sources_hash("tq.tasks.compare", "tq.tasks.trace_export"),
     log:
         "results/logs/baseline/{model}/{suite}.log",
     benchmark:
@@ -73,7 +73,7 @@ rule compare:
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
         prompt_format=PROMPTS["format"],
-        source_hash=tq_sources_hash("tq.bench.real_model", "tq.trace_export"),
+        source_hash=tq_sources_hash("tq.tasks.compare", "tq.tasks.trace_export"),
     log:
         f"results/logs/compare/{{model}}/{{suite}}/{{cache}}.log",
     benchmark:
@@ -104,7 +104,7 @@ rule perplexity_reference:
         context=r"\d+",
     params:
         engine=engine_params,
-        source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
+        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
     log:
         "results/logs/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.log",
     benchmark:
@@ -132,7 +132,7 @@ rule perplexity:
         cache=cache_params,
         exact_layers=exact_layer_params,
         **perplexity_params("perplexity"),
-        source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
+        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
     log:
         f"results/logs/perplexity/{{model}}/{{cache}}.log",
     benchmark:
@@ -165,7 +165,7 @@ rule layer_sensitivity:
         | cache_fields(CACHE_OPTIONS),
         quantized_layers=lambda wildcards: [int(wildcards.layer)],
         **perplexity_params("layer_sensitivity"),
-        source_hash=tq_sources_hash("tq.bench.perplexity", "tq.corpus"),
+        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
     log:
         "results/logs/layer_sensitivity/{model}/layer{layer}.log",
     benchmark:
@@ -203,7 +203,7 @@ if config["needle"]["bits"]:
             trials=config["needle"]["trials"],
             max_new_tokens=config["needle"]["max_new_tokens"],
             seed=config["needle"]["seed"],
-            source_hash=tq_sources_hash("tq.bench.needle"),
+            source_hash=tq_sources_hash("tq.tasks.needle"),
         log:
             "results/logs/needle/{model}.log",
         benchmark:

@@ -1,5 +1,5 @@
 # Key statistics: per layer, how much of the cached keys' (and values') energy is an offset shared
-# by every token, and how uneven their channels are (tq.key_stats), from the model's checkpoint on
+# by every token, and how uneven their channels are (tq.tasks.key_stats), from the model's checkpoint on
 # windows drawn across the Wikipedia articles. Explains where TurboQuant's keys collapse.
 
 
@@ -13,7 +13,7 @@ rule key_stats:
         windows=config["key_stats"]["windows"],
         window=config["key_stats"]["window"],
         sample_seed=config["key_stats"]["sample_seed"],
-        source_hash=tq_sources_hash("tq.key_stats"),
+        source_hash=tq_sources_hash("tq.tasks.key_stats"),
     log:
         "results/logs/key_stats/{model}.log",
     benchmark:

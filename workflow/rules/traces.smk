@@ -13,7 +13,7 @@ rule traces:
         samples=config["traces"]["samples"],
         max_seq=config["traces"]["max_seq"],
         queries_per_sample=config["traces"]["queries_per_sample"],
-        source_hash=tq_sources_hash("tq.trace_export"),
+        source_hash=tq_sources_hash("tq.tasks.trace_export"),
     log:
         "results/logs/traces/{model}/layer{layer}-head{head}.log",
     benchmark:

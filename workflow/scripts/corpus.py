@@ -1,9 +1,9 @@
-"""The Wikipedia excerpt as plain text (tq.corpus.corpus_text, cached under $TQ_CACHE_DIR)."""
+"""The Wikipedia excerpt as plain text (tq.data.corpus.corpus_text, cached under $TQ_CACHE_DIR)."""
 
 import sys
 
-from tq.corpus import corpus_text
-from tq.fileio import atomic_write_bytes
+from tq.core.fileio import atomic_write_bytes
+from tq.data.corpus import corpus_text
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log

@@ -1,10 +1,10 @@
-"""Per-layer statistics of a model's cached keys and values (tq.key_stats.model_key_statistics):
+"""Per-layer statistics of a model's cached keys and values (tq.tasks.key_stats.model_key_statistics):
 offset share and channel imbalance, on windows drawn across the Wikipedia articles."""
 
 import sys
 
-from tq.key_stats import model_key_statistics
-from tq.records import write_record
+from tq.tasks.key_stats import model_key_statistics
+from tq.tasks.records import write_record
 
 
 def _summary(stats: dict) -> str:

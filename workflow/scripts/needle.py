@@ -1,14 +1,14 @@
 """Needle-in-a-haystack retrieval, exact vs quantized caches of each width
-(tq.bench.needle.run_needle_sweep): one record per width, in the order of the rule's outputs."""
+(tq.tasks.needle.run_needle_sweep): one record per width, in the order of the rule's outputs."""
 
 import os
 import sys
 from pathlib import Path
 
-from tq.bench.needle import run_needle_sweep
-from tq.engines import ModelSource
-from tq.kvcache import CacheConfig
-from tq.records import write_record
+from tq.cache.kvcache import CacheConfig
+from tq.engines.source import ModelSource
+from tq.tasks.needle import run_needle_sweep
+from tq.tasks.records import write_record
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log

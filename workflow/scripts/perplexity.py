@@ -1,14 +1,14 @@
-"""Exact vs quantized perplexity on the Wikipedia text (tq.bench.perplexity.run_perplexity):
+"""Exact vs quantized perplexity on the Wikipedia text (tq.tasks.perplexity.run_perplexity):
 rule perplexity (a cache setting) and rule layer_sensitivity (one layer quantized), both reading
 the exact side from the reference of rule perplexity_reference."""
 
 import os
 import sys
 
-from tq.bench.perplexity import run_perplexity
-from tq.engines import ModelSource
-from tq.kvcache import CacheConfig
-from tq.records import write_record
+from tq.cache.kvcache import CacheConfig
+from tq.engines.source import ModelSource
+from tq.tasks.perplexity import run_perplexity
+from tq.tasks.records import write_record
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
@@ -31,6 +31,6 @@ with open(snakemake.log[0], "w") as log:
             else params.exact_layers
         ),
     )
-    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.pipeline.checks)
         record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)

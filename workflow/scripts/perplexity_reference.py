@@ -1,11 +1,11 @@
-"""The exact run on the perplexity windows (tq.bench.perplexity.perplexity_reference): rule
+"""The exact run on the perplexity windows (tq.tasks.perplexity.perplexity_reference): rule
 perplexity_reference, read by rules perplexity and layer_sensitivity."""
 
 import os
 import sys
 
-from tq.bench.perplexity import perplexity_reference
-from tq.engines import ModelSource
+from tq.engines.source import ModelSource
+from tq.tasks.perplexity import perplexity_reference
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log

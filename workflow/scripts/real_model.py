@@ -4,11 +4,11 @@ as a reference) or compare mode (rule compare, which reads them)."""
 import os
 import sys
 
-from tq.bench.real_model import run_real_model
-from tq.engines import ModelSource
-from tq.kvcache import CacheConfig
-from tq.records import write_record
-from tq.trace_export import read_prompts
+from tq.cache.kvcache import CacheConfig
+from tq.engines.source import ModelSource
+from tq.tasks.compare import run_real_model
+from tq.tasks.records import write_record
+from tq.tasks.trace_export import read_prompts
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
@@ -33,6 +33,6 @@ with open(snakemake.log[0], "w") as log:
         threads=snakemake.threads,
         **options,
     )
-    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.pipeline.checks)
         record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)  # the record (baseline: output.record)

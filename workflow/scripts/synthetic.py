@@ -3,8 +3,8 @@
 import os
 import sys
 
-from tq.bench.synthetic import run_synthetic
-from tq.records import write_record
+from tq.tasks.records import write_record
+from tq.tasks.synthetic import run_synthetic
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log

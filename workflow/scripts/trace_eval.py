@@ -1,11 +1,11 @@
-"""One trace under one cache configuration (tq.bench.trace.run_trace)."""
+"""One trace under one cache configuration (tq.tasks.trace_eval.run_trace)."""
 
 import os
 import sys
 
-from tq.bench.trace import run_trace
-from tq.kvcache import CacheConfig
-from tq.records import write_record
+from tq.cache.kvcache import CacheConfig
+from tq.tasks.records import write_record
+from tq.tasks.trace_eval import run_trace
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
@@ -13,6 +13,6 @@ with open(snakemake.log[0], "w") as log:
     record = run_trace(
         snakemake.input[0], CacheConfig(**snakemake.params.cache), top_k=snakemake.params.top_k
     )
-    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.sweep_checks)
+    if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.pipeline.checks)
         record["setting"] = snakemake.wildcards.cache
     write_record(snakemake.output[0], record)

@@ -5,7 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tq.trace_export import export_traces
+from tq.tasks.trace_export import export_traces
 
 # Characters of text per sample: enough for max_seq tokens with any BPE tokenizer.
 CHARS_PER_TOKEN = 8

@@ -1,1 +1,0 @@
-"""Benchmark workloads; each returns one result record (:mod:`tq.records`)."""

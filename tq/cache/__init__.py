@@ -1,0 +1,1 @@
+"""Quantized KV caches: configuration, stores, named presets, packed views and attention."""

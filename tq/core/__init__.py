@@ -1,0 +1,1 @@
+"""Core math and file formats: Lloyd-Max codebooks, rotations, bit packing, atomic files."""

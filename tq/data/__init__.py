@@ -1,0 +1,1 @@
+"""Data: the Wikipedia corpus and its windows, and per-head KV traces."""

@@ -1,0 +1,1 @@
+"""What the Snakemake workflow needs of tq: sweep checks and the model entries."""

@@ -1,0 +1,1 @@
+"""Evaluation tasks and their records, metrics and statistics."""
