@@ -20,10 +20,12 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores all
 
 # The cluster test needs Debian's SLURM packages; the script installs them where it can (root,
-# apt) and otherwise says why the test will be skipped.
+# apt) and otherwise says why the test will be skipped. lint-imports checks tq's layers
+# (pyproject.toml, [tool.importlinter]).
 test: $(STAMP)
 	bash scripts/install-slurm-packages.sh
 	$(BIN)/ruff check tq tests workflow benchmarks scripts
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

@@ -6,12 +6,12 @@ batched decode, in the same run; and decode throughput per batch size.
 
 - ``one_sequence_path``: what a perplexity job did before the exact reference and batching:
   per window, the exact model decoded token by token along the text, then the quantized one
-  (:meth:`RealModelRunner.generate` with forced tokens, one sequence per ONNX Runtime call).
+  (:meth:`OnnxRunner.generate` with forced tokens, one sequence per ONNX Runtime call).
 - ``batched_path``: the exact reference (one call per window) then the quantized side of
   :func:`tq.tasks.perplexity.run_perplexity`, all windows decoded in one call per step. In the
   pipeline the reference is computed once per model and shared by every cache setting, so the
   record gives both the job with its reference and the job reading a saved one.
-- ``batch_sweep``: decode tokens/s of :meth:`RealModelRunner.teacher_force` with a quantized
+- ``batch_sweep``: decode tokens/s of :meth:`OnnxRunner.teacher_force` with a quantized
   cache for each batch size (``--sweep-steps`` steps after a ``--context`` prefill), from which
   ``tq.tasks.perplexity.DEFAULT_BATCH`` is chosen.
 
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.cache.config import CacheConfig  # noqa: E402
 from tq.core.fileio import write_json  # noqa: E402
-from tq.engines.onnx import RealModelRunner  # noqa: E402
+from tq.engines.onnx import OnnxRunner  # noqa: E402
 from tq.models.bundle import ModelBundle  # noqa: E402
 from tq.tasks import metrics  # noqa: E402
 from tq.tasks.perplexity import perplexity_reference, run_perplexity, text_windows  # noqa: E402
@@ -45,7 +45,7 @@ DEFAULT_BUNDLE = (
 
 
 def one_sequence_path(bundle: ModelBundle, args: argparse.Namespace, config: CacheConfig) -> dict:
-    runner = RealModelRunner(bundle, args.threads)
+    runner = OnnxRunner(bundle, args.threads)
     tokens, _ = text_windows(bundle, args.windows, args.window, sample_seed=0)
     start = time.perf_counter()
     exact_nll, quantized_nll = [], []
@@ -94,7 +94,7 @@ def batched_path(args: argparse.Namespace, config: CacheConfig) -> dict:
 
 
 def batch_sweep(bundle: ModelBundle, args: argparse.Namespace, config: CacheConfig) -> list[dict]:
-    runner = RealModelRunner(bundle, args.threads)
+    runner = OnnxRunner(bundle, args.threads)
     sizes = [int(size) for size in args.sweep.split(",")]
     tokens, _ = text_windows(bundle, max(sizes), args.context + args.sweep_steps + 1, sample_seed=0)
     rows = []

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.cache.config import CacheConfig  # noqa: E402
 from tq.core.fileio import write_json  # noqa: E402
 from tq.data.corpus import article_tokens, sample_windows  # noqa: E402
 from tq.engines.source import ModelSource  # noqa: E402

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tq.cache.kvcache import CacheConfig  # noqa: E402
+from tq.cache.config import CacheConfig  # noqa: E402
 from tq.core.fileio import write_json  # noqa: E402
 from tq.data.corpus import corpus_text  # noqa: E402
 from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402

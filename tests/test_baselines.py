@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
+from tq.cache.config import CacheConfig, exact_layers
+from tq.cache.kvcache import MultiHeadKVCache, QuantizedKVCache
+from tq.cache.strategies import STRATEGIES
 from tq.core.rotation import make_rotation
-from tq.engines.onnx import RealModelRunner
-from tq.quant.uniform import MAX_ABS, BatchUniform, UniformQuantizer, baseline_quantizer
+from tq.engines.onnx import OnnxRunner
+from tq.quant.uniform import MAX_ABS, BatchUniform, UniformQuantizer
 
 HEADS, DIM = 2, 64
 
@@ -197,13 +199,18 @@ def test_inconsistent_batches_are_named(changes, error, match):
 # ---------------------------------------------------------------- the cache strategies
 
 
+def _stream_quantizer(strategy: str, part: str, seed: int = 0, rotation: str = "haar") -> UniformQuantizer:
+    config = CacheConfig(key_bits=2, value_bits=2, group_size=32, rotation=rotation)
+    return STRATEGIES[strategy].single_quantizer(part, DIM, 2, seed, config)
+
+
 def test_strategies_pick_their_axis_and_rotation():
-    kivi_keys = baseline_quantizer("kivi", "key", DIM, 2, 32, 0, "haar")
+    kivi_keys = _stream_quantizer("kivi", "key")
     assert kivi_keys.axis == "channel" and kivi_keys.rotation is None and kivi_keys.rows_per_group == 32
-    assert baseline_quantizer("kivi", "value", DIM, 2, 32, 1, "haar").axis == "token"
-    rotated = baseline_quantizer("rotated-uniform", "key", DIM, 2, 32, 0, "hadamard")
+    assert _stream_quantizer("kivi", "value", seed=1).axis == "token"
+    rotated = _stream_quantizer("rotated-uniform", "key", rotation="hadamard")
     assert rotated.axis == "token" and rotated.rotation.kind == "hadamard"
-    assert baseline_quantizer("uniform", "key", DIM, 2, 32, 0, "haar").rotation is None
+    assert _stream_quantizer("uniform", "key").rotation is None
 
 
 @pytest.mark.parametrize("residual", [0, 5])
@@ -419,7 +426,7 @@ def test_quantize_presents_patches_every_position_a_kivi_flush_changes():
                     np.concatenate([old, part], axis=2) for old, part in zip(past[layer], new, strict=True)
                 ]
             presents.append(tuple(new))
-        past = RealModelRunner.quantize_presents(cache, presents, past_len)
+        past = OnnxRunner.quantize_presents(cache, presents, past_len)
         past_len += t
         for layer, (key, value) in zip(cache.layers, past, strict=True):
             np.testing.assert_array_equal(key[0], layer.keys())
@@ -440,7 +447,7 @@ def test_runner_decodes_with_kivi_keys_and_rotated_uniform_values(tiny_llama_bun
     from tq.models import ModelBundle
 
     bundle = ModelBundle.load(tiny_llama_bundle)
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     ids = bundle.encode("the quick brown fox jumps over the lazy dog")
     config = CacheConfig(
         key_strategy="kivi",

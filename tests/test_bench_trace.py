@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.cli import main
 from tq.data.trace import KvTrace
 from tq.tasks.records import SCHEMA

@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, exact_layers
+from tq.cache.config import CacheConfig, exact_layers
+from tq.cache.kvcache import MultiHeadKVCache, QuantizedKVCache
 from tq.cache.packed_view import packed_cache
 from tq.cache.presets import CACHE_PRESETS, CachePresetError, expand_preset
 from tq.cli import main

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tq import TurboQuantMSE, TurboQuantProd
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
 from tq.kernels import DeviceUnavailableError, gpu_present, is_gpu_array, resolve_device
 
 NO_GPU = not Path("/dev/nvidia0").exists()

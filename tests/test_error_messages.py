@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tq.cache.kvcache import CacheConfig, MultiHeadKVCache, QuantizedKVCache, append_batch
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import MultiHeadKVCache, QuantizedKVCache, append_batch
 from tq.data.trace import KvTrace, TraceFormatError
 from tq.quant.turboquant import TurboQuantMSE
 

@@ -7,14 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tq.cache.kvcache import (
-    CacheConfig,
-    MultiHeadKVCache,
-    QuantizedKVCache,
-    append_each,
-    exact_layers,
-    split_widths,
-)
+from tq.cache.config import CacheConfig, exact_layers, split_widths
+from tq.cache.kvcache import MultiHeadKVCache, QuantizedKVCache, append_each
 
 HEADS, DIM = 3, 64
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.models_fixtures import tiny_bundle
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.cli import main
 from tq.models import ModelBundle
 from tq.models.chat import render_chat

@@ -41,9 +41,9 @@ QUICK_JOBS = {
     "traces": 2,
     "synthetic": 4,
     "trace_eval": 10,
-    "baseline": 1,
+    "compare_exact": 1,
     "compare": 5,
-    "perplexity_reference": 2,
+    "perplexity_exact": 2,
     "perplexity": 5,
     "layer_sensitivity": 2,
     "key_stats": 1,
@@ -62,8 +62,8 @@ DEFAULT_JOBS = QUICK_JOBS | {
     "hf_checkpoint": 2,
     "bundle": 2,
     "key_stats": 2,
-    "baseline": 2,
-    "perplexity_reference": 4,
+    "compare_exact": 2,
+    "perplexity_exact": 4,
     "needle": 2,
     "traces": 10,
     "synthetic": 14,
@@ -141,22 +141,36 @@ def test_a_trace_parameter_reruns_traces_and_their_dependents(quick_workdir, qui
     }
 
 
-def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run):
-    source = quick_workdir / "tq" / "bench" / "perplexity.py"
+def _jobs_after_editing(workdir: Path, module: str) -> dict[str, int]:
+    """The dry run's jobs after appending a comment to tq module file ``module`` (restored after)."""
+    source = workdir / module
     original = source.read_text()
     source.write_text(original + "\n# edited\n")
     try:
-        assert dry_run(quick_workdir, QUICK) == {
-            "perplexity_reference": 2,
-            "perplexity": 5,
-            "layer_sensitivity": 2,
-            "aggregate": 1,
-            "report": 1,
-            "all": 1,
-        }
+        return dry_run(workdir, QUICK)
     finally:
         source.write_text(original)
+
+
+def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run):
+    assert _jobs_after_editing(quick_workdir, "tq/tasks/perplexity.py") == {
+        "perplexity_exact": 2,
+        "perplexity": 5,
+        "layer_sensitivity": 2,
+        "aggregate": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert dry_run(quick_workdir, QUICK) == {}
+
+
+def test_a_cache_edit_reruns_no_model_corpus_or_trace_job(quick_workdir, quick_run):
+    """The jobs that export models, extract the corpus or record traces never quantize: an edit
+    to the cache store is not in their code (tq.pipeline.sources), while every job that
+    quantizes with it re-runs."""
+    jobs = _jobs_after_editing(quick_workdir, "tq/cache/kvcache.py")
+    assert not set(jobs) & {"hf_checkpoint", "bundle", "corpus", "traces", "synthetic"}
+    assert {"trace_eval", "compare", "perplexity", "layer_sensitivity", "needle"} <= set(jobs)
 
 
 def test_a_setting_carries_its_own_cache_options(quick_workdir, quick_run):

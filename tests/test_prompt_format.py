@@ -12,9 +12,9 @@ import shutil
 import pytest
 
 from tests.models_fixtures import tiny_bundle
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.cli import main
-from tq.engines.onnx import RealModelRunner
+from tq.engines.onnx import OnnxRunner
 from tq.engines.source import ModelSource
 from tq.models import ModelBundle, prepare_bundle
 from tq.models.bundle import write_bundle_info
@@ -218,7 +218,7 @@ def ends_at_once(chat, tmp_path_factory):
     """A copy of the chat bundle whose EOS tokens are the ones it answers PROMPTS with first, so
     that every exact answer ends at once."""
     bundle = ModelBundle.load(chat)
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     firsts = sorted({runner.generate(PromptFormat(bundle).encode(p), 1).tokens[0] for p in PROMPTS})
     path = tmp_path_factory.mktemp("eos") / "tiny-chat-eos"
     shutil.copytree(chat, path)

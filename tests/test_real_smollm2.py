@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.cli import main
-from tq.engines.onnx import RealModelRunner
+from tq.engines.onnx import OnnxRunner
 from tq.models import ModelBundle
 from tq.tasks import metrics
 from tq.tasks.compare import run_real_model
@@ -28,7 +28,7 @@ STEPS = 40  # 4 prompts x 40 teacher-forced steps: one flip at a near-tie still 
 def _teacher_forced(bundle_dir, bits: int) -> tuple[float, float]:
     """(top-1 agreement, logit RMSE) of a bits-wide MSE cache following the exact run's tokens."""
     bundle = ModelBundle.load(bundle_dir)
-    runner = RealModelRunner(bundle, threads=2)
+    runner = OnnxRunner(bundle, threads=2)
     exact_logits, forced_logits = [], []
     for prompt in PROMPTS:
         ids = bundle.encode(prompt)
@@ -87,7 +87,7 @@ def test_the_exact_reference_matches_the_exact_decode_loop_on_smollm2(smollm2_bu
     its compact encoding keeps KL(exact || quantized) within KL_TOLERANCE of the computation from
     the full logits (the figure docs/design.md and tq.tasks.exact_run state)."""
     bundle = ModelBundle.load(smollm2_bundle)
-    runner = RealModelRunner(bundle, threads=2)
+    runner = OnnxRunner(bundle, threads=2)
     reference = perplexity_reference(smollm2_bundle, 1, 320, 192, threads=2, cache=persistent_cache_dir)
     tokens, targets = reference.sequence(0)
     decoded = runner.generate(tokens[:192].tolist(), 0, forced_tokens=targets.tolist()).logits

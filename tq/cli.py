@@ -14,8 +14,9 @@ import json
 import math
 import sys
 
-from tq.cache.kvcache import FP8_SCALES, NORM_DTYPES, STRATEGIES, CacheConfig
+from tq.cache.config import FP8_SCALES, NORM_DTYPES, CacheConfig
 from tq.cache.presets import CACHE_PRESETS, expand_preset
+from tq.cache.strategies import STRATEGY_NAMES
 from tq.core.rotation import ROTATION_KINDS
 from tq.kernels import DEVICES, DeviceUnavailableError
 from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
@@ -33,13 +34,14 @@ from tq.tasks.needle import (
 )
 from tq.tasks.perplexity import DEFAULT_BATCH, DEFAULT_SAMPLE_SEED, PROTOCOLS, run_perplexity
 from tq.tasks.records import output_path_problem, write_record
+from tq.tasks.registry import CLI_TASKS
 from tq.tasks.synthetic import run_synthetic
 from tq.tasks.trace_eval import DEFAULT_TOP_K as TRACE_TOP_K
 from tq.tasks.trace_eval import run_trace
 from tq.tasks.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tq", description="TurboQuant KV-cache quantization tools")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(commands)
@@ -60,7 +62,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=_bench)
     bench.add_argument(
         "--workload",
-        choices=["synthetic", "trace", "real-model", "perplexity", "needle", "attention"],
+        choices=CLI_TASKS,
         default="synthetic",
     )
     bench.add_argument("--bits", type=float, default=4, help="(key) bits per coordinate (default 4)")
@@ -68,7 +70,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--strategy",
         "--real-key-strategy",
         dest="strategy",
-        choices=STRATEGIES,
+        choices=STRATEGY_NAMES,
         default="mse",
         help="(key) strategy",
     )
@@ -102,7 +104,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--value-strategy",
         "--real-value-strategy",
         dest="value_strategy",
-        choices=STRATEGIES,
+        choices=STRATEGY_NAMES,
         help="value strategy (default: --strategy)",
     )
     # The options below default to None: unset, they take their default, or their preset's value.
@@ -389,58 +391,68 @@ def _real_model_inputs(args: argparse.Namespace) -> dict:
     return {"config": _cache_config(settings), **exact_layer_arguments(settings), "threads": args.threads}
 
 
-def _run_bench(args: argparse.Namespace) -> dict:
-    if args.workload == "real-model":
-        if (args.prompt is None) == (args.prompts is None):
-            raise ValueError("the real-model workload needs exactly one of --prompt TEXT or --prompts FILE")
-        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-        return run_real_model(
-            args.real_model_dir,
-            prompts,
-            mode=args.real_eval_mode,
-            prompt_format=args.prompt_format,
-            max_new_tokens=_max_new_tokens(args, 16),
-            top_k=REAL_TOP_K if args.top_k is None else args.top_k,
-            **_real_model_inputs(args),
-        )
-    if args.workload == "perplexity":
-        return run_perplexity(
-            args.real_model_dir,
-            windows=args.windows,
-            window=args.window,
-            context=512 if args.context is None else args.context,
-            protocol=args.protocol,
-            batch=args.batch,
-            sample_seed=args.sample_seed,
-            **_real_model_inputs(args),
-        )
-    if args.workload == "needle":
-        return run_needle(
-            args.real_model_dir,
-            context_lengths=args.context_lengths,
-            depths=args.depths,
-            trials=args.trials,
-            max_new_tokens=_max_new_tokens(args, DEFAULT_MAX_NEW_TOKENS),
-            seed=args.seed,
-            **_real_model_inputs(args),
-        )
-    if args.workload == "attention":
-        return run_attention(
-            context=32768 if args.context is None else args.context,
-            dim=args.dim,
-            bits=_whole(args.bits),
-            kv_heads=args.kv_heads,
-            q_heads=args.q_heads,
-            strategy=args.strategy,
-            repeats=args.repeats,
-            seed=args.seed,
-            device=args.device,
-        )
-    if args.workload == "trace":
-        if not args.trace:
-            raise ValueError("the trace workload needs --trace PATH")
-        config = _cache_config(_cache_settings(args))
-        return run_trace(args.trace, config, top_k=TRACE_TOP_K if args.top_k is None else args.top_k)
+def _run_real_model(args: argparse.Namespace) -> dict:
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("the real-model workload needs exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    return run_real_model(
+        args.real_model_dir,
+        prompts,
+        mode=args.real_eval_mode,
+        prompt_format=args.prompt_format,
+        max_new_tokens=_max_new_tokens(args, 16),
+        top_k=REAL_TOP_K if args.top_k is None else args.top_k,
+        **_real_model_inputs(args),
+    )
+
+
+def _run_perplexity(args: argparse.Namespace) -> dict:
+    return run_perplexity(
+        args.real_model_dir,
+        windows=args.windows,
+        window=args.window,
+        context=512 if args.context is None else args.context,
+        protocol=args.protocol,
+        batch=args.batch,
+        sample_seed=args.sample_seed,
+        **_real_model_inputs(args),
+    )
+
+
+def _run_needle(args: argparse.Namespace) -> dict:
+    return run_needle(
+        args.real_model_dir,
+        context_lengths=args.context_lengths,
+        depths=args.depths,
+        trials=args.trials,
+        max_new_tokens=_max_new_tokens(args, DEFAULT_MAX_NEW_TOKENS),
+        seed=args.seed,
+        **_real_model_inputs(args),
+    )
+
+
+def _run_attention(args: argparse.Namespace) -> dict:
+    return run_attention(
+        context=32768 if args.context is None else args.context,
+        dim=args.dim,
+        bits=_whole(args.bits),
+        kv_heads=args.kv_heads,
+        q_heads=args.q_heads,
+        strategy=args.strategy,
+        repeats=args.repeats,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def _run_trace(args: argparse.Namespace) -> dict:
+    if not args.trace:
+        raise ValueError("the trace workload needs --trace PATH")
+    config = _cache_config(_cache_settings(args))
+    return run_trace(args.trace, config, top_k=TRACE_TOP_K if args.top_k is None else args.top_k)
+
+
+def _run_synthetic(args: argparse.Namespace) -> dict:
     if not float(args.bits).is_integer():
         raise ValueError(f"the synthetic workload needs whole --bits, got {args.bits}")
     return run_synthetic(
@@ -456,9 +468,21 @@ def _run_bench(args: argparse.Namespace) -> dict:
     )
 
 
+# --workload NAME -> how the CLI runs it: one per task of tq.tasks.registry.CLI_TASKS (a test
+# holds the two together).
+WORKLOAD_RUNNERS = {
+    "synthetic": _run_synthetic,
+    "trace": _run_trace,
+    "real-model": _run_real_model,
+    "perplexity": _run_perplexity,
+    "needle": _run_needle,
+    "attention": _run_attention,
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
-        record = _run_bench(args)
+        record = WORKLOAD_RUNNERS[args.workload](args)
     except (ValueError, TypeError, DeviceUnavailableError) as error:
         print(f"tq bench: error: {error}", file=sys.stderr)
         return 2
@@ -600,7 +624,7 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 

@@ -25,125 +25,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from tq.core.codebook import MAX_BITS
-from tq.kernels import DEVICES
+from tq.cache.config import CacheConfig, split_widths
+from tq.cache.strategies import STRATEGIES
 from tq.quant.batch import BatchQuantizedMSE
 from tq.quant.fp8 import FP8_MAX, FP8Quantizer
 from tq.quant.turboquant import FLOAT32_MAX, TurboQuantMSE, TurboQuantProd, float32_overflow
-from tq.quant.uniform import BASELINE_STRATEGIES, BatchUniform, UniformQuantizer, baseline_quantizer
+from tq.quant.uniform import BatchUniform, UniformQuantizer
 
-TURBOQUANT_STRATEGIES = ("mse", "prod")
-FP8_STRATEGY = "fp8"
-STRATEGIES = (*TURBOQUANT_STRATEGIES, "exact", *BASELINE_STRATEGIES, FP8_STRATEGY)
-# Strategies with one quantizer over all channels from the first token (no outlier groups).
-SINGLE_GROUP_STRATEGIES = (*BASELINE_STRATEGIES, FP8_STRATEGY)
-NORM_DTYPES = ("float32", "float16")
-FP8_SCALES = ("token", "head")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """How one layer's keys and values are stored.
-
-    Attributes:
-        key_bits, value_bits: average bits per coordinate; a fractional width such as 2.5
-            splits the channels into an outlier group at ceil(bits) and the rest at floor(bits),
-            sized so that the average is exact (bits * head_dim must be an integer).
-        key_strategy, value_strategy: "mse" (TurboQuant MSE), "prod" (TurboQuant Prod: MSE at
-            bits-1 plus a 1-bit QJL sign), "exact" (fp32, bits ignored), or a baseline of
-            tq.quant.uniform (whole bits 1..8 only): "uniform" (per-token asymmetric uniform,
-            groups of group_size channels), "rotated-uniform" (the same after the rotation) or
-            "kivi" (keys per channel over groups of group_size tokens, values per token), or
-            "fp8" (FP8 E4M3 per coordinate, tq.quant.fp8; bits must be 8; scaled as fp8_scale says).
-        residual_length: the most recent tokens kept exact; older tokens leave this window
-            into the quantized store. Per-channel ("kivi") keys leave it in whole groups of
-            group_size tokens, so their exact part holds residual_length to
-            residual_length + group_size - 1 tokens; values always leave it token by token.
-        renormalize: rescale each reconstruction to its stored norm (TurboQuant streams only;
-            the baselines store no norms and ignore it).
-        norm_dtype: "float32" or "float16" (refused for a norm beyond the float16 range);
-            TurboQuant streams only (baselines always store float16 zero points and scales).
-        seed: seed of the keys' rotation (values use seed + 1); every layer shares them, so one
-            decode step quantizes all layers of a model in one kernel call per stream.
-        rotation: "haar" or "hadamard" (Hadamard needs power-of-two group sizes), for
-            TurboQuant and "rotated-uniform".
-        device: where quantization runs, "cpu", "cuda" or "auto" (tq.kernels.resolve_device);
-            the cache's arrays live in host memory either way. The baselines run in NumPy on
-            the CPU whatever the device.
-        group_size: baselines only (>= 2): channels per zero point and scale for per-token
-            quantization (the last group is shorter if it does not divide head_dim), tokens
-            per group for per-channel keys. Stored bits per coordinate: bits + 32 / group_size
-            when it divides head_dim.
-        center_keys: subtract a per-head mean key (one fp32 value per channel, the mean of the
-            first tokens that enter the layer's cache, i.e. the prefill) before quantizing the
-            keys, and add it back on reconstruction, so that attention scores change only by
-            the quantization error of the centred keys. Stored: kv_heads * head_dim fp32 per
-            layer. Ignored for exact keys.
-        fp8_scale: scale of an "fp8" stream: "token" (a float16 scale per token and head,
-            max |x| / 448) or "head" (one fp32 scale per head, fixed from the first tokens
-            that enter the cache; later values beyond its range saturate at +-448 * scale).
-    """
-
-    key_bits: float = 4
-    value_bits: float = 4
-    key_strategy: str = "mse"
-    value_strategy: str = "mse"
-    residual_length: int = 0
-    renormalize: bool = False
-    norm_dtype: str = "float32"
-    seed: int = 0
-    rotation: str = "haar"
-    device: str = "cpu"
-    group_size: int = 32
-    center_keys: bool = False
-    fp8_scale: str = "token"
-
-    def __post_init__(self) -> None:
-        for part in ("key", "value"):
-            strategy = getattr(self, f"{part}_strategy")
-            if strategy not in STRATEGIES:
-                raise ValueError(f"{part}_strategy must be one of {STRATEGIES}, got {strategy!r}")
-            bits = getattr(self, f"{part}_bits")
-            if isinstance(bits, bool) or not isinstance(bits, (int, float, np.integer, np.floating)):
-                raise TypeError(f"{part}_bits must be a number, got {bits!r}")
-            lowest = 2 if strategy == "prod" else 1
-            if strategy != "exact" and not lowest <= bits <= MAX_BITS:
-                raise ValueError(f"{part}_bits must be in [{lowest}, {MAX_BITS}] for {strategy}, got {bits}")
-            if strategy == FP8_STRATEGY and bits != 8:
-                raise ValueError(f"{part}_bits must be 8 for fp8 (one byte per coordinate), got {bits}")
-            if strategy in BASELINE_STRATEGIES and not float(bits).is_integer():
-                raise ValueError(
-                    f"{part}_bits must be a whole number for {strategy} (fractional widths are "
-                    f"TurboQuant only), got {bits}"
-                )
-        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int):
-            raise TypeError(f"residual_length must be an integer, got {self.residual_length!r}")
-        if self.residual_length < 0:
-            raise ValueError(f"residual_length must be >= 0, got {self.residual_length}")
-        if self.norm_dtype not in NORM_DTYPES:
-            raise ValueError(f"norm_dtype must be one of {NORM_DTYPES}, got {self.norm_dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
-            raise TypeError(f"group_size must be an integer, got {self.group_size!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2, got {self.group_size}")
-        if not isinstance(self.center_keys, (bool, np.bool_)):
-            raise TypeError(f"center_keys must be true or false, got {self.center_keys!r}")
-        if self.fp8_scale not in FP8_SCALES:
-            raise ValueError(f"fp8_scale must be one of {FP8_SCALES}, got {self.fp8_scale!r}")
-
-    def describe(self) -> dict[str, Any]:
-        """The configuration as a plain dict (for result records)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -158,22 +53,6 @@ class _Group:
     quantizer: TurboQuantMSE | TurboQuantProd | UniformQuantizer | FP8Quantizer
     channels: np.ndarray
     pieces: list[tuple[BatchQuantizedMSE | BatchUniform, int, int]] = field(default_factory=list)
-
-
-def split_widths(bits: float, head_dim: int) -> list[tuple[int, int]]:
-    """Channel groups [(bits, channels), ...] for an average width, outlier group first.
-
-    An integer width is one group; 2.5 at head_dim 128 is [(3, 64), (2, 64)].
-    """
-    low = math.floor(bits)
-    if low == bits:
-        return [(int(bits), head_dim)]
-    outliers = (bits - low) * head_dim
-    if abs(outliers - round(outliers)) > 1e-9:
-        raise ValueError(
-            f"a fractional width needs bits * head_dim to be an integer, got {bits} * {head_dim}"
-        )
-    return [(low + 1, round(outliers)), (low, head_dim - round(outliers))]
 
 
 @functools.cache
@@ -255,26 +134,22 @@ class _Store:
     ) -> None:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.strategy = strategy = getattr(config, f"{part}_strategy")
+        self.strategy = getattr(config, f"{part}_strategy")
+        self.kind = kind = STRATEGIES[self.strategy]
         bits = getattr(config, f"{part}_bits")
         self.seed = seed
         self.config = config
-        self.widths = [] if strategy == "exact" else split_widths(bits, head_dim)
+        self.widths = split_widths(bits, head_dim) if kind.quantizes else []
         self.groups: list[_Group] = []
         self.flush = 1
         self.center: np.ndarray | None = None  # float32 [kv_heads, head_dim]
         self.head_scale: np.ndarray | None = None  # float32 [kv_heads]
-        self.centered = part == "key" and config.center_keys and strategy != "exact"
-        if strategy in SINGLE_GROUP_STRATEGIES:
-            if strategy == FP8_STRATEGY:
-                quantizer = FP8Quantizer(head_dim, "token" if config.fp8_scale == "token" else None)
-            else:
-                quantizer = baseline_quantizer(
-                    strategy, part, head_dim, int(bits), config.group_size, seed, config.rotation
-                )
+        self.centered = part == "key" and config.center_keys and kind.quantizes
+        if kind.single_quantizer is not None:
+            quantizer = kind.single_quantizer(part, head_dim, int(bits), seed, config)
             self.groups.append(_Group(quantizer, np.tile(np.arange(head_dim), (kv_heads, 1))))
             self.flush = quantizer.rows_per_group
-        self.keep_reconstruction = keep_reconstruction or strategy == "exact"
+        self.keep_reconstruction = keep_reconstruction or not kind.quantizes
         self.quantized = 0  # tokens in the quantized store (the oldest ones)
         self.length = 0  # all tokens
         self.offset = 0  # the position of buffer[:, 0]
@@ -285,7 +160,7 @@ class _Store:
         of a centred stream, the per-head scale of an fp8 stream with fp8_scale "head"."""
         if self.centered:
             self.center = tokens.mean(axis=1, dtype=np.float64).astype(np.float32)
-        if self.strategy == FP8_STRATEGY and self.config.fp8_scale == "head":
+        if self.kind.family == "fp8" and self.config.fp8_scale == "head":
             shifted = tokens if self.center is None else tokens - self.center[:, None, :]
             peak = np.abs(shifted).max(axis=(1, 2)).astype(np.float64)
             self.head_scale = np.where(peak > 0, peak / FP8_MAX, 1.0).astype(np.float32)
@@ -332,7 +207,7 @@ class _Store:
     def check(self, name: str, tokens: np.ndarray) -> None:
         """Refuse finite tokens [kv_heads, t, head_dim] that this stream cannot store: a norm
         beyond float16 (TurboQuant, float16 norms) or a value beyond a baseline's range."""
-        if self.strategy in TURBOQUANT_STRATEGIES and self.config.norm_dtype == "float16":
+        if self.kind.norms and self.config.norm_dtype == "float16":
             # in float64: a float32 vector's squared norm may overflow float32 (|x| > 1.8e19)
             norms = np.sqrt(np.einsum("htd,htd->ht", tokens, tokens, dtype=np.float64))
             if norms.max(initial=0.0) > _FLOAT16_MAX:
@@ -342,7 +217,7 @@ class _Store:
                     f"token {token}) overflows float16 (max {_FLOAT16_MAX:g}), the norm_dtype of this "
                     "cache; use norm_dtype='float32'"
                 )
-        if self.strategy in SINGLE_GROUP_STRATEGIES:
+        if self.kind.single_quantizer is not None:
             quantizer = self.groups[0].quantizer
             bad = quantizer.out_of_range(tokens.reshape(-1, self.head_dim))
             if bad is not None:
@@ -415,7 +290,7 @@ class _Store:
         self._ensure_capacity(self.length + t)
         self.buffer[:, self.local(slice(self.length, self.length + t))] = tokens
         self.length += t
-        if self.strategy == "exact":
+        if not self.kind.quantizes:
             self.quantized = self.length
             return None
         leaving = self.length - residual_length - self.quantized
@@ -436,7 +311,7 @@ class _Store:
         """Replace each TurboQuant channel group's packed pieces (one per append) by one batch
         holding all quantized tokens, head-major like every piece: one copy of the packed
         bytes, after which readers see contiguous arrays."""
-        if self.strategy not in TURBOQUANT_STRATEGIES:
+        if not self.kind.outlier_groups:
             return
         for group in self.groups:
             if len(group.pieces) < 2:
@@ -458,7 +333,7 @@ class _Store:
     def dequantize_stored(self) -> np.ndarray:
         """The quantized tokens rebuilt from the stored codes alone: [kv_heads, quantized, d]."""
         out = np.zeros((self.kv_heads, self.quantized, self.head_dim), np.float32)
-        if self.strategy == "exact":
+        if not self.kind.quantizes:
             out[:] = self.buffer[:, : self.quantized]  # exact streams keep every token from offset 0
             return out
         position = 0
@@ -475,7 +350,7 @@ class _Store:
         """Bytes stored: quantized parts (codes, norms at norm_dtype, QJL signs and gammas, a
         baseline's zero points and scales, fp8 scales), outlier channel indices, the per-head
         mean key and fp8 scale (fp32), exact tokens (fp32)."""
-        exact_tokens = self.length - self.quantized if self.strategy != "exact" else self.length
+        exact_tokens = self.length - self.quantized if self.kind.quantizes else self.length
         total = exact_tokens * self.kv_heads * self.head_dim * 4
         for transform in (self.center, self.head_scale):  # fp32, once per head
             total += 0 if transform is None else transform.nbytes
@@ -500,7 +375,7 @@ class _Store:
     @property
     def code_bits_per_coordinate(self) -> float:
         """Bits of codes (and QJL signs) per coordinate of a quantized token: the requested width."""
-        if self.strategy == "exact":
+        if not self.kind.quantizes:
             return 32.0
         return sum(bits * size for bits, size in self.widths) / self.head_dim
 
@@ -718,26 +593,6 @@ class MultiHeadKVCache:
             }
             for index, layer in enumerate(self.layers)
         ]
-
-
-EXACT = CacheConfig(key_strategy="exact", value_strategy="exact")  # keys and values kept as fp32
-
-
-def exact_layers(
-    num_layers: int, first: int = 0, last: int = 0, layers: Sequence[int] = ()
-) -> dict[int, CacheConfig]:
-    """Overrides that keep layers' keys and values exact: the first ``first``, the last ``last``
-    and every layer in ``layers`` (any set, e.g. the layers whose keys carry a large offset).
-
-    Raises:
-        ValueError: a layer of ``layers`` is outside 0 .. num_layers - 1.
-    """
-    outside = sorted({int(layer) for layer in layers if not 0 <= int(layer) < num_layers})
-    if outside:
-        raise ValueError(f"exact layers {outside} are outside the model's layers 0..{num_layers - 1}")
-    chosen = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
-    chosen |= {int(layer) for layer in layers}
-    return {layer: EXACT for layer in sorted(chosen)}
 
 
 def append_batch(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tq.cache.kvcache import TURBOQUANT_STRATEGIES, QuantizedKVCache, _Store
+from tq.cache.kvcache import QuantizedKVCache, _Store
 from tq.core.packing import unpack_codes
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
@@ -92,7 +92,7 @@ def packed_stream(store: _Store, name: str) -> PackedStream:
     Raises:
         NotImplementedError: a baseline or fp8 strategy, centred keys, or renormalize with "prod".
     """
-    if store.strategy not in (*TURBOQUANT_STRATEGIES, "exact"):
+    if not store.kind.packed_attention:
         raise NotImplementedError(
             f"attention from the packed cache does not support {name} strategy {store.strategy!r} "
             "(baseline strategies are out of scope); use 'mse', 'prod' or 'exact', or attend over "
@@ -108,7 +108,7 @@ def packed_stream(store: _Store, name: str) -> PackedStream:
             f"attention from the packed cache does not support renormalize=True with {name} strategy 'prod'"
         )
     kv_heads = store.kv_heads
-    if store.strategy == "exact":
+    if not store.kind.quantizes:
         return PackedStream([], 0, store.view())
     store.merge_pieces()
     groups = []

@@ -42,7 +42,14 @@ from typing import IO
 import numpy as np
 
 from tq.core.codebook import cache_dir
-from tq.core.fileio import CacheWarning, read_cache_json, sha256_file, write_checked_json
+from tq.core.fileio import (
+    CHECKSUM_KEY,
+    CacheWarning,
+    read_cache_json,
+    read_checked_json,
+    sha256_file,
+    write_checked_json,
+)
 
 GENSIM_VERSION = "4.4.0"
 # One wheel, whatever machine runs this: pip is asked for this platform tag explicitly.
@@ -390,6 +397,28 @@ def corpus_articles(cache: str | os.PathLike | None = None) -> list[tuple[str, s
     return [(title, body) for title, body in _corpus(cache)["articles"]]
 
 
+def write_corpus_file(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> None:
+    """Write the corpus (its articles and text, :func:`corpus_articles`) to ``path`` as a
+    checksummed JSON file (atomically), for jobs that must read it as a file of their own: the
+    pipeline's corpus rule writes it once, and the jobs that draw windows read it with
+    :func:`read_corpus_file`, needing neither the cache nor PyPI."""
+    write_checked_json(path, {key: value for key, value in _corpus(cache).items() if key != CHECKSUM_KEY})
+
+
+def read_corpus_file(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(title, plain text) of every article of a file written by :func:`write_corpus_file`.
+
+    Raises:
+        OSError: it cannot be read; ChecksumError: it does not match its checksum;
+        CorpusError: it is not a corpus (the message says why).
+    """
+    data = read_checked_json(path)
+    problem = _corpus_problem(data)
+    if problem is not None:
+        raise CorpusError(f"{path}: {problem}")
+    return [(title, body) for title, body in data["articles"]]
+
+
 def corpus_text(cache: str | os.PathLike | None = None) -> str:
     """All articles of :func:`corpus_articles` as one UTF-8 text, cached on disk.
 
@@ -475,11 +504,14 @@ def sample_windows(
 
 
 def article_tokens(
-    encode: Callable[[str], Sequence[int]], cache: str | os.PathLike | None = None
+    encode: Callable[[str], Sequence[int]],
+    cache: str | os.PathLike | None = None,
+    corpus_file: str | os.PathLike | None = None,
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Every article of :func:`corpus_articles` ``(cache)`` encoded on its own, as
-    ``title + "\\n\\n" + body``, by ``encode``: int64 token ids per article, and the titles."""
-    articles = corpus_articles(cache)
+    """Every article of the corpus encoded on its own, as ``title + "\\n\\n" + body``, by
+    ``encode``: int64 token ids per article, and the titles. The articles are those of
+    ``corpus_file`` (:func:`read_corpus_file`), or else :func:`corpus_articles` ``(cache)``."""
+    articles = read_corpus_file(corpus_file) if corpus_file is not None else corpus_articles(cache)
     tokens = [np.asarray(encode(f"{title}\n\n{body}"), dtype=np.int64) for title, body in articles]
     return tokens, [title for title, _ in articles]
 
@@ -490,8 +522,10 @@ def draw_windows(
     window: int,
     seed: int,
     cache: str | os.PathLike | None = None,
+    corpus_file: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[TextWindow]]:
-    """``count`` windows of ``window`` tokens from across :func:`corpus_articles` ``(cache)``.
+    """``count`` windows of ``window`` tokens from across the corpus's articles (``corpus_file``,
+    else :func:`corpus_articles` ``(cache)``; see :func:`article_tokens`).
 
     Each article is encoded on its own by ``encode`` (:func:`article_tokens`; e.g. a model
     bundle's ``encode``), and its ids are taken as they come: special tokens that ``encode``
@@ -506,7 +540,7 @@ def draw_windows(
     Raises:
         ValueError: as :func:`sample_windows` (too few windows of that length in the text).
     """
-    tokens, titles = article_tokens(encode, cache)
+    tokens, titles = article_tokens(encode, cache, corpus_file)
     windows = sample_windows(tokens, titles, count, window, seed)
     ids = np.stack([tokens[w.article][w.offset : w.offset + window] for w in windows])
     return ids, windows

@@ -26,12 +26,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tq.cache.kvcache import FP8_STRATEGY, CacheConfig, exact_layers, split_widths
+from tq.cache.config import CacheConfig, exact_layers, split_widths
 from tq.cache.presets import CachePresetError, expand_preset
+from tq.cache.strategies import STRATEGIES
 from tq.models.checkpoint import Checkpoint, CheckpointError
 from tq.models.presets import PRESETS, ModelGeometry
 from tq.pipeline.models import SweepConfigError
-from tq.quant.uniform import BASELINE_STRATEGIES
 
 # Per-setting cache options (kv_caches items) and their code in a cache label: k3mse-v3mse-r64-ef2.
 # A number follows its code (-r64); a true flag is its code alone (-kc); a string option is
@@ -155,14 +155,14 @@ def _identity(config: CacheConfig, exact: Sequence[Any]) -> str:
     and the fp8 scale of a setting without an fp8 stream do not count."""
     fields = config.describe()
     for part in ("key", "value"):
-        if fields[f"{part}_strategy"] == "exact":
+        if not STRATEGIES[fields[f"{part}_strategy"]].quantizes:
             fields[f"{part}_bits"] = None
-    strategies = {config.key_strategy, config.value_strategy}
-    if not strategies & set(BASELINE_STRATEGIES):
+    families = {STRATEGIES[name].family for name in (config.key_strategy, config.value_strategy)}
+    if "uniform" not in families:
         fields["group_size"] = None
-    if config.key_strategy == "exact":
+    if not STRATEGIES[config.key_strategy].quantizes:
         fields["center_keys"] = None
-    if FP8_STRATEGY not in strategies:
+    if "fp8" not in families:
         fields["fp8_scale"] = None
     fields = {name: _number(value) for name, value in fields.items()}
     return json.dumps([fields, list(exact)], sort_keys=True)
@@ -200,8 +200,8 @@ class _Setting:
         """The setting fits ``model``: fractional widths and Hadamard groups at its head_dim,
         exact layers within its layers."""
         for part in ("key", "value"):
-            strategy = getattr(self.config, f"{part}_strategy")
-            if strategy == "exact":
+            strategy = STRATEGIES[getattr(self.config, f"{part}_strategy")]
+            if not strategy.quantizes:
                 continue
             bits = getattr(self.config, f"{part}_bits")
             try:
@@ -211,7 +211,7 @@ class _Setting:
                     f"{self.key}.{part}_bits: {bits} bits on {model} (head_dim {geometry.head_dim}) "
                     f"needs {bits} * {geometry.head_dim} to be a whole number of bits per vector"
                 ) from None
-            hadamard = self.config.rotation == "hadamard" and strategy in ("mse", "prod", "rotated-uniform")
+            hadamard = self.config.rotation == "hadamard" and strategy.rotates
             odd = [size for _, size in groups if size & (size - 1)]
             if hadamard and odd:
                 raise SweepConfigError(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tq.engines.source import engine_problem
+from tq.engines.registry import engine_problem
 from tq.models.checkpoint import checkpoint_problem
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -12,7 +12,7 @@
 With a ``rotation`` (tq.core.rotation), rows are rotated (y = Pi x) before quantization and rotated
 back on dequantize: the "rotation followed by uniform quantization" baseline.
 
-The cache strategies built on it (tq.cache.kvcache, ``STRATEGIES``):
+The cache strategies built on it (:data:`tq.cache.strategies.STRATEGIES`):
 
 - ``"uniform"``: per-token groups, no rotation.
 - ``"rotated-uniform"``: per-token groups after the cache's rotation (Haar or Hadamard).
@@ -39,7 +39,6 @@ import numpy as np
 from tq.core.packing import code_bytes, pack_codes, padding_is_zero, unpack_codes
 from tq.core.rotation import Rotation, make_rotation
 
-BASELINE_STRATEGIES = ("uniform", "rotated-uniform", "kivi")
 AXES = ("token", "channel")
 MIN_BITS, MAX_BITS = 1, 8
 # Largest |value| (rotated rows: largest norm) accepted. Zero points reach -MAX_ABS and scales
@@ -315,19 +314,10 @@ class UniformQuantizer:
 
 
 @functools.cache
-def baseline_quantizer(
-    strategy: str, part: str, dim: int, bits: int, group_size: int, seed: int, rotation: str
+def shared_uniform_quantizer(
+    dim: int, bits: int, group_size: int, axis: str, rotation: tuple[int, str] | None
 ) -> UniformQuantizer:
-    """The quantizer of a cache stream (``part`` "key" or "value") under a baseline strategy;
-    one per configuration, shared by every layer that uses it.
-
-    "kivi" keys are per channel (groups of group_size tokens), everything else per token;
-    "rotated-uniform" rotates with ``make_rotation(dim, seed, rotation)``.
-    """
-    if strategy not in BASELINE_STRATEGIES:
-        raise ValueError(f"strategy must be one of {BASELINE_STRATEGIES}, got {strategy!r}")
-    if part not in ("key", "value"):
-        raise ValueError(f"part must be 'key' or 'value', got {part!r}")
-    axis = "channel" if strategy == "kivi" and part == "key" else "token"
-    turn = make_rotation(dim, seed, rotation) if strategy == "rotated-uniform" else None
+    """One quantizer per configuration, shared by every cache layer that uses it; ``rotation``
+    is (seed, kind) of :func:`tq.core.rotation.make_rotation`, or None."""
+    turn = None if rotation is None else make_rotation(dim, *rotation)
     return UniformQuantizer(dim, bits, group_size, axis, turn)

@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 
 from tq.cache.attention import decode_attention
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
+from tq.cache.strategies import QUANTIZER_STRATEGIES
 from tq.kernels import gpu_present, resolve_device
 from tq.kernels.cpu import num_threads
 from tq.tasks.records import make_record
 from tq.tasks.synthetic import Progress, median_seconds
-
-STRATEGIES = ("mse", "prod")
 
 
 def float_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
@@ -149,8 +149,8 @@ def run_attention(
             "auto" (a GPU if present); "cuda" times the baseline in torch fp16 on the GPU.
         n_queries: queries per query head (1 for a decode step).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy not in QUANTIZER_STRATEGIES:
+        raise ValueError(f"strategy must be one of {QUANTIZER_STRATEGIES}, got {strategy!r}")
     if context < 1 or n_queries < 1:
         raise ValueError(f"context and n_queries must be at least 1, got {context} and {n_queries}")
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:

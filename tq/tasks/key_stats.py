@@ -202,13 +202,14 @@ def model_key_statistics(
     *,
     model_name: str | None = None,
     cache: str | os.PathLike | None = None,
+    corpus_file: str | os.PathLike | None = None,
     token_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Key and value statistics (:func:`key_statistics`) of every layer of the model in
     ``model_dir``, on ``windows`` windows of ``window`` tokens of the corpus.
 
     The windows are :func:`tq.data.corpus.draw_windows` ``(encode, windows, window, sample_seed,
-    cache)`` with the checkpoint's tokenizer (``tokenizer.json``,
+    cache, corpus_file)`` with the checkpoint's tokenizer (``tokenizer.json``,
     :class:`tq.models.checkpoint.Checkpoint`), as the perplexity windows are drawn; each window
     runs alone (:func:`cached_keys_values`), and each head's statistics pool the tokens of all
     windows.
@@ -218,6 +219,8 @@ def model_key_statistics(
         windows, window, sample_seed: how many windows, of how many tokens, from which seed.
         model_name: the record's ``model`` (default: the directory's name).
         cache: the corpus cache root (None: ``$TQ_CACHE_DIR``, see :mod:`tq.data.corpus`).
+        corpus_file: a corpus file (:func:`tq.data.corpus.write_corpus_file`) to draw from
+            instead of the cached corpus.
         token_ids: int [windows, tokens] to run instead of drawing corpus windows (then
             ``windows``, ``window`` and ``sample_seed`` are ignored and the record's
             ``text_windows`` is None).
@@ -252,7 +255,9 @@ def model_key_statistics(
     start = time.perf_counter()
     name = model_name if model_name is not None else Path(model_dir).resolve().name
     if token_ids is None:
-        ids, drawn = draw_windows(Checkpoint.load(model_dir).encode, windows, window, sample_seed, cache)
+        ids, drawn = draw_windows(
+            Checkpoint.load(model_dir).encode, windows, window, sample_seed, cache, corpus_file
+        )
         text: str = TEXT
         described: list[dict[str, Any]] | None = [
             {"article": w.article, "title": w.title, "offset": w.offset} for w in drawn

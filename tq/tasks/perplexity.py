@@ -13,7 +13,7 @@ that every setting is scored on the same windows). The quantized side has two pr
   continuation is decoded one token at a time with teacher forcing, every new token's keys and
   values quantized as they enter the cache: what a decoding server with a quantized cache sees.
   ``batch`` windows are decoded together, one engine call per step for all of them
-  (:meth:`~tq.engines.onnx.DecodeRunner.teacher_force`).
+  (:meth:`~tq.engines.base.DecodeRunner.teacher_force`).
 - ``window`` ("quantized context only"; two calls per window): tokens 0..context-2 are prefilled
   (exact attention) and their keys and values go into the quantized cache; one more call feeds
   tokens context-1..window-2 against that cache. The scored tokens attend to each other's exact
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from tq.cache.kvcache import CacheConfig, exact_layers
-from tq.engines.onnx import DecodeRunner
+from tq.cache.config import CacheConfig, exact_layers
+from tq.engines.base import DecodeRunner
 from tq.engines.source import ModelSource
 from tq.tasks.exact_run import ExactReference
 from tq.tasks.records import make_record
@@ -76,15 +76,21 @@ def reference_settings(
 
 
 def text_windows(
-    files: Any, windows: int, window: int, sample_seed: int, cache: os.PathLike | None = None
+    files: Any,
+    windows: int,
+    window: int,
+    sample_seed: int,
+    cache: os.PathLike | None = None,
+    corpus_file: os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """``windows`` windows of ``window`` tokens drawn across the corpus's articles from
     ``sample_seed`` (:func:`tq.data.corpus.draw_windows`), encoded with the tokenizer of ``files`` (a
     runner's model files): int64 [windows, window], and each window's article, title and token
-    offset."""
+    offset. The corpus: ``corpus_file`` (a file of :func:`tq.data.corpus.write_corpus_file`), else
+    the one cached under ``cache``."""
     from tq.data.corpus import draw_windows
 
-    tokens, drawn = draw_windows(files.encode, windows, window, sample_seed, cache)
+    tokens, drawn = draw_windows(files.encode, windows, window, sample_seed, cache, corpus_file)
     described = [{"article": w.article, "title": w.title, "offset": w.offset} for w in drawn]
     return np.asarray(tokens, np.int64), described
 
@@ -97,15 +103,18 @@ def perplexity_reference(
     threads: int | None = None,
     cache: os.PathLike | None = None,
     sample_seed: int = DEFAULT_SAMPLE_SEED,
+    corpus_file: os.PathLike | None = None,
 ) -> ExactReference:
     """The exact run on the perplexity windows: one call per window over tokens 0..window-2,
     whose logits at positions context-1.. predict the scored tokens (compact encoding). Equal to
     the exact decode loop within float rounding: attention is causal, so a position sees the same
     tokens either way. ``model``: the model and its engine (a path: an ONNX bundle). The
-    reference's config lists the windows drawn (``text_windows``)."""
+    reference's config lists the windows drawn (``text_windows``; ``corpus_file`` and ``cache``:
+    where the corpus comes from, see there)."""
     _check_shape(windows, window, context)
     source = ModelSource.of(model)
-    return _exact_reference(source.open(threads), source, windows, window, context, sample_seed, cache)
+    runner = source.open(threads)
+    return _exact_reference(runner, source, windows, window, context, sample_seed, cache, corpus_file)
 
 
 def _exact_reference(
@@ -116,8 +125,9 @@ def _exact_reference(
     context: int,
     sample_seed: int,
     cache: os.PathLike | None,
+    corpus_file: os.PathLike | None = None,
 ) -> ExactReference:
-    tokens, drawn = text_windows(runner.files, windows, window, sample_seed, cache)
+    tokens, drawn = text_windows(runner.files, windows, window, sample_seed, cache, corpus_file)
     progress = Progress("tq perplexity reference")
 
     def sequences() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

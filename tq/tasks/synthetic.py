@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from tq.cache.strategies import QUANTIZER_STRATEGIES
 from tq.kernels.cpu import num_threads
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 from tq.tasks.records import make_record
 
-STRATEGIES = ("mse", "prod")
 QUICK_VECTORS = 4096
 QUERIES = 64
 PROGRESS_AFTER_S = 2.0
@@ -88,8 +88,8 @@ def run_synthetic(
     batches end in host memory, so GPU timings include the transfers (benchmarks/gpu.py times
     the kernels alone on device-resident data).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy not in QUANTIZER_STRATEGIES:
+        raise ValueError(f"strategy must be one of {QUANTIZER_STRATEGIES}, got {strategy!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if repeats < 5:

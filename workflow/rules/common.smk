@@ -1,7 +1,4 @@
 # Helpers shared by the rules: sweep coordinates from the config, and source hashes.
-import ast
-import functools
-import hashlib
 import re
 from pathlib import Path
 
@@ -17,9 +14,11 @@ from tq.pipeline.checks import (
     setting_runs_on,
     trace_cache_labels,
 )
+from tq.cache.strategies import QUANTIZER_STRATEGIES
 from tq.pipeline.models import SweepConfigError, resolve_models
+from tq.pipeline.sources import code_hash
 
-TQ_ROOT = Path(workflow.basedir) / "tq"
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 CONDA_ENV = "../../envs/tq.yaml"
 # name -> models entry (tq.pipeline.models): checked before any job runs. A cuda model needs a GPU
 # here unless the jobs go to a cluster (there, a job on a node without one fails, saying so).
@@ -55,59 +54,15 @@ wildcard_constraints:
     model=one_of(MODELS),
     layer=r"\d\d",
     head=r"\d\d",
-    strategy="mse|prod",
+    strategy=one_of(QUANTIZER_STRATEGIES),
     cache=one_of(CACHES),
 
 
-def _module_file(name: str) -> Path | None:
-    """The source file of a tq module (a package's __init__.py), or None outside tq."""
-    if name != "tq" and not name.startswith("tq."):
-        return None
-    path = TQ_ROOT.parent.joinpath(*name.split("."))
-    if path.is_dir():
-        return path / "__init__.py"
-    path = path.with_suffix(".py")
-    return path if path.is_file() else None
-
-
-@functools.cache  # each module is parsed once per Snakemake process, however many rules hash it
-def _imports(name: str, path: Path) -> frozenset[str]:
-    """The modules that module ``name`` imports (at any depth of its code), its parent packages included."""
-    found = {".".join(name.split(".")[:n]) for n in range(1, name.count(".") + 1)}
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return frozenset(found)
-
-
-def tq_sources_hash(*modules: str) -> str:
-    """SHA-256 over the sources of ``modules`` and every tq module they import, transitively.
-
-    Goes into each rule's params: Snakemake does not track code a script imports, so an edit
-    to the library re-runs exactly the jobs whose code changed.
-    """
-    files: dict[str, Path] = {}
-    pending = list(modules)
-    while pending:
-        name = pending.pop()
-        path = _module_file(name)
-        if path is None or name in files or path in files.values():
-            continue
-        files[name] = path
-        pending.extend(_imports(name, path))
-    digest = hashlib.sha256()
-    for path in sorted(set(files.values())):
-        digest.update(f"{path.relative_to(TQ_ROOT.parent)}\0".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def script_code_hash(script: str) -> str:
+    """The hash of the tq code a rule's script (a file of workflow/scripts/) runs, for the
+    rule's params: Snakemake does not follow the modules a script imports, so an edit to the
+    library re-runs exactly the jobs whose code changed (tq.pipeline.sources.code_hash)."""
+    return code_hash(SCRIPTS / script)
 
 
 def model_input(wildcards) -> str:
@@ -135,11 +90,11 @@ def engine_params(wildcards) -> dict:
 # beyond it). Models without an entry get DEFAULT_PEAK_MB.
 PEAK_MB = {  # from the default sweep's make run of 2026-12-07, rounded up to 100 MB
     "smollm2-135m-instruct": {
-        "baseline": 900, "compare": 1100, "perplexity_reference": 1400, "perplexity": 3600,
+        "compare_exact": 900, "compare": 1100, "perplexity_exact": 1400, "perplexity": 3600,
         "layer_sensitivity": 1900, "needle": 2600, "traces": 1200, "key_stats": 1300,
     },
     "qwen2.5-coder-0.5b-instruct": {
-        "baseline": 2400, "compare": 2700, "perplexity_reference": 3600, "perplexity": 8100,
+        "compare_exact": 2400, "compare": 2700, "perplexity_exact": 3600, "perplexity": 8100,
         "layer_sensitivity": 4600, "needle": 6000, "traces": 2900, "key_stats": 2900,
     },
 }  # fmt: skip
@@ -194,35 +149,18 @@ def perplexity_params(section: str) -> dict:
     }
 
 
-def perplexity_reference_file(section: str) -> str:
+def exact_perplexity_file(section: str) -> str:
     """The exact reference a job of config section ``section`` reads ({model} left open): one
     per window set (seed, windows x window, context)."""
     settings = config[section]
     return (
-        f"results/reference/{{model}}/perplexity-s{settings['sample_seed']}-{settings['windows']}x"
+        f"results/perplexity_exact/{{model}}/perplexity-s{settings['sample_seed']}-{settings['windows']}x"
         f"{settings['window']}-c{settings['context']}.safetensors"
     )
 
 
 PROMPTS = config["prompts"]
 SUITE = Path(PROMPTS["file"]).stem
-
-
-# The report's figures: file stem -> (category, caption file in workflow/report/).
-FIGURES = {
-    "distortion_vs_bits": ("Distortion", "distortion_vs_bits"),
-    "quality_trace": ("Attention quality (traces)", "quality_trace"),
-    "quality_compare": ("Next-token quality (compare)", "quality_compare"),
-    "throughput": ("Throughput", "throughput"),
-    "key_statistics": ("Across models", "key_statistics"),
-}
-# One quality-vs-stored-bits figure per model (tq.report.figure_name_of_model).
-FIGURES |= {f"perplexity-{model}": ("Across models", "perplexity_model") for model in MODELS}
-# Figures of the optional stages, drawn when the sweep has their records.
-if any("num_layers" in model for model in MODELS.values()):
-    FIGURES["layer_sensitivity"] = ("Per-layer sensitivity", "layer_sensitivity")
-if config["needle"]["bits"]:
-    FIGURES["needle"] = ("Needle in a haystack", "needle")
 
 
 def all_records(wildcards) -> list[str]:
@@ -243,7 +181,7 @@ def all_records(wildcards) -> list[str]:
             trace=trace_names(model),
             cache=[cache for cache in TRACE_CACHES if cache in caches],
         )
-        records.append(f"results/baseline/{model}/{SUITE}.json")
+        records.append(f"results/compare_exact/{model}/{SUITE}.json")
         records += expand("results/compare/{model}/{suite}/{cache}.json", model=model, suite=SUITE, cache=caches)
         records += expand("results/perplexity/{model}/{cache}.json", model=model, cache=caches)
         records += [f"results/needle/{model}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]]

@@ -1,6 +1,6 @@
-# Corpus: the Wikipedia excerpt of the gensim wheel as plain text (tq.data.corpus), for traces and
-# perplexity. A local rule: it reads from PyPI (often unreachable from cluster compute nodes)
-# and takes a second.
+# Corpus: the Wikipedia excerpt of the gensim wheel (tq.data.corpus), as plain text (traces, needle)
+# and as its articles (the windows of perplexity and key statistics). The only rule that reads
+# the cache or PyPI for it: a local rule, as compute nodes often cannot reach PyPI.
 
 
 localrules:
@@ -9,9 +9,10 @@ localrules:
 
 rule corpus:
     output:
-        "results/corpus/wikipedia.txt",
+        text="results/corpus/wikipedia.txt",
+        articles="results/corpus/wikipedia-articles.json",
     params:
-        source_hash=tq_sources_hash("tq.data.corpus"),
+        source_hash=script_code_hash("corpus.py"),
     log:
         "results/logs/corpus.log",
     benchmark:

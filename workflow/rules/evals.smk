@@ -1,4 +1,4 @@
-# Evaluations of the quantized KV cache: on traces, in the decode loop (exact baseline and
+# Evaluations of the quantized KV cache: on traces, in the decode loop (the exact runs and
 # compare mode on the prompt suite) and as perplexity on the Wikipedia text.
 
 
@@ -10,7 +10,7 @@ rule trace_eval:
     params:
         cache=cache_params,
         top_k=config["traces"]["top_k"],
-        source_hash=tq_sources_hash("tq.tasks.trace_eval"),
+        source_hash=script_code_hash("trace_eval.py"),
     log:
         f"results/logs/trace_eval/{{model}}/layer{{layer}}-head{{head}}/{{cache}}.log",
     benchmark:
@@ -25,28 +25,28 @@ rule trace_eval:
         "../scripts/trace_eval.py"
 
 
-rule baseline:
+rule compare_exact:
     """The exact decode loop on the prompt suite: reference text, speed and KV size, and the exact
     runs (tokens and logits) that every compare job reads instead of running them again."""
     input:
         model=model_input,
         prompts=PROMPTS["file"],
     output:
-        record="results/baseline/{model}/{suite}.json",
-        reference="results/baseline/{model}/{suite}.reference.safetensors",
+        record="results/compare_exact/{model}/{suite}.json",
+        reference="results/compare_exact/{model}/{suite}.reference.safetensors",
     params:
         engine=engine_params,
         limit=PROMPTS["limit"],
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
         prompt_format=PROMPTS["format"],
-        source_hash=tq_sources_hash("tq.tasks.compare", "tq.tasks.trace_export"),
+        source_hash=script_code_hash("real_model.py"),
     log:
-        "results/logs/baseline/{model}/{suite}.log",
+        "results/logs/compare_exact/{model}/{suite}.log",
     benchmark:
-        "results/benchmarks/baseline/{model}/{suite}.tsv"
+        "results/benchmarks/compare_exact/{model}/{suite}.tsv"
     resources:
-        mem_mb=job_mem_mb("baseline"),
+        mem_mb=job_mem_mb("compare_exact"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
@@ -57,12 +57,12 @@ rule baseline:
 
 
 rule compare:
-    """The quantized decode loop against the baseline's exact runs (teacher-forced and
+    """The quantized decode loop against the exact runs of rule compare_exact (teacher-forced and
     free-running)."""
     input:
         model=model_input,
         prompts=PROMPTS["file"],
-        reference=rules.baseline.output.reference,
+        reference=rules.compare_exact.output.reference,
     output:
         f"results/compare/{{model}}/{{suite}}/{{cache}}.json",
     params:
@@ -73,7 +73,7 @@ rule compare:
         max_new_tokens=PROMPTS["max_new_tokens"],
         top_k=PROMPTS["top_k"],
         prompt_format=PROMPTS["format"],
-        source_hash=tq_sources_hash("tq.tasks.compare", "tq.tasks.trace_export"),
+        source_hash=script_code_hash("real_model.py"),
     log:
         f"results/logs/compare/{{model}}/{{suite}}/{{cache}}.log",
     benchmark:
@@ -89,14 +89,14 @@ rule compare:
         "../scripts/real_model.py"
 
 
-rule perplexity_reference:
+rule perplexity_exact:
     """The exact model's run on the perplexity windows (one per model and windows x window,
     context), read by every perplexity and per-layer job: they run only the quantized side."""
     input:
         model=model_input,
-        corpus=rules.corpus.output[0],
+        corpus=rules.corpus.output.articles,
     output:
-        "results/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.safetensors",
+        "results/perplexity_exact/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.safetensors",
     wildcard_constraints:
         seed=r"\d+",
         windows=r"\d+",
@@ -104,27 +104,27 @@ rule perplexity_reference:
         context=r"\d+",
     params:
         engine=engine_params,
-        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
+        source_hash=script_code_hash("perplexity_exact.py"),
     log:
-        "results/logs/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.log",
+        "results/logs/perplexity_exact/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.log",
     benchmark:
-        "results/benchmarks/reference/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.tsv"
+        "results/benchmarks/perplexity_exact/{model}/perplexity-s{seed}-{windows}x{window}-c{context}.tsv"
     resources:
-        mem_mb=job_mem_mb("perplexity_reference"),
+        mem_mb=job_mem_mb("perplexity_exact"),
         runtime=15,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
     threads: 2
     conda:
         CONDA_ENV
     script:
-        "../scripts/perplexity_reference.py"
+        "../scripts/perplexity_exact.py"
 
 
 rule perplexity:
     """Perplexity with a cache setting (the quantized side; the exact one is the reference)."""
     input:
         model=model_input,
-        reference=perplexity_reference_file("perplexity"),
+        reference=exact_perplexity_file("perplexity"),
     output:
         f"results/perplexity/{{model}}/{{cache}}.json",
     params:
@@ -132,7 +132,7 @@ rule perplexity:
         cache=cache_params,
         exact_layers=exact_layer_params,
         **perplexity_params("perplexity"),
-        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
+        source_hash=script_code_hash("perplexity.py"),
     log:
         f"results/logs/perplexity/{{model}}/{{cache}}.log",
     benchmark:
@@ -153,7 +153,7 @@ rule layer_sensitivity:
     layer exact: which layers are sensitive to quantization."""
     input:
         model=model_input,
-        reference=perplexity_reference_file("layer_sensitivity"),
+        reference=exact_perplexity_file("layer_sensitivity"),
     output:
         "results/layer_sensitivity/{model}/layer{layer}.json",
     params:
@@ -165,7 +165,7 @@ rule layer_sensitivity:
         | cache_fields(CACHE_OPTIONS),
         quantized_layers=lambda wildcards: [int(wildcards.layer)],
         **perplexity_params("layer_sensitivity"),
-        source_hash=tq_sources_hash("tq.tasks.perplexity", "tq.data.corpus"),
+        source_hash=script_code_hash("perplexity.py"),
     log:
         "results/logs/layer_sensitivity/{model}/layer{layer}.log",
     benchmark:
@@ -189,7 +189,7 @@ if config["needle"]["bits"]:
         at 4k tokens) and exact answer are computed once and shared by every width."""
         input:
             model=model_input,
-            corpus=rules.corpus.output[0],
+            corpus=rules.corpus.output.text,
         output:
             [f"results/needle/{{model}}/b{bits_label(bits)}.json" for bits in config["needle"]["bits"]],
         params:
@@ -203,7 +203,7 @@ if config["needle"]["bits"]:
             trials=config["needle"]["trials"],
             max_new_tokens=config["needle"]["max_new_tokens"],
             seed=config["needle"]["seed"],
-            source_hash=tq_sources_hash("tq.tasks.needle"),
+            source_hash=script_code_hash("needle.py"),
         log:
             "results/logs/needle/{model}.log",
         benchmark:

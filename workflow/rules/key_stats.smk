@@ -6,14 +6,14 @@
 rule key_stats:
     input:
         model=checkpoint_input,
-        corpus=rules.corpus.output[0],
+        corpus=rules.corpus.output.articles,
     output:
         "results/key_stats/{model}.json",
     params:
         windows=config["key_stats"]["windows"],
         window=config["key_stats"]["window"],
         sample_seed=config["key_stats"]["sample_seed"],
-        source_hash=tq_sources_hash("tq.tasks.key_stats"),
+        source_hash=script_code_hash("key_stats.py"),
     log:
         "results/logs/key_stats/{model}.log",
     benchmark:

@@ -10,7 +10,7 @@ rule hf_checkpoint:
     wildcard_constraints:
         preset=one_of(PRESETS),
     params:
-        source_hash=tq_sources_hash("tq.models.prepare"),
+        source_hash=script_code_hash("hf_checkpoint.py"),
     log:
         "results/logs/hf_checkpoint/{preset}.log",
     benchmark:
@@ -35,7 +35,7 @@ rule bundle:
     wildcard_constraints:
         model=one_of(ONNX_MODELS),
     params:
-        source_hash=tq_sources_hash("tq.models.prepare"),
+        source_hash=script_code_hash("bundle.py"),
     log:
         "results/logs/bundle/{model}.log",
     benchmark:

@@ -13,7 +13,7 @@ rule synthetic:
         seed=config["synthetic"]["seed"],
         rotation=config["synthetic"]["rotation"],
         device=config["synthetic"]["device"],
-        source_hash=tq_sources_hash("tq.tasks.synthetic"),
+        source_hash=script_code_hash("synthetic.py"),
     log:
         "results/logs/synthetic/d{dim}-b{bits}-{strategy}.log",
     benchmark:

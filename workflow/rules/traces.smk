@@ -5,7 +5,7 @@
 rule traces:
     input:
         model=checkpoint_input,
-        corpus=rules.corpus.output[0],
+        corpus=rules.corpus.output.text,
     output:
         "results/traces/{model}/layer{layer}-head{head}.safetensors",
     params:
@@ -13,7 +13,7 @@ rule traces:
         samples=config["traces"]["samples"],
         max_seq=config["traces"]["max_seq"],
         queries_per_sample=config["traces"]["queries_per_sample"],
-        source_hash=tq_sources_hash("tq.tasks.trace_export"),
+        source_hash=script_code_hash("traces.py"),
     log:
         "results/logs/traces/{model}/layer{layer}-head{head}.log",
     benchmark:

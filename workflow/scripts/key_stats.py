@@ -27,6 +27,7 @@ with open(snakemake.log[0], "w") as log:
         window=params.window,
         sample_seed=params.sample_seed,
         model_name=snakemake.wildcards.model,
+        corpus_file=snakemake.input.corpus,
     )
     write_record(snakemake.output[0], record)
     for entry in record["layers"]:

@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.engines.source import ModelSource
 from tq.tasks.needle import run_needle_sweep
 from tq.tasks.records import write_record

@@ -1,11 +1,11 @@
 """Exact vs quantized perplexity on the Wikipedia text (tq.tasks.perplexity.run_perplexity):
 rule perplexity (a cache setting) and rule layer_sensitivity (one layer quantized), both reading
-the exact side from the reference of rule perplexity_reference."""
+the exact side from the reference of rule perplexity_exact."""
 
 import os
 import sys
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.engines.source import ModelSource
 from tq.tasks.perplexity import run_perplexity
 from tq.tasks.records import write_record

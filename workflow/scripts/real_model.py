@@ -1,10 +1,10 @@
-"""The decode loop on the prompt suite: exact mode (rule baseline, which also writes the exact runs
+"""The decode loop on the prompt suite: exact mode (rule compare_exact, which also writes the exact runs
 as a reference) or compare mode (rule compare, which reads them)."""
 
 import os
 import sys
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.engines.source import ModelSource
 from tq.tasks.compare import run_real_model
 from tq.tasks.records import write_record
@@ -15,7 +15,7 @@ with open(snakemake.log[0], "w") as log:
     os.environ["TQ_NUM_THREADS"] = str(snakemake.threads)
     params = snakemake.params
     prompts = read_prompts(snakemake.input.prompts)[: params.limit]
-    if snakemake.rule == "baseline":
+    if snakemake.rule == "compare_exact":
         options = {"mode": "exact", "reference_out": snakemake.output.reference}
     else:
         options = {
@@ -35,4 +35,4 @@ with open(snakemake.log[0], "w") as log:
     )
     if "cache" in snakemake.wildcards.keys():  # the kv_caches entry's label (tq.pipeline.checks)
         record["setting"] = snakemake.wildcards.cache
-    write_record(snakemake.output[0], record)  # the record (baseline: output.record)
+    write_record(snakemake.output[0], record)  # the record (compare_exact: output.record)

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from tq.cache.kvcache import CacheConfig
+from tq.cache.config import CacheConfig
 from tq.tasks.records import write_record
 from tq.tasks.trace_eval import run_trace
 

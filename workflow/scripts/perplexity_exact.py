@@ -1,5 +1,5 @@
 """The exact run on the perplexity windows (tq.tasks.perplexity.perplexity_reference): rule
-perplexity_reference, read by rules perplexity and layer_sensitivity."""
+perplexity_exact, read by rules perplexity and layer_sensitivity."""
 
 import os
 import sys
@@ -18,5 +18,6 @@ with open(snakemake.log[0], "w") as log:
         context=int(wildcards.context),
         sample_seed=int(wildcards.seed),
         threads=snakemake.threads,
+        corpus_file=snakemake.input.corpus,
     )
     reference.save(snakemake.output[0])
