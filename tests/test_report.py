@@ -12,26 +12,19 @@ import pandas as pd
 import pytest
 from scipy.linalg import hadamard
 
-from tq.cache.kvcache import CacheConfig
+from tests.workflow_runs import QUICK, ROOT, copy_workflow, snakemake
+from tq.cache.config import CacheConfig
 from tq.core.fileio import write_json
 from tq.data.trace import KvTrace
 from tq.report import (
     BARS_NOTE,
     COORDINATES,
+    REGISTRY,
     WINDOW_SETTINGS,
     Z95,
     Paired,
     RecordError,
     ReportError,
-    _against_exact,
-    _few_scored_tokens,
-    _figure,
-    _finish,
-    _mean_by,
-    _plot_lines,
-    _pm,
-    _ranking,
-    _WindowValues,
     load_records,
     markdown_table,
     paired_nll,
@@ -41,11 +34,18 @@ from tq.report import (
     read_per_window,
     read_summary,
     summary_table,
+    sweep_figures,
     write_per_token,
     write_per_window,
     write_report,
     write_summary,
 )
+from tq.report.compare import few_scored_tokens
+from tq.report.grouping import mean_by
+from tq.report.markdown import plus_minus
+from tq.report.plotting import finish_axis, new_figure, plot_lines
+from tq.report.uncertainty import against_exact, ranking
+from tq.report.windows import WindowValues
 from tq.tasks.records import make_record
 from tq.tasks.stats import PER_TOKEN_FIELDS, cluster_mean_se
 from tq.tasks.synthetic import run_synthetic
@@ -506,6 +506,67 @@ def test_report_has_every_section_and_valid_plots(report):
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([*PLOTS, "report.md"])
 
 
+def _headings(markdown: str) -> list[str]:
+    return [line.removeprefix("## ") for line in markdown.splitlines() if line.startswith("## ")]
+
+
+# Whether a sweep runs each optional stage a registered figure is drawn from: here, all of them.
+EVERY_STAGE = {figure.stage: True for section in REGISTRY for figure in section.figures if figure.stage}
+
+
+def test_the_report_is_the_registered_sections_in_order(tmp_path, records):
+    """Every section of the registry, and nothing else, under its heading in registry order; with
+    every kind of record, each registered figure drawn and linked, and no other file written."""
+    titles = [section.title for section in REGISTRY]
+    assert len({section.name for section in REGISTRY}) == len(REGISTRY)
+    key_stats = [_key_stats_record("tiny-llama", [0.5, 0.7])]
+    path = write_report(
+        summary_table(records),
+        tmp_path / "full",
+        per_window=per_window_table(records),
+        key_stats=key_stats,
+    )
+    markdown = path.read_text()
+    assert _headings(markdown) == titles
+    figures = [f"{name}.png" for name in sweep_figures(["tiny-llama"], EVERY_STAGE)]
+    assert sorted(_images(markdown)) == sorted(figures)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([*figures, "report.md"])
+    assert _headings(_write_report([], tmp_path / "empty.md").read_text()) == titles
+
+
+def test_sweep_figures_follow_the_models_and_the_optional_stages():
+    figures = sweep_figures(["a", "b"], dict.fromkeys(EVERY_STAGE, False))
+    assert figures["perplexity-a"] == figures["perplexity-b"] == ("Across models", "perplexity_model")
+    optional = {
+        name
+        for section in REGISTRY
+        for figure in section.figures
+        if figure.stage
+        for name in figure.names(["a"])
+    }
+    assert optional and not optional & set(figures)
+    assert set(sweep_figures(["a", "b"], EVERY_STAGE)) - set(figures) == optional
+    with pytest.raises(ValueError, match="optional stages"):
+        sweep_figures(["a"], {})
+
+
+def test_every_registered_figure_has_its_caption_file():
+    captions = {figure.caption for section in REGISTRY for figure in section.figures}
+    files = {path.stem for path in (ROOT / "workflow" / "report").glob("*.rst")} - {"report"}
+    assert captions == files
+
+
+def test_the_workflow_lists_the_registered_figures(tmp_path):
+    """The report rule's outputs in a dry run of the quick sweep (one model, tiny-llama, with every
+    optional stage) are report.md and the figures of the registry."""
+    pytest.importorskip("snakemake")
+    result = snakemake(copy_workflow(tmp_path), "results/report.md", "--dry-run", "--configfile", QUICK)
+    job = (result.stdout + result.stderr).split("rule report:\n", 1)[1]
+    outputs = re.search(r"^\s+output: (.*)$", job, re.M).group(1).split(", ")
+    figures = [f"results/{name}.png" for name in sweep_figures(["tiny-llama"], EVERY_STAGE)]
+    assert outputs == ["results/report.md", *figures]
+
+
 def test_report_tables_are_generated_from_the_records(report, synthetic_records):
     markdown = report.read_text()
     headline = _section(markdown, "## Headline")
@@ -607,13 +668,13 @@ def test_markdown_table_formats_cells():
 
 
 def test_plus_minus_shows_the_value_to_the_precision_of_its_error():
-    assert _pm(1.19432, 0.0123) == "1.194 ± 0.012"
-    assert _pm(0.05512, 0.0021) == "0.0551 ± 0.0021"
-    assert _pm(2.7, 0.5) == "2.70 ± 0.50"
-    assert _pm(0.5, 0.25, percent=True) == "50 ± 25%"
-    assert _pm(1.0, 0.0) == "1 ± 0"
-    assert _pm(1.375, np.nan) == "1.375"  # an old record: the value alone
-    assert _pm(np.nan, 0.01) == "-"
+    assert plus_minus(1.19432, 0.0123) == "1.194 ± 0.012"
+    assert plus_minus(0.05512, 0.0021) == "0.0551 ± 0.0021"
+    assert plus_minus(2.7, 0.5) == "2.70 ± 0.50"
+    assert plus_minus(0.5, 0.25, percent=True) == "50 ± 25%"
+    assert plus_minus(1.0, 0.0) == "1 ± 0"
+    assert plus_minus(1.375, np.nan) == "1.375"  # an old record: the value alone
+    assert plus_minus(np.nan, 0.01) == "-"
 
 
 def test_paired_test_is_the_95_percent_interval_of_the_mean_window_difference():
@@ -651,10 +712,10 @@ def test_the_test_against_exact_is_the_records_window_level_error():
     assert np.exp(paired.mean) == pytest.approx(metrics["perplexity_ratio"])
     assert paired.se * metrics["perplexity_ratio"] == pytest.approx(metrics["perplexity_ratio_se"])
     row = summary_table([record]).iloc[0]
-    assert _against_exact(row) is paired.different is True
+    assert against_exact(row) is paired.different is True
     # 1.05 ± 0.03: log(1.05) = 0.049 < 1.96 * 0.03 / 1.05 = 0.056
-    assert _against_exact(row.copy().replace({1.2: 1.05})) is False
-    assert _against_exact(row.drop("perplexity_ratio_se")) is None
+    assert against_exact(row.copy().replace({1.2: 1.05})) is False
+    assert against_exact(row.drop("perplexity_ratio_se")) is None
 
 
 def test_compare_mode_is_tested_against_exact_over_prompts(tmp_path):
@@ -681,7 +742,7 @@ def _ranked(*estimates: tuple[float, float, float], old: bool = False) -> str:
         for index, (bits, ratio, se) in enumerate(estimates)
     ]
     rows = summary_table(records)
-    return _ranking(rows, lambda row: f"b{int(row['key_bits'])}", _WindowValues(per_window_table(records)))
+    return ranking(rows, lambda row: f"b{int(row['key_bits'])}", WindowValues(per_window_table(records)))
 
 
 def test_ranking_orders_only_what_the_paired_tests_separate():
@@ -730,7 +791,7 @@ def test_mean_of_records_combines_their_standard_errors():
             "kl_divergence_se": [0.03, 0.04, 0.01, np.nan],
         }
     )
-    means = _mean_by(table, ["setting"], ["kl_divergence", "top1_agreement"], over=["trace"])
+    means = mean_by(table, ["setting"], ["kl_divergence", "top1_agreement"], over=["trace"])
     means = means.set_index("setting")
     assert means.loc["a", "kl_divergence"] == pytest.approx(0.15)
     assert means.loc["a", "kl_divergence_se"] == pytest.approx(0.025)  # sqrt(0.03² + 0.04²) / 2
@@ -749,10 +810,10 @@ def test_a_row_never_pools_two_records_of_one_setting():
         }
     )
     with pytest.raises(ReportError, match="differ only in group_size, which the row does not show"):
-        _mean_by(table, ["model", "key_strategy"], ["kl_divergence"], over=["trace"])
+        mean_by(table, ["model", "key_strategy"], ["kl_divergence"], over=["trace"])
     with pytest.raises(ReportError, match="the same setting measured twice"):
-        _mean_by(table.assign(group_size=16.0), ["model", "key_strategy"], ["kl_divergence"])
-    rows = _mean_by(table, ["model", "key_strategy", "group_size"], ["kl_divergence"])
+        mean_by(table.assign(group_size=16.0), ["model", "key_strategy"], ["kl_divergence"])
+    rows = mean_by(table, ["model", "key_strategy", "group_size"], ["kl_divergence"])
     assert list(rows["records"]) == [1, 1]
 
 
@@ -765,16 +826,16 @@ def test_plots_draw_95_percent_error_bars_where_there_are_errors():
             "perplexity_ratio_se": [0.02, 0.01, 0.02, np.nan],
         }
     )
-    _, axes = _figure(2)
-    assert _plot_lines(axes[0], table, ["line"], "perplexity_ratio", lambda row: row["line"])
+    _, axes = new_figure(2)
+    assert plot_lines(axes[0], table, ["line"], "perplexity_ratio", lambda row: row["line"])
     bars = [container for container in axes[0].containers if hasattr(container, "has_yerr")]
     assert len(bars) == 2 and all(container.has_yerr for container in bars)
     segments = bars[0].lines[2][0].get_segments()  # line x: the bar at 2 bits spans ± 1.96 SE
     assert segments[0][:, 1] == pytest.approx([1.3 - 1.96 * 0.02, 1.3 + 1.96 * 0.02])
-    _finish(axes[0], "ratio", "ratio", table["bits"], bars=True)
+    finish_axis(axes[0], "ratio", "ratio", table["bits"], bars=True)
     assert BARS_NOTE in axes[0].get_title() and "95%" in BARS_NOTE
     without = table.drop(columns="perplexity_ratio_se")
-    assert not _plot_lines(axes[1], without, ["line"], "perplexity_ratio", lambda row: row["line"])
+    assert not plot_lines(axes[1], without, ["line"], "perplexity_ratio", lambda row: row["line"])
     assert not axes[1].containers
 
 
@@ -896,8 +957,8 @@ def test_compare_records_that_scored_enough_are_not_flagged():
             "scored_tokens": [12.0, 5.0],
         }
     )
-    assert _few_scored_tokens(rows.iloc[:1]) == []
-    (flag, _) = _few_scored_tokens(rows)
+    assert few_scored_tokens(rows.iloc[:1]) == []
+    (flag, _) = few_scored_tokens(rows)
     assert "1 of 2 compare records" in flag and "b (5 of 12 tokens)" in flag
 
 

@@ -1,6 +1,20 @@
 # Aggregate every result record into one table (and the perplexity records' per-window and
 # per-token values beside it), then the markdown report and its plots.
 
+from tq.report import sweep_figures
+
+# The report's figures, file stem -> (category, caption file in workflow/report/), as its sections
+# draw them (tq.report.sections.REGISTRY): a per-model figure for each model, and a figure of an
+# optional stage only when the sweep runs that stage.
+FIGURES = sweep_figures(
+    list(MODELS),
+    {
+        "layer_sensitivity": any("num_layers" in model for model in MODELS.values()),
+        "needle": bool(config["needle"]["bits"]),
+    },
+)
+
+
 localrules:
     aggregate,
     report,
@@ -14,7 +28,7 @@ rule aggregate:
         per_window="results/per_window.csv",
         per_token="results/per_token.parquet",
     params:
-        source_hash=tq_sources_hash("tq.report"),
+        source_hash=script_code_hash("aggregate.py"),
     log:
         "results/logs/aggregate.log",
     benchmark:
@@ -45,7 +59,7 @@ rule report:
             for name, (category, caption) in FIGURES.items()
         ),
     params:
-        source_hash=tq_sources_hash("tq.report"),
+        source_hash=script_code_hash("report.py"),
     log:
         "results/logs/report.log",
     benchmark:
