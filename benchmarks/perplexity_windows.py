@@ -10,7 +10,7 @@ seconds, the perplexity ratio and KL with their window-level SE (the window as t
 per-token SE. For the chosen shape, the same on a second window set that shares no article with
 the first (the first seed after 0 whose windows come from other articles), and whether the two
 sets' ratios agree within their 95% intervals, by each SE. For each layer-sensitivity shape: the
-reference's and one job's seconds (layer 1 alone quantized at 2 bits). The README's defaults
+reference's and one job's seconds (layer 1 alone quantized at 2 bits). The config's defaults
 and the closing notes of issue 25 come from this file.
 """
 

@@ -164,6 +164,14 @@ def test_a_library_edit_reruns_the_jobs_that_import_it(quick_workdir, quick_run)
     assert dry_run(quick_workdir, QUICK) == {}
 
 
+def test_a_report_section_edit_reruns_only_the_report(quick_workdir, quick_run):
+    assert _jobs_after_editing(quick_workdir, "tq/report/needle.py") == {
+        "aggregate": 1,
+        "report": 1,
+        "all": 1,
+    }
+
+
 def test_a_cache_edit_reruns_no_model_corpus_or_trace_job(quick_workdir, quick_run):
     """The jobs that export models, extract the corpus or record traces never quantize: an edit
     to the cache store is not in their code (tq.pipeline.sources), while every job that

@@ -137,9 +137,13 @@ def _workflow_rules() -> set[str]:
     return set(re.findall(r"^\s*rule (\w+):", text, re.M))
 
 
-def test_every_task_names_real_rules_config_sections_and_runners():
+def test_every_task_names_real_rules_config_sections_report_sections_and_runners():
+    from tq.report.sections import REGISTRY
+
     rules = _workflow_rules()
+    sections = {section.name for section in REGISTRY}
     for task in TASKS.values():
+        assert task.report_section is None or task.report_section in sections, task.name
         assert set(task.rules) <= rules, task.name
         assert set(task.config_sections) <= set(SCHEMA["properties"]), task.name
         module, function = task.runner.split(":")

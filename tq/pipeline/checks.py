@@ -123,7 +123,7 @@ def cache_fields(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def exact_layer_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
     """The exact-layer options among cache options (exact_first_layers, exact_last_layers,
-    exact_layers), with their defaults, as the tq.bench functions take them: exact_first_layers,
+    exact_layers), with their defaults, as the tq.tasks functions take them: exact_first_layers,
     exact_last_layers and exact_layer_set (a sorted list)."""
     return {
         "exact_first_layers": int(options.get("exact_first_layers", 0)),

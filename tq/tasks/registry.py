@@ -47,7 +47,7 @@ TASKS: dict[str, Task] = {
         Task(
             "synthetic", "tq.tasks.synthetic:run_synthetic",
             "the quantizers on random unit vectors: distortion against the paper's bounds, speed",
-            rules=("synthetic",), config_sections=("synthetic",), report_section="synthetic",
+            rules=("synthetic",), config_sections=("synthetic",), report_section="distortion",
         ),
         Task(
             "trace", "tq.tasks.trace_eval:run_trace",
@@ -58,7 +58,7 @@ TASKS: dict[str, Task] = {
             "real-model", "tq.tasks.compare:run_real_model",
             "the decode loop on the prompt suite: exact and quantized caches side by side",
             rules=("compare_exact", "compare"), config_sections=("prompts", "kv_caches"),
-            report_section="prompts",
+            report_section="compare",
         ),
         Task(
             "perplexity", "tq.tasks.perplexity:run_perplexity",
@@ -78,7 +78,7 @@ TASKS: dict[str, Task] = {
         Task(
             "key-stats", "tq.tasks.key_stats:model_key_statistics",
             "per-layer statistics of a model's cached keys: offset share, channel imbalance",
-            cli=False, rules=("key_stats",), config_sections=("key_stats",), report_section="key_stats",
+            cli=False, rules=("key_stats",), config_sections=("key_stats",), report_section="across_models",
         ),
     )
 }  # fmt: skip

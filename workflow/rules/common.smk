@@ -135,7 +135,7 @@ def cache_params(wildcards) -> dict:
 
 
 def exact_layer_params(wildcards) -> dict:
-    """A job's exact layers, as the tq.bench functions take them
+    """A job's exact layers, as the tq.tasks functions take them
     (tq.pipeline.checks.exact_layer_arguments)."""
     return exact_layer_arguments(SETTINGS[wildcards.cache])
 

@@ -82,7 +82,7 @@ rule compare:
         mem_mb=job_mem_mb("compare"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
+    threads: 1  # one core each: two such jobs at once keep both cores busy (docs/pipeline.md, "Time")
     conda:
         CONDA_ENV
     script:
@@ -141,7 +141,7 @@ rule perplexity:
         mem_mb=job_mem_mb("perplexity"),
         runtime=30,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
+    threads: 1  # one core each: two such jobs at once keep both cores busy (docs/pipeline.md, "Time")
     conda:
         CONDA_ENV
     script:
@@ -174,7 +174,7 @@ rule layer_sensitivity:
         mem_mb=job_mem_mb("layer_sensitivity"),
         runtime=15,
         gpu=model_gpus,  # sbatch --gpus=1 for a cuda model
-    threads: 1  # one core each: two such jobs at once keep both cores busy (README: Time)
+    threads: 1  # one core each: two such jobs at once keep both cores busy (docs/pipeline.md, "Time")
     conda:
         CONDA_ENV
     script:
