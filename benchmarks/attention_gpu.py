@@ -5,7 +5,7 @@
 
 A random cache (Gaussian keys and values, ``--heads`` KV heads of ``--context`` tokens, TurboQuant
 MSE keys and values at ``--bits``, quantized on the GPU when there is one) is uploaded once
-(:class:`tq.kernels.attention_cuda.DeviceKVCache`); one decode query per query head lives on the
+(:class:`tq.cache.attention_cuda.DeviceKVCache`); one decode query per query head lives on the
 GPU before timing starts. Timed, with CUDA events around each call on the default stream (so
 launch overheads count), the median of ``--repeats`` calls after ``--warmup``:
 
@@ -29,26 +29,23 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from numba import cuda
 
-import numpy as np  # noqa: E402
-from numba import cuda  # noqa: E402
-
-from tq.cache.attention import decode_attention  # noqa: E402
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache  # noqa: E402
-from tq.core.fileio import write_json  # noqa: E402
-from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda  # noqa: E402
-from tq.tasks.attention import torch_fp16_attention  # noqa: E402
+from tq.cache.attention import decode_attention
+from tq.cache.attention_cuda import DeviceKVCache, decode_attention_cuda
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
+from tq.core.fileio import write_json
+from tq.tasks.attention import torch_fp16_attention
 
 
 def _load_gpu_benchmark():
-    """benchmarks/gpu.py (timing, environment and GPU checks are shared with it)."""
-    spec = importlib.util.spec_from_file_location("tq_gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    """benchmarks/gpu.py beside this script (timing, environment and GPU checks are shared with it)."""
+    spec = importlib.util.spec_from_file_location("tq_gpu_benchmark", Path(__file__).with_name("gpu.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

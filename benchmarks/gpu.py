@@ -35,18 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numba
+import numpy as np
+from numba import cuda
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from numba import cuda  # noqa: E402
-
-from tq.core.fileio import write_json  # noqa: E402
-from tq.core.packing import code_bytes, unpack_codes, unpack_signs  # noqa: E402
-from tq.kernels import cpu as cpu_kernels  # noqa: E402
-from tq.kernels.naive import qjl_scale  # noqa: E402
-from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd  # noqa: E402
+from tq.core.fileio import write_json
+from tq.core.packing import code_bytes, unpack_codes, unpack_signs
+from tq.kernels import cpu as cpu_kernels
+from tq.kernels.naive import qjl_scale
+from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
 SIMULATOR_MAX_N = 256
 SIMULATOR_MAX_QUERIES = 4

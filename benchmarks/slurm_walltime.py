@@ -5,7 +5,7 @@
 Three runs, each from an empty results directory in its own copy of the workflow, one after the
 other on the same machine: local, SLURM with profiles/slurm as it is (job grouping on), and SLURM
 with the profile's `groups` and `group-components` removed. The cluster is the test cluster of
-tests/slurm_cluster.py (root and Debian's SLURM packages needed). Writes {local_seconds,
+tq.pipeline.slurm_cluster (root and Debian's SLURM packages needed). Writes {local_seconds,
 slurm_seconds, ratio, slurm_jobs, ungrouped: {slurm_seconds, ratio, slurm_jobs}, ...}.
 """
 
@@ -19,17 +19,16 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tq.core.fileio import write_json
+from tq.pipeline.slurm_cluster import SingleNodeSlurm, missing_requirements
+from tq.pipeline.workflow_runs import copy_workflow, job_counts, run_snakemake
 
-from tests.slurm_cluster import SingleNodeSlurm, missing_requirements  # noqa: E402
-from tests.workflow_runs import copy_workflow, job_counts, snakemake  # noqa: E402
-from tq.core.fileio import write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose workflow is run
 
 
 def timed_run(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    result = snakemake(workdir, *args, env=env, check=False, timeout_s=3600)
+    result = run_snakemake(workdir, *args, env=env, timeout_s=3600)
     seconds = time.perf_counter() - start
     output = result.stdout + result.stderr
     if result.returncode != 0:
@@ -68,12 +67,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="tq-slurm-bench-") as scratch:
         scratch = Path(scratch)
-        local_dir = copy_workflow(scratch / "local")
+        local_dir = copy_workflow(ROOT, scratch / "local")
         print(f"local run of {args.configfile} ...", file=sys.stderr)
         local_seconds, local_output = timed_run(local_dir, "--configfile", args.configfile)
         with SingleNodeSlurm(scratch / "cluster") as cluster:
-            grouped = slurm_run(cluster, copy_workflow(scratch / "grouped"), args.configfile)
-            ungrouped_dir = copy_workflow(scratch / "ungrouped")
+            grouped = slurm_run(cluster, copy_workflow(ROOT, scratch / "grouped"), args.configfile)
+            ungrouped_dir = copy_workflow(ROOT, scratch / "ungrouped")
             drop_grouping(ungrouped_dir / "profiles/slurm/config.yaml")
             ungrouped = slurm_run(cluster, ungrouped_dir, args.configfile)
 

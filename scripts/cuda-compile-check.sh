@@ -14,4 +14,5 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.installed" ]; then
         nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12
     touch "$venv/.installed"
 fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # tq from this checkout
 exec "$venv/bin/python" "$root/scripts/cuda_compile_check.py" "$@"

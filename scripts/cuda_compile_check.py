@@ -7,7 +7,8 @@ kernel launch replaced by ``numba.cuda.compile_ptx`` for one compute capability,
 shapes, bit widths, strategies and rotations, and exits non-zero naming each failure.
 
 Needs numba-cuda and NVIDIA's libnvvm / NVRTC from PyPI, no driver and no GPU; run it through
-``scripts/cuda-compile-check.sh``, which builds that environment once in a scratch venv.
+``scripts/cuda-compile-check.sh``, which builds that environment once in a scratch venv and puts
+this checkout on its PYTHONPATH.
 
     python scripts/cuda_compile_check.py [--cc 9.0]
 """
@@ -17,13 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import traceback
 import types
-from pathlib import Path
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numba
 import numpy as np
@@ -51,9 +49,10 @@ def install_compile_only_launches(cc: tuple[int, int], compiled: dict) -> None:
 
 def cases():
     """(label, call) pairs covering the kernels' compile-time parameters."""
-    import tq.kernels.attention_cuda as attention_cuda
     import tq.kernels.cuda as kernels
-    from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+    from tq.cache.attention_cuda import DeviceKVCache, decode_attention_cuda
+    from tq.cache.config import CacheConfig
+    from tq.cache.kvcache import QuantizedKVCache
     from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
     rng = np.random.default_rng(0)
@@ -100,10 +99,10 @@ def cases():
             cache.append(rng.standard_normal((2, 40, dim)), rng.standard_normal((2, 40, dim)))
 
             def run_attention(cache=cache, dim=dim):
-                device_cache = attention_cuda.DeviceKVCache(cache)
+                device_cache = DeviceKVCache(cache)
                 for q_heads, n_queries in ((2, 1), (8, 1), (4, 5)):
                     queries = rng.standard_normal((q_heads, n_queries, dim)).astype(np.float32)
-                    attention_cuda.decode_attention_cuda(queries, device_cache, 0.1)
+                    decode_attention_cuda(queries, device_cache, 0.1)
 
             yield f"attention {name} d={dim}", run_attention
 
@@ -116,11 +115,15 @@ def main() -> None:
     compiled: dict = {}
     install_compile_only_launches(cc, compiled)
     import tq.kernels.attention_cuda as attention_cuda
+    import tq.kernels.attention_cuda_plan as attention_plan
     import tq.kernels.cuda as kernels
 
-    kernels._results = lambda on_device, *arrays: arrays[0] if len(arrays) == 1 else arrays
-    attention_cuda._results = kernels._results
-    attention_cuda._multiprocessors = lambda: 132
+    # the "device" arrays are host arrays (no copies back), and the default split needs a GPU size
+    def results(on_device, *arrays):
+        return arrays[0] if len(arrays) == 1 else arrays
+
+    kernels.results = attention_cuda.results = results
+    attention_plan.multiprocessors = lambda: 132
     failures = []
     for label, call in cases():
         try:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tq.cache.attention import decode_attention, decode_attention_reference
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
 from tq.tasks.attention import run_attention
 
 TOLERANCE = 1e-5
@@ -196,8 +197,8 @@ def test_errors() -> None:
 
 
 def test_device_cuda_runs_the_gpu_kernels() -> None:
-    """device="cuda" (here Numba's simulator) and a DeviceKVCache reach tq.kernels.attention_cuda."""
-    from tq.kernels.attention_cuda import DeviceKVCache
+    """device="cuda" (here Numba's simulator) and a DeviceKVCache reach tq.cache.attention_cuda."""
+    from tq.cache.attention_cuda import DeviceKVCache
 
     cache = random_cache(CacheConfig(key_bits=3), kv_heads=1, dim=16, spans=(20,))
     queries = np.random.default_rng(6).standard_normal((2, 1, 16)).astype(np.float32)

@@ -1,5 +1,6 @@
-"""The CUDA decode attention (tq.kernels.attention_cuda) against the float64 oracle
-(tq.cache.attention.decode_attention_reference) and reconstruct-then-attend.
+"""The CUDA decode attention (tq.cache.attention_cuda; its kernels: tq.kernels.attention_cuda)
+against the float64 oracle (tq.cache.attention.decode_attention_reference) and
+reconstruct-then-attend.
 
 Without a GPU these run on Numba's CUDA simulator (tests/__init__.py), a Python thread per CUDA
 thread: caches are tiny (1-2 KV heads, head_dim 16-32, a few dozen tokens), and split_tokens=16
@@ -23,9 +24,10 @@ from numba import cuda
 
 from tests.test_attention import CONFIGS, TOLERANCE, assert_close, random_cache, truth
 from tq.cache.attention import decode_attention_reference
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.attention_cuda import DeviceKVCache, decode_attention_cuda
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
 from tq.kernels import is_gpu_array
-from tq.kernels.attention_cuda import DeviceKVCache, decode_attention_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"

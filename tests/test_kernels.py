@@ -136,7 +136,7 @@ def test_hadamard_rotation_matches_oracle() -> None:
 def test_many_chunks_and_threads_match_single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """More rows than one chunk: the threaded driver must give the single-thread result."""
     rng = np.random.default_rng([TEST_SEED, 11])
-    x = _rows(rng, 3 * cpu._CHUNK + 17, 64, unit=True)
+    x = _rows(rng, 3 * cpu.CHUNK_ROWS + 17, 64, unit=True)
     quantizer = TurboQuantProd(64, 3, seed=2)
     threaded = quantizer.quantize(x)
     monkeypatch.setenv("TQ_NUM_THREADS", "1")

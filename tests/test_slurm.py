@@ -1,5 +1,5 @@
 """Cluster submission for real: the quick config through Snakemake's SLURM executor
-(profiles/slurm) on a single-node SLURM cluster started for this module (tests/slurm_cluster.py,
+(profiles/slurm) on a single-node SLURM cluster started for this module (tq/pipeline/slurm_cluster.py,
 docs/design.md section 9).
 
 Checks that every non-local job ran as a SLURM job (its id, final state and resources as the
@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, _is_stale_link, missing_requirements
 from tests.workflow_runs import QUICK, ROOT, copy_workflow, job_counts, snakemake
+from tq.pipeline.slurm_cluster import SYSTEM_CONF, SingleNodeSlurm, _is_stale_link, missing_requirements
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 

@@ -17,7 +17,7 @@ channels. The softmax subtracts the row maximum over all tokens (quantized and e
 Supported: "mse" and "prod" keys and values (any width, fractional too, Haar or Hadamard),
 "exact" streams, any residual window, float32 or float16 norms, ``renormalize`` for "mse"
 streams. Refused with ``NotImplementedError``: the baseline strategies (tq.quant.uniform) and
-``renormalize`` with a "prod" stream. ``device="cuda"`` runs :mod:`tq.kernels.attention_cuda`
+``renormalize`` with a "prod" stream. ``device="cuda"`` runs :mod:`tq.cache.attention_cuda`
 (numba.cuda, split-K flash decoding over the packed streams uploaded as a ``DeviceKVCache``).
 
 Implementations: :func:`decode_attention_reference` (NumPy, float64, obviously correct, for
@@ -55,23 +55,23 @@ from tq.cache.packed_view import (
 from tq.core.packing import unpack_codes, unpack_signs
 from tq.kernels import resolve_device
 from tq.kernels.cpu import (
-    _CHUNK,
-    _FASTMATH,
-    _add_sign_scores,
-    _jit,
-    _jit_in_memory,
-    _pool,
-    _row_kernels,
-    _run_chunks,
-    _unpack_sign_row,
+    CHUNK_ROWS,
+    FASTMATH,
+    add_sign_scores,
+    jit,
+    jit_in_memory,
     num_threads,
+    row_kernels,
+    run_chunks,
     single_threaded_blas,
+    thread_pool,
+    unpack_sign_row,
 )
 from tq.kernels.naive import qjl_scale
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
-_jit_inline = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True, inline="always")
+_jit_inline = numba.njit(cache=False, fastmath=FASTMATH, nogil=True, inline="always")
 
 
 def _check(
@@ -207,7 +207,7 @@ def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
     are unpacked code by code. The method is fixed per kernel: a branch between methods inside
     the token loop cost a third of the speed.
     """
-    rows = _row_kernels(bits)
+    rows = row_kernels(bits)
     per_byte = 8 // bits if 8 % bits == 0 else 0
     words = per_byte // 2 if per_byte and size % per_byte == 0 else 0  # table words per byte
     unpack_row = rows.unpack_row
@@ -233,7 +233,7 @@ def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
             for j in range(size):
                 out[j] = centroids[indices[j]]
 
-    @_jit_in_memory
+    @jit_in_memory
     def scores(rotated, centroids, table, codes, scales, out):
         """out[m, i] = scales[i] * <rotated[m], c[idx_i]>; rotated float32 [queries, size]."""
         n = codes.shape[0]
@@ -246,7 +246,7 @@ def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
                 decode_row(codes[start + b], centroids, table, indices, words_tile[b], tile[b, :size])
             _score_rows(rotated, tile, size, start, count, scales, out)
 
-    @_jit_in_memory
+    @jit_in_memory
     def accumulate(weights, centroids, table, codes, acc):
         """acc[m] += sum_i weights[m, i] * c[idx_i]; acc float32 [queries, size]."""
         n = codes.shape[0]
@@ -263,7 +263,7 @@ def _attention_kernels(bits: int, size: int) -> SimpleNamespace:
     return SimpleNamespace(word_table=word_table, scores=scores, accumulate=accumulate)
 
 
-@_jit
+@jit
 def _accumulate_signs(weights, signs, acc):
     """acc[m] += sum_i weights[m, i] * sign_i, sign_i in {-1, +1}^size; acc float32 [queries, size]."""
     n, size = signs.shape[0], acc.shape[1]
@@ -273,7 +273,7 @@ def _accumulate_signs(weights, signs, acc):
     for start in range(0, n, _TOKEN_BLOCK):
         count = min(_TOKEN_BLOCK, n - start)
         for b in range(count):
-            _unpack_sign_row(signs[start + b], bits)
+            unpack_sign_row(signs[start + b], bits)
             for j in range(size):
                 tile[b, j] = np.float32(2 * bits[j] - 1)
         _add_weighted_rows(weights, start, count, block_weights, tile, acc)
@@ -283,8 +283,8 @@ _CACHE_LINE_FLOATS = 16  # 64 bytes
 
 
 def _token_chunk(n: int) -> int:
-    """Tokens per work item: one contiguous range per kernel thread (at least _CHUNK tokens)."""
-    return max(_CHUNK, -(-n // num_threads()))
+    """Tokens per work item: one contiguous range per kernel thread (at least CHUNK_ROWS tokens)."""
+    return max(CHUNK_ROWS, -(-n // num_threads()))
 
 
 @functools.cache
@@ -316,9 +316,9 @@ def _group_scores(g: PackedGroup, head: int, q: np.ndarray, out: np.ndarray, chu
     def work(start: int, stop: int) -> None:
         kernels.scores(rotated, centroids, table, codes[start:stop], scales[start:stop], out[:, start:stop])
         if g.signs is not None:
-            _add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
+            add_sign_scores(projected, signs[start:stop], weights[start:stop], out[:, start:stop])
 
-    _run_chunks(codes.shape[0], work, chunk)
+    run_chunks(codes.shape[0], work, chunk)
 
 
 def _accumulators(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
@@ -349,7 +349,7 @@ def _group_values(g: PackedGroup, head: int, weights: np.ndarray, chunk: int) ->
         if g.signs is not None:
             _accumulate_signs(sign_w[:, start:stop], signs[start:stop], sign_acc[start // chunk])
 
-    _run_chunks(n, work, chunk)
+    run_chunks(n, work, chunk)
     result = sum(acc) @ quantizer.rotation.matrix
     if g.signs is not None:
         result += sum(sign_acc) @ quantizer.qjl
@@ -357,8 +357,8 @@ def _group_values(g: PackedGroup, head: int, weights: np.ndarray, chunk: int) ->
 
 
 def _attention_cuda() -> ModuleType:
-    """tq.kernels.attention_cuda, imported on first use (it loads numba.cuda)."""
-    return importlib.import_module("tq.kernels.attention_cuda")
+    """tq.cache.attention_cuda, imported on first use (it loads numba.cuda)."""
+    return importlib.import_module("tq.cache.attention_cuda")
 
 
 def _attend_head(
@@ -403,7 +403,7 @@ def decode_attention(
             attention); every query attends to every cached token (no causal mask). A NumPy
             array, or on the GPU path also a float32 GPU array.
         cache: the layer's :class:`~tq.cache.kvcache.QuantizedKVCache` (not empty), or its
-            :class:`~tq.kernels.attention_cuda.DeviceKVCache` (the packed streams uploaded to
+            :class:`~tq.cache.attention_cuda.DeviceKVCache` (the packed streams uploaded to
             the GPU once: the way to run many decode steps there).
         scale: softmax scale of the logits q . k, e.g. 1 / sqrt(head_dim).
         device: "cpu", "cuda" or "auto" (default: the cache's ``config.device``). "cuda" with a
@@ -447,7 +447,7 @@ def decode_attention(
 
     if threads > 1 and kv_heads >= threads:  # one head per thread at a time, tokens not split
         with single_threaded_blas():
-            results = list(_pool(threads).map(lambda head: attend(head, length), range(kv_heads)))
+            results = list(thread_pool(threads).map(lambda head: attend(head, length), range(kv_heads)))
     else:
         results = [attend(head, _token_chunk(length)) for head in range(kv_heads)]
     return np.stack(results).reshape(queries.shape)

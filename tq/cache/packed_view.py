@@ -3,9 +3,10 @@
 :func:`packed_cache` turns a layer's :class:`~tq.cache.kvcache.QuantizedKVCache` into a
 :class:`PackedCache` of NumPy arrays per KV head (views of the stored batches), optionally
 restricted to its most recent tokens (a sliding window) and extended by new exact tokens that
-are not in the cache yet (the current decode step's own keys and values). The CPU kernels
-(:mod:`tq.cache.attention`) and the CUDA kernels (:mod:`tq.kernels.attention_cuda`) both read it, so
-data and imports flow one way: cache -> packed view -> kernels. The argument checks that both
+are not in the cache yet (the current decode step's own keys and values). The CPU path
+(:mod:`tq.cache.attention`) and the GPU path (:mod:`tq.cache.attention_cuda`, which hands its
+arrays to :mod:`tq.kernels.attention_cuda`) both read it, so data and imports flow one way:
+cache -> packed view -> kernels. The argument checks that both
 entry points share live here too.
 """
 

@@ -7,6 +7,16 @@ fused pass (unpack, centroid look-up, scale) followed by one inverse rotation. A
 is a float32 BLAS product, single-threaded per chunk; a Hadamard rotation is a Numba fast
 Walsh-Hadamard transform. Inner products never reconstruct x: each query is rotated once and
 turned into a look-up table lut[j, k] = (Pi q)_j * c_k that the packed codes index.
+
+Besides the six backend functions, the pieces other CPU kernels (the packed-cache attention of
+:mod:`tq.cache.attention`) are built from:
+
+- Numba settings: :data:`FASTMATH`, :data:`jit` (compiled once, cached on disk) and
+  :data:`jit_in_memory` (for kernels that call per-bit-width closures);
+- row kernels: :func:`row_kernels` (per bit width: pack, unpack, centroid tables, encode,
+  look-up, scores), :func:`unpack_sign_row` and :func:`add_sign_scores` (QJL signs);
+- threads: :data:`CHUNK_ROWS`, :func:`num_threads`, :func:`thread_pool`, :func:`run_chunks` and
+  :func:`single_threaded_blas`.
 """
 
 from __future__ import annotations
@@ -28,16 +38,36 @@ from tq.core.packing import code_bytes
 from tq.core.rotation import Rotation
 from tq.kernels.naive import qjl_scale
 
-_FASTMATH = {"contract", "reassoc"}  # vectorize sums; keep NaN and inf semantics
-_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True)
+__all__ = [
+    "CHUNK_ROWS",
+    "FASTMATH",
+    "add_sign_scores",
+    "jit",
+    "jit_in_memory",
+    "mse_decode",
+    "mse_encode",
+    "mse_scores",
+    "num_threads",
+    "prod_decode",
+    "prod_encode",
+    "prod_scores",
+    "row_kernels",
+    "run_chunks",
+    "single_threaded_blas",
+    "thread_pool",
+    "unpack_sign_row",
+]
+
+FASTMATH = {"contract", "reassoc"}  # vectorize sums; keep NaN and inf semantics
+jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True)
 # Kernels that call other per-bit-width kernels: Numba's on-disk cache never matches them in a new
 # process (their callees are closure objects) and would add a file per process, so they compile
 # in memory once per process instead.
-_jit_in_memory = numba.njit(cache=False, fastmath=_FASTMATH, nogil=True)
+jit_in_memory = numba.njit(cache=False, fastmath=FASTMATH, nogil=True)
 
 
 def _jit_specialized(tag: str) -> Callable[[Callable], Callable]:
-    """``_jit`` for one specialization of a kernel built per parameter value (a closure).
+    """``jit`` for one specialization of a kernel built per parameter value (a closure).
 
     Numba names a function's cache index after its qualified name and numbers the entries in it;
     two processes compiling different closures of one function at once (pipeline jobs at different
@@ -48,7 +78,7 @@ def _jit_specialized(tag: str) -> Callable[[Callable], Callable]:
 
     def compile_kernel(function: Callable) -> Callable:
         function.__qualname__ = f"{function.__qualname__}_{tag}"
-        return _jit(function)
+        return jit(function)
 
     return compile_kernel
 
@@ -56,10 +86,10 @@ def _jit_specialized(tag: str) -> Callable[[Callable], Callable]:
 # ---------------------------------------------------------------------------------------------
 # Row kernels, compiled once per bit width: with ``bits`` a compile-time constant every loop over
 # edges, codes per byte and search steps unrolls, and the loops over a row vectorize. Each pass
-# works on a contiguous range of rows on one thread; _run_chunks spreads ranges over threads.
+# works on a contiguous range of rows on one thread; run_chunks spreads ranges over threads.
 
 
-@_jit
+@jit
 def _row_norm(y: np.ndarray) -> float:
     """L2 norm of a float32 row, accumulated in float64 (no overflow for finite input)."""
     total = 0.0
@@ -69,7 +99,7 @@ def _row_norm(y: np.ndarray) -> float:
 
 
 @functools.cache
-def _row_kernels(bits: int) -> SimpleNamespace:
+def row_kernels(bits: int) -> SimpleNamespace:
     """Numba kernels for codes of ``bits`` bits (layout of tq.core.packing)."""
     per_byte = 8 // bits if 8 % bits == 0 else 0  # codes per byte, when whole codes fill bytes
     mask = (1 << bits) - 1
@@ -134,7 +164,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 table[v, t] = centroids[(v >> (t * bits)) & mask]
         return table
 
-    @_jit_in_memory
+    @jit_in_memory
     def encode_rows(y, edges, normalize, codes, norms):
         """Rows of rotated y float32 [n, d]: norm, scale, quantize, pack into codes."""
         indices = np.empty(y.shape[1], np.int32)
@@ -145,7 +175,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
             quantize_row(y[i], scale, edges, indices)
             pack_row(indices, codes[i])
 
-    @_jit_in_memory
+    @jit_in_memory
     def encode_rows_residual(y, edges, centroids, normalize, codes, norms, residual, gammas):
         """As encode_rows, plus the rotated residual y * scale - c[idx] and its norm gamma."""
         dim = y.shape[1]
@@ -160,7 +190,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
                 residual[i, j] = y[i, j] * scale - centroids[indices[j]]
             gammas[i] = _row_norm(residual[i])
 
-    @_jit_in_memory
+    @jit_in_memory
     def lookup_rows(codes, centroids, scales, out):
         """out[i, j] = centroids[idx_ij] * scales[i] for out float32 [n, d]."""
         n, dim = out.shape
@@ -179,7 +209,7 @@ def _row_kernels(bits: int) -> SimpleNamespace:
             for j in range(dim):
                 out[i, j] = centroids[indices[j]] * scales[i]
 
-    @_jit_in_memory
+    @jit_in_memory
     def lut_scores(luts, codes, scales, out):
         """out[q, i] = scales[i] * sum_j luts[q, j, idx_ij]; luts float32 [m, d, 2^bits]."""
         m, dim, _ = luts.shape
@@ -203,11 +233,11 @@ def _row_kernels(bits: int) -> SimpleNamespace:
     )
 
 
-_pack_sign_row = _row_kernels(1).pack_row
-_unpack_sign_row = _row_kernels(1).unpack_row
+_pack_sign_row = row_kernels(1).pack_row
+unpack_sign_row = row_kernels(1).unpack_row  # sign bits uint8 [ceil(d/8)] -> int32 0/1 into out [d]
 
 
-@_jit
+@jit
 def _pack_sign_rows(projected, signs):
     """signs[i] = packed (projected[i] >= 0), one bit per coordinate."""
     n, dim = projected.shape
@@ -218,24 +248,24 @@ def _pack_sign_rows(projected, signs):
         _pack_sign_row(positive, signs[i])
 
 
-@_jit
+@jit
 def _signs_to_rows(signs, weights, out):
     """out[i, j] = weights[i] * (+1 if sign bit j of row i is set, else -1)."""
     dim = out.shape[1]
     bits = np.empty(dim, np.int32)
     for i in range(signs.shape[0]):
-        _unpack_sign_row(signs[i], bits)
+        unpack_sign_row(signs[i], bits)
         for j in range(dim):
             out[i, j] = weights[i] * np.float32(2 * bits[j] - 1)
 
 
-@_jit
-def _add_sign_scores(projected_queries, signs, weights, out):
+@jit
+def add_sign_scores(projected_queries, signs, weights, out):
     """out[q, i] += weights[i] * <projected_queries[q], sign_i>, sign_i in {-1, +1}^d."""
     m, dim = projected_queries.shape
     bits = np.empty(dim, np.int32)
     for i in range(signs.shape[0]):
-        _unpack_sign_row(signs[i], bits)
+        unpack_sign_row(signs[i], bits)
         for q in range(m):
             total = np.float32(0.0)
             for j in range(dim):
@@ -247,7 +277,7 @@ def _add_sign_scores(projected_queries, signs, weights, out):
 # Rotations and the chunk driver. Work is split into chunks of rows; a chunk's buffers are
 # small enough to stay in cache (a fresh 32 MB array costs as much in page faults as the product).
 
-_CHUNK = 2048
+CHUNK_ROWS = 2048  # rows per work item of run_chunks
 
 
 def num_threads() -> int:
@@ -264,7 +294,8 @@ def _available_cpus() -> int:
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """The kernels' pool of ``threads`` worker threads (one per thread count, kept for the process)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tq-kernel")
 
 
@@ -283,7 +314,7 @@ def single_threaded_blas() -> contextlib.AbstractContextManager:
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
-def _run_chunks(n: int, work: Callable[[int, int], None], chunk: int = _CHUNK) -> None:
+def run_chunks(n: int, work: Callable[[int, int], None], chunk: int = CHUNK_ROWS) -> None:
     """Run ``work(start, stop)`` over row chunks of ``chunk`` rows on the kernel threads.
 
     Each chunk runs rotation (single-threaded BLAS or FWHT) and its Numba pass back to back on
@@ -300,7 +331,7 @@ def _run_chunks(n: int, work: Callable[[int, int], None], chunk: int = _CHUNK) -
             work(start, stop)
         return
     with single_threaded_blas():
-        for future in [_pool(threads).submit(work, start, stop) for start, stop in chunks]:
+        for future in [thread_pool(threads).submit(work, start, stop) for start, stop in chunks]:
             future.result()
 
 
@@ -389,7 +420,7 @@ def _rotated(x: np.ndarray, rotation: Rotation) -> np.ndarray:
 def mse_encode(
     x: np.ndarray, rotation: Rotation, codebook: Codebook, normalize: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
     edges, _ = _codebook_f32(codebook)
@@ -401,14 +432,14 @@ def mse_encode(
         _rotate_into(x[start:stop], rotation, rotated)
         kernels.encode_rows(rotated, edges, normalize, codes[start:stop], norms[start:stop])
 
-    _run_chunks(n, work)
+    run_chunks(n, work)
     return codes, norms
 
 
 def mse_decode(
     codes: np.ndarray, norms: np.ndarray | None, rotation: Rotation, codebook: Codebook
 ) -> np.ndarray:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
     _, centroids = _codebook_f32(codebook)
     scales = _scales(norms, n)
@@ -419,7 +450,7 @@ def mse_decode(
         kernels.lookup_rows(codes[start:stop], centroids, scales[start:stop], looked_up)
         _unrotate_into(looked_up, rotation, out[start:stop])
 
-    _run_chunks(n, work)
+    run_chunks(n, work)
     return out
 
 
@@ -431,12 +462,12 @@ def _luts(rotated_queries: np.ndarray, codebook: Codebook) -> np.ndarray:
 def mse_scores(
     queries: np.ndarray, codes: np.ndarray, norms: np.ndarray | None, rotation: Rotation, codebook: Codebook
 ) -> np.ndarray:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     n = codes.shape[0]
     out = np.empty((queries.shape[0], n), np.float32)
     luts = _luts(_rotated(queries, rotation), codebook)
     scales = _scales(norms, n)
-    _run_chunks(
+    run_chunks(
         n,
         lambda start, stop: kernels.lut_scores(
             luts, codes[start:stop], scales[start:stop], out[:, start:stop]
@@ -453,7 +484,7 @@ def _qjl_projection(rotation: Rotation, qjl: np.ndarray) -> np.ndarray:
 def prod_encode(
     x: np.ndarray, rotation: Rotation, qjl: np.ndarray, codebook: Codebook, normalize: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     n, dim = x.shape
     x = _f32(x)
     edges, centroids = _codebook_f32(codebook)
@@ -479,7 +510,7 @@ def prod_encode(
         )
         _pack_sign_rows(np.matmul(residual, projection_t, out=rotated), signs[start:stop])
 
-    _run_chunks(n, work)
+    run_chunks(n, work)
     return codes, signs, gammas, norms
 
 
@@ -492,7 +523,7 @@ def prod_decode(
     qjl: np.ndarray,
     codebook: Codebook,
 ) -> np.ndarray:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     n, dim = codes.shape[0], rotation.dim
     _, centroids = _codebook_f32(codebook)
     scales = _scales(norms, n)
@@ -512,7 +543,7 @@ def prod_decode(
         else:
             np.matmul(stacked, stacked_matrix, out=out[start:stop])
 
-    _run_chunks(n, work)
+    run_chunks(n, work)
     return out
 
 
@@ -526,7 +557,7 @@ def prod_scores(
     qjl: np.ndarray,
     codebook: Codebook,
 ) -> np.ndarray:
-    kernels = _row_kernels(codebook.bits)
+    kernels = row_kernels(codebook.bits)
     queries = _f32(queries)
     n = codes.shape[0]
     scales = _scales(norms, n)
@@ -538,7 +569,7 @@ def prod_scores(
     def work(start: int, stop: int) -> None:
         part = out[:, start:stop]
         kernels.lut_scores(luts, codes[start:stop], scales[start:stop], part)
-        _add_sign_scores(projected, signs[start:stop], weights[start:stop], part)
+        add_sign_scores(projected, signs[start:stop], weights[start:stop], part)
 
-    _run_chunks(n, work)
+    run_chunks(n, work)
     return out

@@ -102,7 +102,7 @@ def _timed_calls(
         return {"packed": packed_cpu, "float": numpy_float}, "numpy float32 (cpu)", float32_bytes
     from numba import cuda
 
-    from tq.kernels.attention_cuda import DeviceKVCache
+    from tq.cache.attention_cuda import DeviceKVCache
 
     device_cache, device_queries = DeviceKVCache(cache), cuda.to_device(queries)
 

@@ -1,4 +1,5 @@
-"""A single-node SLURM cluster on loopback for tests (docs/design.md section 9).
+"""A single-node SLURM cluster on loopback, for the cluster tests (tests/test_slurm.py) and the
+cluster benchmark (benchmarks/slurm_walltime.py); docs/design.md section 9.
 
 Debian's ``slurmctld``, ``slurmd`` and ``munge`` run as root with every file they write (keys,
 sockets, configuration, state, logs, pid files) inside one temporary directory; this machine's
