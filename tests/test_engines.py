@@ -1,5 +1,6 @@
-"""The two engines (tq.engines.source): ONNX Runtime on a bundle and transformers on the checkpoint it was
-exported from write the same records within the tolerance their float arithmetic allows; the
+"""The two engines (tq.engines.registry, tq.engines.source): ONNX Runtime on a bundle and transformers on
+the checkpoint it was exported from write the same records within the tolerance their float
+arithmetic allows; the registry names the engines the config schema and the sweep accept; the
 sweep's models entries are checked before any job runs (tq.pipeline.models, the workflow).
 
 Tolerances. Both engines compute fp32 attention over the same reconstruction; their logits differ
@@ -13,6 +14,9 @@ there the per-token NLL differences must average to zero within AGREEMENT_SE sta
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +25,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 from tests.models_fixtures import tiny_llama
-from tq.cache.kvcache import EXACT, CacheConfig
+from tq.cache.config import EXACT, CacheConfig
+from tq.engines.registry import DEVICES, DTYPES, ENGINES
 from tq.engines.source import ModelSource
 from tq.pipeline.models import SweepConfigError, resolve_models
 from tq.tasks.compare import run_real_model
@@ -29,6 +34,7 @@ from tq.tasks.needle import run_needle_sweep
 from tq.tasks.perplexity import run_perplexity
 from tq.tasks.stats import mean_se
 
+ROOT = Path(__file__).resolve().parent.parent
 RATIO_TOLERANCE = 1e-4
 AGREEMENT_SE = 3.0
 THREE_BIT = CacheConfig(key_bits=3, value_bits=3)
@@ -127,6 +133,44 @@ def test_smollm2_checkpoint_records_agree_with_its_bundle(smollm2_bundle, smollm
         assert_records_agree(onnx, hf, statistical)
 
 
+# --- the registry ------------------------------------------------------------------------------
+
+
+def test_the_registry_names_the_engines_of_the_config_schema_and_the_sweep():
+    """The schema's engine, device and dtype enums are the registry's; every engine the
+    registry names runs a models entry on each device and dtype it lists."""
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    fields = schema["properties"]["models"]["items"]["properties"]
+    assert fields["engine"]["enum"] == list(ENGINES)
+    assert fields["device"]["enum"] == list(DEVICES) and fields["dtype"]["enum"] == list(DTYPES)
+    for name, engine in ENGINES.items():
+        assert engine.reads in ("bundle", "checkpoint")
+        for device in engine.devices:
+            for dtype in engine.dtypes:
+                model = entry(preset="tiny-llama", engine=name, device=device, dtype=dtype)
+                resolved = resolve_models([model], local=False)["tiny-llama"]
+                assert resolved == model | {"name": "tiny-llama", "checkpoint": None}
+
+
+def test_the_registry_and_model_sources_import_no_engine():
+    """The workflow imports tq.engines.source when it starts: neither torch nor ONNX Runtime."""
+    code = "import sys, tq.engines.source; print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_model_source_opens_its_engines_runner(tiny):
+    from tq.engines.onnx import OnnxRunner
+    from tq.engines.transformers import TransformersRunner
+
+    for source, kind in zip(tiny, (OnnxRunner, TransformersRunner), strict=True):
+        runner = source.open(threads=1)
+        assert type(runner) is kind and runner.name == "tiny"
+        assert ENGINES[source.engine].runner == f"{kind.__module__}:{kind.__name__}"
+
+
 # --- models entries ----------------------------------------------------------------------------
 
 
@@ -150,9 +194,11 @@ def entry(**fields):
         ({"preset": "tiny-llama", "model_dir": "/x"}, "models[0]: give either preset or model_dir"),
         (
             {"preset": "tiny-llama", "device": "cuda"},
-            "models[0].device: engine onnxruntime runs float32 on the CPU",
+            "models[0].device: engine onnxruntime runs on cpu in float32 (got device cuda, dtype float32); "
+            "use engine: transformers",
         ),
         ({"preset": "tiny-llama", "dtype": "bfloat16"}, "models[0].dtype: engine onnxruntime"),
+        ({"preset": "tiny-llama", "engine": "vllm"}, "models[0].engine: engine must be one of"),
         ({"preset": "tiny-llama", "name": "a/b"}, "models[0].name: 'a/b' cannot name result files"),
     ],
 )

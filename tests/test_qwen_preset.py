@@ -127,7 +127,7 @@ def test_qwen_greedy_decoding_matches_transformers(qwen_prepared):
     answer stops at ``<|im_end|>`` in all three."""
     import torch
 
-    from tq.engines.onnx import RealModelRunner
+    from tq.engines.onnx import OnnxRunner
     from tq.engines.transformers import TransformersRunner
     from tq.models import ModelBundle
     from tq.models.checkpoint import Checkpoint
@@ -140,7 +140,7 @@ def test_qwen_greedy_decoding_matches_transformers(qwen_prepared):
     # written atomically, yet with the mode the umask gives a plain open() (0o644 under 022)
     assert stat.S_IMODE((bundle_dir / "bundle.json").stat().st_mode) == umask_mode()
 
-    onnx = RealModelRunner(bundle, threads=2)
+    onnx = OnnxRunner(bundle, threads=2)
     engine = TransformersRunner(checkpoint, threads=2)
     for message, steps in ((LONG_ANSWER, 16), (SHORT_ANSWER, 32)):
         ids = PromptFormat(bundle).encode(message)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tests.models_fixtures import tiny_gpt2, tiny_llama
-from tq.cache.kvcache import CacheConfig, MultiHeadKVCache
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import MultiHeadKVCache
 from tq.cli import main
-from tq.engines.onnx import RealModelRunner
+from tq.engines.onnx import OnnxRunner
 from tq.models import ModelBundle, prepare_bundle
 from tq.tasks.compare import run_real_model
 
@@ -34,7 +35,7 @@ def test_ort_loop_equals_transformers_greedy_generate(tiny):
     model_dir, bundle_dir = tiny
     bundle = ModelBundle.load(bundle_dir)
     ids = bundle.encode(PROMPT)
-    ours = RealModelRunner(bundle).generate(ids, 24, stop_at_eos=False)
+    ours = OnnxRunner(bundle).generate(ids, 24, stop_at_eos=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         theirs = model.generate(
@@ -46,7 +47,7 @@ def test_ort_loop_equals_transformers_greedy_generate(tiny):
 
 def test_exact_cache_through_the_quantized_path_changes_nothing(tiny):
     bundle = ModelBundle.load(tiny[1])
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     ids = bundle.encode(PROMPT)
     plain = runner.generate(ids, 12, stop_at_eos=False)
     cached = runner.generate(ids, 12, cache=runner.new_cache(EXACT), stop_at_eos=False)
@@ -57,7 +58,7 @@ def test_exact_cache_through_the_quantized_path_changes_nothing(tiny):
 def test_the_past_fed_back_is_the_cache_reconstruction(tiny):
     """quantize_presents patches the graph's presents in place: they must equal keys()/values()."""
     bundle = ModelBundle.load(tiny[1])
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     cache = runner.new_cache(CacheConfig(key_bits=2, value_bits=3, residual_length=3))
     ids = bundle.encode(PROMPT)
     _, past = runner.prefill(ids, cache)
@@ -72,11 +73,36 @@ def test_the_past_fed_back_is_the_cache_reconstruction(tiny):
 
 def test_teacher_forcing_follows_the_given_tokens(tiny):
     bundle = ModelBundle.load(tiny[1])
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     ids = bundle.encode(PROMPT)
     forced = [3, 4, 5, 6, 7]
     run = runner.generate(ids, 0, cache=runner.new_cache(CacheConfig(key_bits=2)), forced_tokens=forced)
     assert run.tokens == forced and run.logits.shape[0] == 5
+
+
+@pytest.mark.parametrize("config", [None, CacheConfig(key_bits=3, value_bits=2)], ids=["exact", "quantized"])
+def test_generate_continues_a_given_past(tiny, config):
+    """Greedy decoding after a past (the needle task's protocol: a quantized context, then the
+    question in one call) equals continuing the calls by hand."""
+    bundle = ModelBundle.load(tiny[1])
+    runner = OnnxRunner(bundle)
+    ids = bundle.encode(PROMPT)
+    context, question = ids[:5], ids[5:]
+    caches = [None if config is None else runner.new_cache(config) for _ in range(2)]
+    _, past = runner.prefill(context, caches[0])
+    run = runner.generate(question, 6, caches[0], stop_at_eos=False, past=past)
+    _, past = runner.prefill(context, caches[1])
+    logits, past = runner.extend(question, past, caches[1])
+    tokens = [int(np.argmax(logits[-1]))]
+    while len(tokens) < 6:
+        logits, past = runner.extend(tokens[-1:], past, caches[1])
+        tokens.append(int(np.argmax(logits[-1])))
+    assert run.tokens == tokens and run.logits.shape[0] == 6
+    if config is None:
+        assert run.kv_nbytes == runner.past_nbytes(past)
+    else:
+        assert run.kv_nbytes == caches[0].nbytes == caches[1].nbytes
+        assert len(caches[0][0]) == len(ids) + 5
 
 
 def test_drift_shrinks_with_bits_and_8_bits_is_nearly_exact(tiny):
@@ -149,7 +175,7 @@ def test_quantize_presents_handles_every_layer_at_once():
         tuple(rng.standard_normal((1, 2, 5, 16)).astype(np.float32) for _ in range(2)) for _ in range(3)
     ]
     exact = [(k.copy(), v.copy()) for k, v in presents]
-    past = RealModelRunner.quantize_presents(cache, presents, 0)
+    past = OnnxRunner.quantize_presents(cache, presents, 0)
     for layer, (key, value), (exact_key, _) in zip(cache.layers, past, exact, strict=True):
         np.testing.assert_array_equal(key[0], layer.keys())
         np.testing.assert_array_equal(value[0], layer.values())
@@ -161,7 +187,7 @@ def test_batched_decode_equals_the_one_sequence_loop(tiny, config):
     """Several sequences in one graph call, each with its own cache, give the logits of one
     sequence at a time within 1e-4 of the logit scale."""
     bundle = ModelBundle.load(tiny[1])
-    runner = RealModelRunner(bundle)
+    runner = OnnxRunner(bundle)
     rng = np.random.default_rng(0)
     vocabulary = bundle.encode(PROMPT)
     prompts = rng.choice(vocabulary, (3, 7))
@@ -181,7 +207,7 @@ def test_batched_decode_equals_the_one_sequence_loop(tiny, config):
 
 
 def test_teacher_force_refuses_mismatched_shapes(tiny):
-    runner = RealModelRunner(ModelBundle.load(tiny[1]))
+    runner = OnnxRunner(ModelBundle.load(tiny[1]))
     with pytest.raises(ValueError, match="need prompts"):
         runner.teacher_force(np.zeros((2, 3)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="1 caches for a batch of 2"):

@@ -1,4 +1,4 @@
-"""tq inside Hugging Face transformers (tq.engines.transformers_cache).
+"""tq inside Hugging Face transformers (tq.engines.transformers_cache, tq.engines.transformers).
 
 Tolerances. ``LOGIT_TOLERANCE`` = 1e-4 of the logit scale (max |logit|) between the packed and
 the reconstruct path: both attend over the same stored codes; the packed path scores in the
@@ -31,8 +31,10 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from tests.models_fixtures import tiny_gemma3, tiny_llama  # noqa: E402
-from tq.cache.kvcache import CacheConfig  # noqa: E402
-from tq.engines.transformers_cache import TurboQuantCache, teacher_force  # noqa: E402
+from tq.cache.config import CacheConfig  # noqa: E402
+from tq.engines.transformers import TransformersRunner  # noqa: E402
+from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402
+from tq.models.checkpoint import Checkpoint  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
 AGREEMENT_SE = 3.0
@@ -48,6 +50,10 @@ def tiny_dirs(tmp_path_factory):
 
 def load(path, attention: str = "sdpa"):
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+
+
+def runner(path, attention: str = "sdpa") -> TransformersRunner:
+    return TransformersRunner(Checkpoint.load(path), attention=attention)
 
 
 def tokens(model, shape, seed: int) -> np.ndarray:
@@ -102,35 +108,38 @@ def test_beam_search_reorders_the_per_sequence_caches(tiny_dirs):
 )
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_packed_attention_equals_the_reconstruct_path(tiny_dirs, name, config):
-    """Teacher-forced decoding (prefill 10 tokens, then 30 single-token steps, 2 sequences):
-    attention from the packed codes gives the reconstruct path's logits, and the packed cache
-    holds no float copy of its quantized tokens."""
+    """Teacher-forced decoding (prefill 10 tokens, then 29 steps of one token for 2 sequences
+    in one call): attention from the packed codes gives the reconstruct path's logits, and the
+    packed caches hold no float copy of their quantized tokens."""
     vocabulary = load(tiny_dirs[name])
     prompts, forced = tokens(vocabulary, (2, 10), 2), tokens(vocabulary, (2, 30), 3)
+    layer_configs = {1: EXACT} if name == "llama" else None
     results, reports = {}, {}
     for attention in ("sdpa", "tq_packed"):
-        model = load(tiny_dirs[name], attention)
-        cache = TurboQuantCache(model.config, config, exact_layers=[1] if name == "llama" else ())
-        results[attention] = teacher_force(model, prompts, forced, cache)
-        reports[attention] = cache.memory_report()
+        engine = runner(tiny_dirs[name], attention)
+        caches = [engine.new_cache(config, layer_configs) for _ in prompts]
+        results[attention] = engine.teacher_force(prompts, forced, caches)
+        reports[attention] = [cache.memory_report() for cache in caches]
     assert_logits_close(results["tq_packed"], results["sdpa"])
-    kept, packed = reports["sdpa"], reports["tq_packed"]
-    assert kept["keep_reconstruction"] and not packed["keep_reconstruction"]
-    assert packed["stored_bytes"] == kept["stored_bytes"] < kept["fp32_bytes"]
-    assert packed["buffer_bytes"] < kept["buffer_bytes"]
-    assert packed["layers"][0]["tokens"] == 39 and packed["layers"][0]["sequences"] == 2
+    for kept, packed in zip(reports["sdpa"], reports["tq_packed"], strict=True):
+        assert kept["keep_reconstruction"] and not packed["keep_reconstruction"]
+        assert packed["stored_bytes"] == kept["stored_bytes"] < kept["fp32_bytes"]
+        assert packed["buffer_bytes"] < kept["buffer_bytes"]
+        assert packed["layers"][0]["tokens"] == 39 and packed["layers"][0]["sequences"] == 1
 
 
 def test_refusals(tiny_dirs):
-    model = load(tiny_dirs["llama"])
+    engine = runner(tiny_dirs["llama"])
+    model = engine.model
     with pytest.raises(ValueError, match=r"layers \[5\] are outside the model's layers 0..1"):
         TurboQuantCache(model.config, exact_layers=[5])
     cache = TurboQuantCache(model.config)
-    teacher_force(model, tokens(model, (1, 6), 4), tokens(model, (1, 3), 5), cache)
+    engine.teacher_force(tokens(model, (1, 6), 4), tokens(model, (1, 3), 5), [cache])
     cache.crop(8)  # nothing dropped
     with pytest.raises(NotImplementedError, match="cannot crop layer 0 from 8 to 7 tokens"):
         cache.crop(-1)
-    packed = load(tiny_dirs["llama"], "tq_packed")
+    packed_engine = runner(tiny_dirs["llama"], "tq_packed")
+    packed = packed_engine.model
     ids = torch.from_numpy(tokens(packed, (2, 6), 6))
     mask = torch.ones(ids.shape, dtype=torch.long)
     mask[0, :2] = 0  # a left-padded sequence
@@ -138,12 +147,14 @@ def test_refusals(tiny_dirs):
         packed.generate(
             ids, attention_mask=mask, past_key_values=TurboQuantCache(packed.config), max_new_tokens=3
         )
-    baseline = TurboQuantCache(packed.config, CacheConfig(key_strategy="kivi", key_bits=2))
+    baseline = packed_engine.new_cache(CacheConfig(key_strategy="kivi", key_bits=2))
     with pytest.raises(NotImplementedError, match="'kivi'"):
-        teacher_force(packed, tokens(packed, (1, 6), 7), tokens(packed, (1, 3), 8), baseline)
+        packed_engine.teacher_force(tokens(packed, (1, 6), 7), tokens(packed, (1, 3), 8), [baseline])
     misused = TurboQuantCache(model.config, keep_reconstruction=False)  # with sdpa attention
     with pytest.raises(RuntimeError, match='attn_implementation="tq_packed"'):
-        teacher_force(model, tokens(model, (1, 6), 9), tokens(model, (1, 3), 10), misused)
+        engine.teacher_force(tokens(model, (1, 6), 9), tokens(model, (1, 3), 10), [misused])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        runner(tiny_dirs["llama"], "eager")
 
 
 def test_smollm2_eight_bit_generation_equals_exact(smollm2_checkpoint):
@@ -162,7 +173,7 @@ def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_
     the packed path's logits equal the reconstruct path's; with exact-strategy caches the
     transformers path equals the ONNX Runtime loop (tq.engines.onnx) within LOGIT_TOLERANCE; with the
     3-bit cache their per-token NLLs are statistically indistinguishable (AGREEMENT_SE)."""
-    from tq.engines.onnx import RealModelRunner
+    from tq.engines.onnx import OnnxRunner
     from tq.models.bundle import ModelBundle
     from tq.tasks.perplexity import text_windows
     from tq.tasks.stats import mean_se
@@ -170,16 +181,18 @@ def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_
     bundle = ModelBundle.load(smollm2_bundle)
     rows, _ = text_windows(bundle, 2, 192, sample_seed=0)
     prompts, forced = rows[:, :128], rows[:, 128:]
-    runner = RealModelRunner(bundle)
+    onnx_runner = OnnxRunner(bundle)
     config = CacheConfig(key_bits=3, value_bits=3)
     logits = {}
     for attention in ("sdpa", "tq_packed"):
-        model = load(smollm2_checkpoint, attention)
-        logits[attention] = teacher_force(model, prompts, forced, TurboQuantCache(model.config, config))
+        engine = runner(smollm2_checkpoint, attention)
+        logits[attention] = engine.teacher_force(prompts, forced, [engine.new_cache(config) for _ in rows])
     assert_logits_close(logits["tq_packed"], logits["sdpa"])
-    exact = teacher_force(model, prompts, forced, TurboQuantCache(model.config, EXACT))
-    assert_logits_close(exact, runner.teacher_force(prompts, forced, [runner.new_cache(EXACT) for _ in rows]))
-    onnx = runner.teacher_force(prompts, forced, [runner.new_cache(config) for _ in rows])
+    exact = engine.teacher_force(prompts, forced, [engine.new_cache(EXACT) for _ in rows])
+    assert_logits_close(
+        exact, onnx_runner.teacher_force(prompts, forced, [onnx_runner.new_cache(EXACT) for _ in rows])
+    )
+    onnx = onnx_runner.teacher_force(prompts, forced, [onnx_runner.new_cache(config) for _ in rows])
 
     def nll(values: np.ndarray) -> np.ndarray:
         values = values.astype(np.float64)
@@ -189,21 +202,3 @@ def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_
 
     mean, se = mean_se((nll(logits["sdpa"]) - nll(onnx)).ravel())
     assert abs(mean) <= AGREEMENT_SE * se, (mean, se)
-
-
-def test_the_readme_section_runs_as_written(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
-    """The README's "Use it from transformers" block, run in a fresh directory whose
-    ``checkpoints/`` holds the checkpoint the tests keep (the block writes it when absent)."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### Use it from transformers", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "smollm2-135m-instruct").symlink_to(smollm2_checkpoint)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
-    *text, sizes = capsys.readouterr().out.strip().splitlines()
-    stored, buffers, fp32, ratio = sizes.split()
-    assert "".join(text).strip() and 0 < int(stored) < int(fp32) and int(buffers) > 0 and float(ratio) > 1

@@ -1,35 +1,41 @@
-"""The decode loop through Hugging Face transformers: the ``transformers`` engine of the sweep.
+"""The transformers engine: :class:`TransformersRunner` runs a Hugging Face checkpoint.
 
-:class:`TransformersRunner` implements :class:`tq.engines.onnx.DecodeRunner` with a model loaded from a
+:class:`TransformersRunner` implements :class:`tq.engines.base.DecodeRunner` with a model loaded from a
 local checkpoint (:class:`~tq.models.checkpoint.Checkpoint`) on the CPU or a CUDA GPU, in float32,
 bfloat16 or float16, and :class:`~tq.engines.transformers_cache.TurboQuantCache` as the past: an
 exact run keeps every layer exact (fp32 keys and values), a quantized one uses the cache
-setting. The protocols are those of the ONNX Runtime engine (:class:`tq.engines.onnx.RealModelRunner`):
-a call's tokens attend to their own exact keys and values and to the earlier tokens'
-reconstruction, then enter the cache. The model attends with SDPA over the reconstruction (the
-cache's ``reconstruct`` path); the quantized store lives in host memory, so on a GPU each call
-copies the reconstruction it attends to onto the device.
+setting. The protocols are the base loop's, as for the ONNX Runtime engine
+(:class:`tq.engines.onnx.OnnxRunner`): a call's tokens attend to their own exact keys and values
+and to the earlier tokens' reconstruction, then enter the cache (here inside the call:
+:meth:`~tq.engines.transformers_cache.TurboQuantLayer.update`). The model attends with SDPA over
+the reconstruction (the cache's ``reconstruct`` path), or from the packed codes with
+``attention="tq_packed"``; the quantized store lives in host memory, so on a GPU each call
+copies what it attends to onto the device.
 
-One difference from the ONNX engine: a transformers cache grows with every call, so the tokens of
-:meth:`TransformersRunner.extend` always enter its past (quantized when the past is a quantized
-cache), where the ONNX engine keeps them exact unless a cache is given.
+One difference from the ONNX engine: the past of a transformers call is the cache itself, which
+grows with every call, so the tokens of :meth:`TransformersRunner.extend` always enter its past
+(quantized when the past is a quantized cache), where the ONNX engine keeps them exact unless a
+cache is given. The prompt runs in one call (no chunks: a later chunk would attend to an earlier
+one's reconstruction).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from tq.cache.kvcache import EXACT, CacheConfig
-from tq.engines.onnx import DecodeRunner
-from tq.engines.source import DTYPES, setting_problem
-from tq.engines.transformers_cache import TurboQuantCache
+from tq.cache.config import EXACT, CacheConfig
+from tq.engines.base import DecodeRunner
+from tq.engines.registry import DTYPES, setting_problem
+from tq.engines.transformers_cache import ATTENTION, TurboQuantCache
 from tq.models.checkpoint import Checkpoint, CheckpointError
 
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # tq.engines.DTYPES -> torch
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # tq.engines.registry.DTYPES -> torch
+ATTENTIONS = ("sdpa", ATTENTION)
 
 
 def check_device(device: str) -> None:
@@ -49,21 +55,30 @@ class TransformersRunner(DecodeRunner):
         device: ``cpu`` or ``cuda`` (the first GPU).
         dtype: the weights' and activations' type: ``float32``, ``bfloat16`` or ``float16``.
         threads: torch's intra-op threads (default: torch's choice).
+        attention: ``sdpa`` (attend over the caches' float32 reconstruction) or ``tq_packed``
+            (decode steps attend from the packed codes; the caches keep no float copy).
 
     Raises:
-        ValueError: an unknown device or dtype.
+        ValueError: an unknown device, dtype or attention.
         RuntimeError: ``cuda`` on a machine without a CUDA GPU.
         CheckpointError: transformers cannot load the checkpoint.
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: str = "cpu", dtype: str = "float32", threads: int | None = None
+        self,
+        checkpoint: Checkpoint,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+        attention: str = "sdpa",
     ) -> None:
         from transformers import AutoModelForCausalLM
 
         problem = setting_problem(device=device, dtype=dtype)
         if problem is not None:
             raise ValueError(problem)
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         check_device(device)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -71,49 +86,46 @@ class TransformersRunner(DecodeRunner):
         self.device = torch.device(device)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                checkpoint.path, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa"
+                checkpoint.path, dtype=TORCH_DTYPES[dtype], attn_implementation=attention
             )
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.path}: transformers cannot load it ({error})") from None
         self.model = model.to(self.device).eval()
 
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", threads: int | None = None
+    ) -> TransformersRunner:
+        """The runner of the checkpoint at ``path``."""
+        return cls(Checkpoint.load(path), device, dtype, threads)
+
     def new_cache(
         self, config: CacheConfig, layer_configs: dict[int, CacheConfig] | None = None
     ) -> TurboQuantCache:
-        """An empty :class:`TurboQuantCache` (with its float32 reconstruction) for this model."""
-        return TurboQuantCache(
-            self.model.config, config, layer_configs=layer_configs, keep_reconstruction=True
-        )
+        """An empty :class:`TurboQuantCache` for this model (keeping its float32 reconstruction
+        unless the model attends from the packed codes)."""
+        return TurboQuantCache(self.model.config, config, layer_configs=layer_configs)
 
-    def _call(self, input_ids: Sequence[int] | np.ndarray, past: TurboQuantCache) -> np.ndarray:
-        """One forward call of [s] or [batch, s] tokens after ``past`` (which takes them):
-        logits float32 [s, vocab] or [batch, s, vocab]."""
-        ids = np.asarray(input_ids, dtype=np.int64)
-        single = ids.ndim == 1
-        ids = ids[None, :] if single else ids
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [s] or [batch, s] with s >= 1, got shape {ids.shape}")
+    def _empty_past(self, batch: int, cache: TurboQuantCache | None) -> TurboQuantCache:
+        """``cache`` itself (the prompt's tokens enter it in the call), or an exact cache."""
+        return cache if cache is not None else self.new_cache(EXACT)
+
+    def _forward(self, ids: np.ndarray, past: TurboQuantCache) -> tuple[np.ndarray, TurboQuantCache]:
+        """One forward call of ids int64 [batch, s] after ``past``, which takes them:
+        (logits float32 [batch, s, vocab], ``past``)."""
         with torch.inference_mode():
             logits = self.model(
                 input_ids=torch.from_numpy(ids).to(self.device), past_key_values=past, use_cache=True
             ).logits
-        out = logits.to(torch.float32).cpu().numpy()
-        return out[0] if single else out
+        return logits.to(torch.float32).cpu().numpy(), past
 
-    def prefill(
-        self, prompt_ids: Sequence[int] | np.ndarray, cache: TurboQuantCache | None = None
-    ) -> tuple[np.ndarray, TurboQuantCache]:
-        """The prompt in one call; its past is ``cache`` (quantized as the tokens enter it after
-        the call), or an exact cache."""
-        past = cache if cache is not None else self.new_cache(EXACT)
-        return self._call(prompt_ids, past), past
-
-    def extend(
-        self, input_ids: Sequence[int] | np.ndarray, past: TurboQuantCache, cache: object = None
-    ) -> tuple[np.ndarray, TurboQuantCache]:
-        """Tokens after ``past``, which takes them (``cache``, when given, is ``past`` or shares its
-        stores, as after :meth:`join`)."""
-        return self._call(input_ids, past), past
+    def _enter(
+        self, cache: TurboQuantCache | None, before: TurboQuantCache, after: TurboQuantCache
+    ) -> TurboQuantCache:
+        """Nothing left to do: the past is the cache (``cache``, when given, is the past or shares
+        its stores, as after :meth:`join`), and its layers took the call's tokens once the call
+        had attended to them exactly."""
+        return after
 
     def quantize_presents(
         self, caches: TurboQuantCache, presents: TurboQuantCache, past_len: int

@@ -2,7 +2,7 @@
 
     from transformers import AutoModelForCausalLM
     from tq.engines.transformers_cache import TurboQuantCache
-    from tq.cache.kvcache import CacheConfig
+    from tq.cache.config import CacheConfig
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint)            # attn_implementation="tq_packed"
     cache = TurboQuantCache(model.config, CacheConfig(key_bits=4, value_bits=4), exact_layers=[0])
@@ -11,13 +11,14 @@
 
 :class:`TurboQuantCache` is a transformers ``Cache`` whose layers (:class:`TurboQuantLayer`) hold
 one :class:`tq.cache.kvcache.QuantizedKVCache` per sequence of the batch, built from one
-:class:`~tq.cache.kvcache.CacheConfig` (every knob of it: widths, strategies, residual window, norms,
+:class:`~tq.cache.config.CacheConfig` (every knob of it: widths, strategies, residual window, norms,
 rotation, seed, device) with per-layer exceptions (``exact_layers``, ``layer_configs``).
 
-What a forward call computes is what tq's ONNX decode loop computes (:mod:`tq.engines.onnx`): the
+What a forward call computes is what tq's decode loop computes (:mod:`tq.engines.base`): the
 tokens of the call attend to the earlier tokens' reconstruction and to their own exact keys and
 values, and enter the cache (quantized, unless in the residual window) after the call. So a
-decode step's own token is exact for its step and quantized for the later ones.
+decode step's own token is exact for its step and quantized for the later ones. The loop itself
+(prefill, greedy decoding, teacher forcing) is :class:`tq.engines.transformers.TransformersRunner`.
 
 Two ways to attend:
 
@@ -63,9 +64,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tq.cache.attention import decode_attention
-from tq.cache.kvcache import EXACT, CacheConfig, QuantizedKVCache, append_each
+from tq.cache.config import EXACT, CacheConfig
+from tq.cache.kvcache import QuantizedKVCache, append_each
 
-__all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention", "teacher_force"]
+__all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention"]
 
 ATTENTION = "tq_packed"
 _STEP = "_tq_layer"  # attribute of the key tensor that a packed decode step's update returns
@@ -271,7 +273,7 @@ class TurboQuantCache(Cache):
         model_config: the model's config (``model.config``).
         cache_config: the configuration of every layer (default ``CacheConfig()``: 4-bit MSE) ...
         exact_layers: ... except these layer indices, kept exact (fp32) ...
-        layer_configs: ... and these (index -> CacheConfig), e.g. ``tq.cache.kvcache.exact_layers``.
+        layer_configs: ... and these (index -> CacheConfig), e.g. ``tq.cache.config.exact_layers``.
         keep_reconstruction: keep float32 reconstructions (the ``reconstruct`` path); default:
             not when the model's attention implementation is ``"tq_packed"``.
 
@@ -383,38 +385,6 @@ class TurboQuantCache(Cache):
             "keep_reconstruction": self.keep_reconstruction,
             "layers": layers,
         }
-
-
-def teacher_force(
-    model: torch.nn.Module, prompts: np.ndarray, forced: np.ndarray, cache: Cache | None = None
-) -> np.ndarray:
-    """The decode protocol through transformers, as :meth:`tq.engines.onnx.RealModelRunner.teacher_force`:
-    prompts int [batch, p] in one call, then one call per forced token (int [batch, steps]).
-
-    Args:
-        cache: a fresh :class:`TurboQuantCache` (or any transformers cache; default: exact
-            ``DynamicCache``), filled by the calls.
-
-    Returns:
-        float32 [batch, steps, vocab]: row t holds the logits that predict ``forced[:, t]``.
-    """
-    from transformers import DynamicCache
-
-    prompts, forced = np.asarray(prompts, np.int64), np.asarray(forced, np.int64)
-    if prompts.ndim != 2 or forced.ndim != 2 or prompts.shape[0] != forced.shape[0] or not prompts.shape[1]:
-        raise ValueError(
-            f"need prompts [batch, p >= 1] and forced tokens [batch, steps], got {prompts.shape} and "
-            f"{forced.shape}"
-        )
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    rows = []
-    with torch.no_grad():
-        inputs = torch.from_numpy(prompts)
-        for step in range(forced.shape[1]):
-            logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
-            rows.append(logits[:, -1].to(torch.float32).cpu().numpy())
-            inputs = torch.from_numpy(forced[:, step : step + 1])
-    return np.stack(rows, axis=1)
 
 
 def _check_mask(attention_mask: torch.Tensor | None) -> None:

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from tq.cache.kvcache import CacheConfig, exact_layers
-from tq.engines.onnx import Generation
+from tq.cache.config import CacheConfig, exact_layers
+from tq.engines.base import Generation
 from tq.engines.source import ModelSource
 from tq.models.chat import PROMPT_FORMATS, PromptFormat
 from tq.tasks.exact_run import ExactReference, ReferenceError

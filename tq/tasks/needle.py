@@ -17,7 +17,7 @@ Protocol, per prompt (greedy decoding, at most ``max_new_tokens``, stopping at E
 2. Exact run: the question and the generation prompt are fed in one call against the exact past,
    then the answer is decoded token by token.
 3. Quantized run: the same prefill's keys and values enter a :class:`~tq.cache.kvcache.MultiHeadKVCache`
-   (every context token quantized, exactly what ``RealModelRunner.prefill(ids, cache)`` does,
+   (every context token quantized, exactly what ``OnnxRunner.prefill(ids, cache)`` does,
    without running the graph twice); the question then reads the haystack only through the
    quantized cache, and every later token's keys and values are quantized as they enter.
 
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from tq.cache.kvcache import CacheConfig, exact_layers
-from tq.engines.onnx import DecodeRunner
+from tq.cache.config import CacheConfig, exact_layers
+from tq.engines.base import DecodeRunner
 from tq.engines.source import ModelSource
 from tq.models.chat import PromptFormat
 from tq.tasks.records import make_record

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from tq.cache.kvcache import CacheConfig, QuantizedKVCache
+from tq.cache.config import CacheConfig
+from tq.cache.kvcache import QuantizedKVCache
 from tq.data.trace import KvTrace
 from tq.kernels.cpu import num_threads
 from tq.tasks.records import make_record

@@ -266,7 +266,7 @@ def export_traces(
     positions = list(range(seq - queries_per_sample, seq))
 
     _register_capture()
-    from tq.engines.source import setting_problem
+    from tq.engines.registry import setting_problem
     from tq.engines.transformers import TORCH_DTYPES, check_device
 
     problem = setting_problem(device=device, dtype=dtype)
