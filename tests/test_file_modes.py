@@ -106,7 +106,7 @@ def test_apply_umask_sets_a_tree_like_open_and_mkdir(tmp_path, umask):
 def test_a_prepared_bundle_follows_the_umask(tmp_path, umask):
     """ONNX writes its external data file 0o600 and mkdtemp makes the directory 0o700: a bundle
     prepared under umask 027 is 0o640 / 0o750 throughout, bundle.json included."""
-    from tq.models import prepare_bundle
+    from tq.models.prepare import prepare_bundle
 
     umask(0o027)
     out = prepare_bundle("tiny-llama", out=tmp_path / "bundle")

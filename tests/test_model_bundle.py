@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tq.models import BundleError, ModelBundle
-from tq.models.bundle import BUNDLE_JSON, MODEL_ONNX, MODEL_ONNX_DATA, write_bundle_info
+from tq.models.bundle import (
+    BUNDLE_JSON,
+    MODEL_ONNX,
+    MODEL_ONNX_DATA,
+    BundleError,
+    ModelBundle,
+    write_bundle_info,
+)
 
 
 def _reseal(path: Path) -> None:

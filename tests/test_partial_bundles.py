@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.models_fixtures import tiny_bundle
-from tq.models import ModelBundle, prepare_bundle
 from tq.models import prepare as prepare_module
-from tq.models.prepare import write_hf_checkpoint
+from tq.models.bundle import ModelBundle
+from tq.models.prepare import prepare_bundle, write_hf_checkpoint
 
 # How long a prepare that waits for the lock is given to (wrongly) go ahead: it reuses a tiny
 # bundle in well under a second once it has the lock.

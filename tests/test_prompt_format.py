@@ -16,10 +16,10 @@ from tq.cache.config import CacheConfig
 from tq.cli import main
 from tq.engines.onnx import OnnxRunner
 from tq.engines.source import ModelSource
-from tq.models import ModelBundle, prepare_bundle
-from tq.models.bundle import write_bundle_info
+from tq.models.bundle import ModelBundle, write_bundle_info
 from tq.models.chat import ChatTemplateError, PromptFormat, render_chat
 from tq.models.checkpoint import Checkpoint
+from tq.models.prepare import prepare_bundle
 from tq.models.tiny import IM_START, build_tiny
 from tq.report import summary_table, write_report
 from tq.tasks.compare import answer_lengths, run_real_model

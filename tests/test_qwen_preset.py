@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from tq.core.fileio import umask_mode
-from tq.models import DownloadError
 from tq.models.bundle import TokenizerFiles
 from tq.models.chat import PromptFormat
+from tq.models.errors import DownloadError
 from tq.models.presets import get_preset
 
 PRESET = "qwen2.5-coder-0.5b-instruct"
@@ -129,7 +129,7 @@ def test_qwen_greedy_decoding_matches_transformers(qwen_prepared):
 
     from tq.engines.onnx import OnnxRunner
     from tq.engines.transformers import TransformersRunner
-    from tq.models import ModelBundle
+    from tq.models.bundle import ModelBundle
     from tq.models.checkpoint import Checkpoint
 
     bundle_dir, checkpoint_dir = qwen_prepared

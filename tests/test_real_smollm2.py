@@ -10,7 +10,7 @@ import pytest
 from tq.cache.config import CacheConfig
 from tq.cli import main
 from tq.engines.onnx import OnnxRunner
-from tq.models import ModelBundle
+from tq.models.bundle import ModelBundle
 from tq.tasks import metrics
 from tq.tasks.compare import run_real_model
 from tq.tasks.exact_run import KL_TOLERANCE

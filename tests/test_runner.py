@@ -12,7 +12,8 @@ from tq.cache.config import CacheConfig
 from tq.cache.kvcache import MultiHeadKVCache
 from tq.cli import main
 from tq.engines.onnx import OnnxRunner
-from tq.models import ModelBundle, prepare_bundle
+from tq.models.bundle import ModelBundle
+from tq.models.prepare import prepare_bundle
 from tq.tasks.compare import run_real_model
 
 PROMPT = "the quick brown fox jumps over the lazy dog"

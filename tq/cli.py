@@ -19,8 +19,11 @@ from tq.cache.presets import CACHE_PRESETS, expand_preset
 from tq.cache.strategies import STRATEGY_NAMES
 from tq.core.rotation import ROTATION_KINDS
 from tq.kernels import DEVICES, DeviceUnavailableError
-from tq.models import DEFAULT_PRESET, PRESETS, BundleError, PrepareError, prepare_bundle
+from tq.models.bundle import BundleError
 from tq.models.chat import PROMPT_FORMATS
+from tq.models.errors import PrepareError
+from tq.models.prepare import prepare_bundle
+from tq.models.presets import DEFAULT_PRESET, PRESETS
 from tq.pipeline.checks import cache_fields, exact_layer_arguments
 from tq.tasks.attention import run_attention
 from tq.tasks.compare import DEFAULT_TOP_K as REAL_TOP_K

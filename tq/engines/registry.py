@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tq.engines import torch_device
+
 if TYPE_CHECKING:
     from tq.engines.base import DecodeRunner
 
@@ -51,8 +53,8 @@ ENGINES = {
         Engine("onnxruntime", ("cpu",), ("float32",), "bundle", "tq.engines.onnx:OnnxRunner"),
         Engine(
             "transformers",
-            ("cpu", "cuda"),
-            ("float32", "bfloat16", "float16"),
+            torch_device.DEVICES,
+            torch_device.DTYPES,
             "checkpoint",
             "tq.engines.transformers:TransformersRunner",
         ),

@@ -22,7 +22,6 @@ one's reconstruction).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,21 +29,11 @@ import torch
 
 from tq.cache.config import EXACT, CacheConfig
 from tq.engines.base import DecodeRunner
-from tq.engines.registry import DTYPES, setting_problem
+from tq.engines.torch_device import check_device, torch_dtype, torch_setting_problem
 from tq.engines.transformers_cache import ATTENTION, TurboQuantCache
 from tq.models.checkpoint import Checkpoint, CheckpointError
 
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # tq.engines.registry.DTYPES -> torch
 ATTENTIONS = ("sdpa", ATTENTION)
-
-
-def check_device(device: str) -> None:
-    """Raise RuntimeError if ``device`` is ``cuda`` and torch sees no CUDA GPU here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device cuda was asked for, but torch sees no CUDA GPU on {socket.gethostname()} "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
-        )
 
 
 class TransformersRunner(DecodeRunner):
@@ -74,7 +63,7 @@ class TransformersRunner(DecodeRunner):
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        problem = setting_problem(device=device, dtype=dtype)
+        problem = torch_setting_problem(device, dtype)
         if problem is not None:
             raise ValueError(problem)
         if attention not in ATTENTIONS:
@@ -86,7 +75,7 @@ class TransformersRunner(DecodeRunner):
         self.device = torch.device(device)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                checkpoint.path, dtype=TORCH_DTYPES[dtype], attn_implementation=attention
+                checkpoint.path, dtype=torch_dtype(dtype), attn_implementation=attention
             )
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.path}: transformers cannot load it ({error})") from None

@@ -1,18 +1,8 @@
-"""Real models: presets, weight provisioning, GGUF to Hugging Face conversion, ONNX export, and
-``ModelBundle``, the prepared directory the decode loop runs (docs/design.md sections 4 and 5)."""
+"""Real models: presets (tq.models.presets), weight provisioning (provision), GGUF to Hugging Face
+conversion (convert, tokenizer_repair), ONNX export (export), the prepared directory the decode
+loop runs (bundle: ``ModelBundle``; prepare: ``prepare_bundle``) and Hugging Face checkpoints
+(checkpoint). docs/design.md sections 4 and 5.
 
-from tq.models.bundle import BundleError, ModelBundle
-from tq.models.errors import DownloadError, PrepareError
-from tq.models.prepare import default_bundle_dir, prepare_bundle
-from tq.models.presets import DEFAULT_PRESET, PRESETS
-
-__all__ = [
-    "DEFAULT_PRESET",
-    "PRESETS",
-    "BundleError",
-    "DownloadError",
-    "ModelBundle",
-    "PrepareError",
-    "default_bundle_dir",
-    "prepare_bundle",
-]
+Nothing is imported here: a job that reads a checkpoint loads neither the exporter nor the
+converter (tq.pipeline.sources).
+"""

@@ -261,20 +261,13 @@ class NeedlePromptBuilder:
 def _answer(
     runner: DecodeRunner, past: Any, query_ids: Sequence[int], max_new_tokens: int, cache: Any
 ) -> tuple[list[int], float]:
-    """Greedy answer after ``past``: feed the query in one call, then one token per call.
+    """Greedy answer after ``past`` (:meth:`~tq.engines.base.DecodeRunner.generate`: the query
+    in one call, then one token per call).
 
     Returns (generated token ids, at most ``max_new_tokens``, stopping at EOS; seconds).
     """
-    start = time.perf_counter()
-    logits, past = runner.extend(query_ids, past, cache)
-    tokens: list[int] = []
-    while True:
-        token = int(np.argmax(logits[-1]))
-        tokens.append(token)
-        if len(tokens) >= max_new_tokens or token in runner.files.eos_token_ids:
-            break
-        logits, past = runner.extend([token], past, cache)
-    return tokens, time.perf_counter() - start
+    run = runner.generate(query_ids, max_new_tokens, cache, past=past)
+    return run.tokens, run.prefill_seconds + run.decode_seconds
 
 
 def _select(rows: Sequence[dict[str, Any]], length: int | None, depth: float | None) -> list[dict[str, Any]]:

@@ -266,15 +266,14 @@ def export_traces(
     positions = list(range(seq - queries_per_sample, seq))
 
     _register_capture()
-    from tq.engines.registry import setting_problem
-    from tq.engines.transformers import TORCH_DTYPES, check_device
+    from tq.engines.torch_device import check_device, torch_dtype, torch_setting_problem
 
-    problem = setting_problem(device=device, dtype=dtype)
+    problem = torch_setting_problem(device, dtype)
     if problem is not None:
         raise TraceExportError(problem)
     check_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=TORCH_DTYPES[dtype]
+        model_dir, attn_implementation=_CAPTURE_ATTENTION, dtype=torch_dtype(dtype)
     )
     model.to(device).eval()
     uses_rope = any("RotaryEmbedding" in type(module).__name__ for module in model.modules())

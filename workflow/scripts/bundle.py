@@ -2,7 +2,7 @@
 
 import sys
 
-from tq.models import prepare_bundle
+from tq.models.prepare import prepare_bundle
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
