@@ -49,7 +49,7 @@ class Strategy:
 
     Attributes:
         name: the name configs, the CLI and records use.
-        label: a short label for tables and plots.
+        label: its name in the report's tables and sentences ("TurboQuant MSE").
         family: one of :data:`FAMILIES` (reports colour by it).
         description: one line for help texts.
         min_bits: the lowest width it takes (exact: ignored).
@@ -135,11 +135,11 @@ STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
         Strategy(
-            "mse", "MSE", "turboquant", "TurboQuant MSE: rotation, then a Lloyd-Max codebook per coordinate",
+            "mse", "TurboQuant MSE", "turboquant", "rotation, then a Lloyd-Max codebook per coordinate",
             outlier_groups=True, norms=True, rotates=True, packed_attention=True,
         ),
         Strategy(
-            "prod", "Prod", "turboquant", "TurboQuant Prod: MSE at bits-1 plus a 1-bit QJL sign",
+            "prod", "TurboQuant Prod", "turboquant", "MSE at bits-1 plus a 1-bit QJL sign of the residual",
             min_bits=2, outlier_groups=True, norms=True, rotates=True, packed_attention=True,
         ),
         Strategy("exact", "exact", "exact", "float32, not quantized", packed_attention=True),
@@ -148,15 +148,15 @@ STRATEGIES: dict[str, Strategy] = {
             whole_bits=True, single_quantizer=_uniform_quantizer(),
         ),
         Strategy(
-            "rotated-uniform", "rot. uniform", "uniform", "the cache's rotation, then uniform per token",
+            "rotated-uniform", "rotation + uniform", "uniform", "the rotation, then uniform per token",
             whole_bits=True, rotates=True, single_quantizer=_uniform_quantizer(rotated=True),
         ),
         Strategy(
-            "kivi", "KIVI", "uniform", "KIVI-style: keys per channel, values per token",
+            "kivi", "KIVI-style", "uniform", "KIVI-style: keys per channel, values per token",
             whole_bits=True, single_quantizer=_uniform_quantizer(channel_keys=True),
         ),
         Strategy(
-            "fp8", "FP8", "fp8", "FP8 E4M3 per coordinate, scaled per token or per head (fp8_scale)",
+            "fp8", "FP8 E4M3", "fp8", "FP8 E4M3 per coordinate, scaled per token or per head (fp8_scale)",
             fixed_bits=8, single_quantizer=_fp8_quantizer,
         ),
     )

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from tq.cache.strategies import STRATEGIES
 from tq.report.flatten import WINDOW_SETTINGS
 from tq.report.grouping import mean_by
 from tq.report.inputs import ReportInputs
 from tq.report.key_stats import key_stats_lines
-from tq.report.labels import BASELINE_STRATEGIES, setting_label
+from tq.report.labels import setting_label
 from tq.report.markdown import format_cell, is_missing, plus_minus, se_of, what_this_shows
 from tq.report.plotting import BARS_NOTE, interval_half_width, plain_log_y, save_png
 from tq.report.rows import perplexity_rows
@@ -41,11 +42,11 @@ def _family(row: pd.Series) -> str:
     """Which kind of cache a row is, for the colours of the cross-model plots."""
     if str(setting_label(row)).startswith("vllm-"):
         return "vLLM preset"
-    strategies = {row["key_strategy"], row["value_strategy"]}
-    if strategies & set(BASELINE_STRATEGIES):
+    families = {STRATEGIES[row[f"{part}_strategy"]].family for part in ("key", "value")}
+    if "uniform" in families:
         return "baseline"
     fixed = (
-        not strategies <= {"mse", "prod", "exact"}
+        not families <= {"turboquant", "exact"}
         or (not is_missing(row.get("center_keys")) and bool(row["center_keys"]))
         or (not is_missing(row.get("exact_layers")) and row["exact_layers"] != "none")
         or max(row["key_bits"], row["value_bits"]) >= 8

@@ -13,9 +13,6 @@ from tq.cache.strategies import STRATEGIES
 from tq.report.grouping import column_or_nan
 from tq.report.markdown import format_cell, is_missing
 
-# The baselines TurboQuant is compared with: the strategies of the uniform family (uniform,
-# rotated-uniform, kivi), shown with their group size.
-BASELINE_STRATEGIES = tuple(name for name, strategy in STRATEGIES.items() if strategy.family == "uniform")
 # Cache settings other than the strategies that tell two lines of a quality plot apart.
 LINE_SETTINGS = (
     "residual_length",
@@ -50,12 +47,13 @@ def decode_first(table: pd.DataFrame) -> pd.DataFrame:
 def stream_label(row: pd.Series, part: str) -> str:
     """A stream in words: "mse 3", "exact", or for a baseline with its group size "kivi 2 g32"."""
     strategy = row[f"{part}_strategy"]
-    if strategy == "exact":
-        return "exact"
+    family = STRATEGIES[strategy].family
+    if family == "exact":
+        return strategy
     text = f"{strategy} {format_cell(row[f'{part}_bits'])}"
-    if strategy in BASELINE_STRATEGIES and pd.notna(row.get("group_size")):
+    if family == "uniform" and pd.notna(row.get("group_size")):  # a baseline
         text += f" g{format_cell(row['group_size'])}"
-    if strategy == "fp8" and row.get("fp8_scale") == "head":
+    if family == "fp8" and row.get("fp8_scale") == "head":
         text += " per-head scale"
     if part == "key" and not is_missing(row.get("center_keys")) and bool(row["center_keys"]):
         text += " centred"
@@ -95,20 +93,9 @@ def setting_label(row: pd.Series) -> str:
     return str(row["setting"]) if not is_missing(row.get("setting")) else setting_in_words(row)
 
 
-METHOD_NAMES = {
-    "mse": "TurboQuant MSE",
-    "prod": "TurboQuant Prod",
-    "kivi": "KIVI-style",
-    "uniform": "uniform",
-    "rotated-uniform": "rotation + uniform",
-    "fp8": "FP8 E4M3",
-}
-
-
 def method_name(row: pd.Series) -> str:
     """The quantization method of a cache setting: "TurboQuant MSE", "KIVI-style", or for mixed
-    streams "TurboQuant Prod keys + TurboQuant MSE values"."""
-    keys, values = row["key_strategy"], row["value_strategy"]
-    if keys == values:
-        return METHOD_NAMES.get(keys, str(keys))
-    return f"{METHOD_NAMES.get(keys, keys)} keys + {METHOD_NAMES.get(values, values)} values"
+    streams "TurboQuant Prod keys + TurboQuant MSE values" (the strategies' labels,
+    :data:`tq.cache.strategies.STRATEGIES`)."""
+    keys, values = (STRATEGIES[row[f"{part}_strategy"]].label for part in ("key", "value"))
+    return keys if keys == values else f"{keys} keys + {values} values"
