@@ -88,7 +88,7 @@ def _json_path_cases(tmp_path):
 @pytest.mark.parametrize("case", ["empty", "directory", "under-a-file"])
 def test_an_unwritable_json_path_fails_before_any_work(case, tmp_path, capsys, monkeypatch) -> None:
     path, message = _json_path_cases(tmp_path)[case]
-    monkeypatch.setattr("tq.cli.run_synthetic", lambda **_: pytest.fail("the workload ran"))
+    monkeypatch.setattr("tq.cli.bench.run_synthetic", lambda **_: pytest.fail("the workload ran"))
     with pytest.raises(SystemExit) as stopped:
         main(["bench", "--dim", "16", "--n", "64", "--json", path])
     assert stopped.value.code == 2
@@ -100,7 +100,7 @@ def test_a_record_that_cannot_be_written_at_the_end_is_printed(tmp_path, capsys,
     def refuse(path, record):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tq.cli.write_record", refuse)
+    monkeypatch.setattr("tq.cli.bench.write_record", refuse)
     out = tmp_path / "r.json"
     assert main(["bench", "--dim", "16", "--n", "64", "--quick", "--json", str(out)]) == 1
     captured = capsys.readouterr()

@@ -151,7 +151,7 @@ def test_every_task_names_real_rules_config_sections_report_sections_and_runners
 
 
 def test_the_cli_runs_every_cli_task():
-    from tq.cli import WORKLOAD_RUNNERS
+    from tq.cli.bench import WORKLOAD_RUNNERS
 
     assert tuple(WORKLOAD_RUNNERS) == CLI_TASKS
     assert list(_cli_choices("--workload")["--workload"]) == list(CLI_TASKS)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tq.cache.kvcache import QuantizedKVCache, _Store
+from tq.cache.kvcache import QuantizedKVCache
+from tq.cache.stream import StreamStore
 from tq.core.packing import unpack_codes
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
@@ -86,9 +87,9 @@ class PackedCache:
         return self.keys.length
 
 
-def packed_stream(store: _Store, name: str) -> PackedStream:
+def packed_stream(store: StreamStore, name: str) -> PackedStream:
     """One stream's packed data per KV head: views of its batches, merged into one per channel
-    group first (``_Store.merge_pieces``).
+    group first (``StreamStore.merge_pieces``).
 
     Raises:
         NotImplementedError: a baseline or fp8 strategy, centred keys, or renormalize with "prod".

@@ -1,11 +1,5 @@
-"""The ``tq`` command.
-
-tq bench --workload synthetic --dim 128 --bits 4 --strategy mse --n 65536 --json out.json
-tq bench --workload trace --trace trace.safetensors --bits 3 --strategy mse --json out.json
-tq bench --workload needle --real-model-dir DIR --bits 3 --context-lengths 1024,2048 --json out.json
-tq trace export --model-dir DIR --prompts prompts.txt --layers 0,15 --heads 0,1 --out traces/
-tq model prepare --preset smollm2-135m-instruct --out bundles/smollm2
-"""
+"""``tq bench``: run one evaluation task (a workload of :data:`tq.tasks.registry.CLI_TASKS`) and
+write its record."""
 
 from __future__ import annotations
 
@@ -17,13 +11,10 @@ import sys
 from tq.cache.config import FP8_SCALES, NORM_DTYPES, CacheConfig
 from tq.cache.presets import CACHE_PRESETS, expand_preset
 from tq.cache.strategies import STRATEGY_NAMES
+from tq.cli.arguments import fraction_list, index_list, layer_list, output_path, positive_int
 from tq.core.rotation import ROTATION_KINDS
 from tq.kernels import DEVICES, DeviceUnavailableError
-from tq.models.bundle import BundleError
 from tq.models.chat import PROMPT_FORMATS
-from tq.models.errors import PrepareError
-from tq.models.prepare import prepare_bundle
-from tq.models.presets import DEFAULT_PRESET, PRESETS
 from tq.pipeline.checks import cache_fields, exact_layer_arguments
 from tq.tasks.attention import run_attention
 from tq.tasks.compare import DEFAULT_TOP_K as REAL_TOP_K
@@ -36,24 +27,15 @@ from tq.tasks.needle import (
     run_needle,
 )
 from tq.tasks.perplexity import DEFAULT_BATCH, DEFAULT_SAMPLE_SEED, PROTOCOLS, run_perplexity
-from tq.tasks.records import output_path_problem, write_record
+from tq.tasks.records import write_record
 from tq.tasks.registry import CLI_TASKS
 from tq.tasks.synthetic import run_synthetic
 from tq.tasks.trace_eval import DEFAULT_TOP_K as TRACE_TOP_K
 from tq.tasks.trace_eval import run_trace
-from tq.tasks.trace_export import DEFAULT_QUERIES_PER_SAMPLE, TraceExportError, export_traces, read_prompts
+from tq.tasks.trace_export import read_prompts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tq", description="TurboQuant KV-cache quantization tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_bench_parser(commands)
-    _add_trace_parser(commands)
-    _add_model_parser(commands)
-    return parser
-
-
-def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench",
         help="run a benchmark workload and write one result record",
@@ -88,7 +70,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--json",
         metavar="PATH",
-        type=_output_path,
+        type=output_path,
         help="write the result record here (atomically; checked before the run starts)",
     )
     synthetic = bench.add_argument_group("synthetic workload")
@@ -137,7 +119,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     cache.add_argument(
         "--top-k",
-        type=_positive_int,
+        type=positive_int,
         help=f"trace: top-k overlap (default {TRACE_TOP_K}); real-model: top-k agreement "
         f"(default {REAL_TOP_K})",
     )
@@ -163,7 +145,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     real.add_argument("--exact-last-layers", type=int, help="layers kept exact at the end (default 0)")
     real.add_argument(
         "--exact-layers",
-        type=_layer_list,
+        type=layer_list,
         metavar="L,L,...",
         help="any layers kept exact, comma-separated (e.g. 0,1,2,4,8)",
     )
@@ -201,14 +183,14 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     needle.add_argument(
         "--context-lengths",
-        type=_index_list,
+        type=index_list,
         default=list(DEFAULT_CONTEXT_LENGTHS),
         metavar="N,N,...",
         help=f"prompt lengths in tokens (default {','.join(map(str, DEFAULT_CONTEXT_LENGTHS))})",
     )
     needle.add_argument(
         "--depths",
-        type=_fraction_list,
+        type=fraction_list,
         default=list(DEFAULT_DEPTHS),
         metavar="F,F,...",
         help="needle depths, fractions in (0, 1) of the filler before the needle "
@@ -504,132 +486,3 @@ def _bench(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _output_path(text: str) -> str:
-    """An argparse type: a file path that can be written now (checked before any work starts)."""
-    problem = output_path_problem(text)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return text
-
-
-def _layer_list(text: str) -> list[int]:
-    """``"0,1,4"`` -> [0, 1, 4]: layer indices, comma-separated."""
-    try:
-        layers = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected layer indices separated by commas, got {text!r}"
-        ) from None
-    if any(layer < 0 for layer in layers):
-        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
-    return layers
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction_list(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _index_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _add_trace_parser(commands: argparse._SubParsersAction) -> None:
-    trace = commands.add_parser("trace", help="per-head KV traces")
-    actions = trace.add_subparsers(dest="trace_command", required=True)
-    export = actions.add_parser(
-        "export",
-        help="run prompts through a Hugging Face model and write one trace file per (layer, KV head)",
-        description="Every prompt is truncated to the shortest prompt's token count (or --max-seq if "
-        "smaller); queries are the last --queries-per-sample positions of the first query head "
-        "of each KV head's group.",
-    )
-    export.set_defaults(handler=_trace_export)
-    export.add_argument("--model-dir", required=True, help="Hugging Face model directory")
-    export.add_argument("--prompts", required=True, help=".txt (a prompt a line) or .jsonl")
-    export.add_argument("--layers", required=True, type=_index_list, help="layers, e.g. 0,15")
-    export.add_argument("--heads", required=True, type=_index_list, help="KV heads, e.g. 0,1")
-    export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--max-seq", type=int, help="at most this many tokens per prompt")
-    export.add_argument(
-        "--queries-per-sample",
-        type=int,
-        default=DEFAULT_QUERIES_PER_SAMPLE,
-        help=f"queries per prompt, at its last positions (default {DEFAULT_QUERIES_PER_SAMPLE})",
-    )
-    export.add_argument("--model-name", help="the traces' model name (default: the directory's name)")
-
-
-def _trace_export(args: argparse.Namespace) -> int:
-    try:
-        paths = export_traces(
-            args.model_dir,
-            read_prompts(args.prompts),
-            args.layers,
-            args.heads,
-            args.out,
-            max_seq=args.max_seq,
-            queries_per_sample=args.queries_per_sample,
-            model_name=args.model_name,
-        )
-    except TraceExportError as error:
-        print(f"tq trace export: error: {error}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _add_model_parser(commands: argparse._SubParsersAction) -> None:
-    model = commands.add_parser("model", help="real models: prepare ONNX bundles")
-    actions = model.add_subparsers(dest="model_command", required=True)
-    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
-    prepare = actions.add_parser(
-        "prepare",
-        help="fetch or build a model, convert it to float32 and export an ONNX bundle",
-        description="Writes model.onnx (+ model.onnx_data), tokenizer.json, config.json, "
-        "generation_config.json and bundle.json into --out (default: $TQ_CACHE_DIR/bundles/PRESET). "
-        f"A bundle prepared from the same inputs is reused. Presets: {presets}.",
-    )
-    prepare.set_defaults(handler=_model_prepare)
-    prepare.add_argument("--preset", choices=list(PRESETS), help=f"a preset (default {DEFAULT_PRESET})")
-    prepare.add_argument("--model-dir", help="a local Hugging Face checkpoint directory")
-    prepare.add_argument("--out", help="bundle directory")
-    prepare.add_argument("--threads", type=int, help="torch and ONNX Runtime threads")
-
-
-def _model_prepare(args: argparse.Namespace) -> int:
-    try:
-        path = prepare_bundle(args.preset, args.model_dir, args.out, threads=args.threads)
-    except (PrepareError, BundleError) as error:
-        print(f"tq model prepare: error: {error}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
