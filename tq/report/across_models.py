@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tq.cache.strategies import STRATEGIES
 from tq.report.flatten import WINDOW_SETTINGS
 from tq.report.grouping import mean_by
 from tq.report.inputs import ReportInputs
 from tq.report.key_stats import key_stats_lines
-from tq.report.labels import setting_label
+from tq.report.labels import setting_label, strategy_family
 from tq.report.markdown import format_cell, is_missing, plus_minus, se_of, what_this_shows
 from tq.report.plotting import BARS_NOTE, interval_half_width, plain_log_y, save_png
 from tq.report.rows import perplexity_rows
@@ -42,7 +41,7 @@ def _family(row: pd.Series) -> str:
     """Which kind of cache a row is, for the colours of the cross-model plots."""
     if str(setting_label(row)).startswith("vllm-"):
         return "vLLM preset"
-    families = {STRATEGIES[row[f"{part}_strategy"]].family for part in ("key", "value")}
+    families = {strategy_family(row[f"{part}_strategy"]) for part in ("key", "value")}
     if "uniform" in families:
         return "baseline"
     fixed = (

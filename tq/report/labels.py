@@ -28,6 +28,17 @@ PROTOCOL_ORDER = ("decode", "window")
 PROTOCOL_LABELS = {"window": "window, quantized context only"}
 
 
+def strategy_family(name: Any) -> str | None:
+    """The family of a record's strategy (:data:`tq.cache.strategies.STRATEGIES`), or None for a
+    name that is not one (a missing value: pandas probes row functions with an empty row)."""
+    return STRATEGIES[name].family if name in STRATEGIES else None
+
+
+def strategy_label(name: Any) -> str:
+    """The report's name of a record's strategy ("TurboQuant MSE"), or the value as text."""
+    return STRATEGIES[name].label if name in STRATEGIES else str(name)
+
+
 def protocol_label(protocol: Any) -> str:
     """A perplexity protocol as the report names it ("window, quantized context only")."""
     return PROTOCOL_LABELS.get(protocol, format_cell(protocol))
@@ -47,7 +58,7 @@ def decode_first(table: pd.DataFrame) -> pd.DataFrame:
 def stream_label(row: pd.Series, part: str) -> str:
     """A stream in words: "mse 3", "exact", or for a baseline with its group size "kivi 2 g32"."""
     strategy = row[f"{part}_strategy"]
-    family = STRATEGIES[strategy].family
+    family = strategy_family(strategy)
     if family == "exact":
         return strategy
     text = f"{strategy} {format_cell(row[f'{part}_bits'])}"
@@ -97,5 +108,5 @@ def method_name(row: pd.Series) -> str:
     """The quantization method of a cache setting: "TurboQuant MSE", "KIVI-style", or for mixed
     streams "TurboQuant Prod keys + TurboQuant MSE values" (the strategies' labels,
     :data:`tq.cache.strategies.STRATEGIES`)."""
-    keys, values = (STRATEGIES[row[f"{part}_strategy"]].label for part in ("key", "value"))
+    keys, values = (strategy_label(row[f"{part}_strategy"]) for part in ("key", "value"))
     return keys if keys == values else f"{keys} keys + {values} values"
