@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TQ_CACHE_DIR ?= $(HOME)/.cache/tq
+# pytest-xdist workers of make test (each test file runs whole on one worker).
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint clean
 
@@ -26,7 +28,7 @@ test: $(STAMP)
 	bash scripts/install-slurm-packages.sh
 	$(BIN)/ruff check tq tests workflow benchmarks scripts
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .cache results

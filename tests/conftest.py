@@ -21,12 +21,30 @@ from tq.core.codebook import cache_dir, lloyd_max_codebook
 PERSISTENT_CACHE_DIR = cache_dir().absolute()
 
 # Kernel-vs-oracle tests draw fresh random inputs each run from this seed; set
-# TQ_TEST_SEED to replay a run (the seed is printed in pytest's header).
-TEST_SEED = int(os.environ.get("TQ_TEST_SEED") or np.random.SeedSequence().entropy % 2**63)
+# TQ_TEST_SEED to replay a run (the seed is printed in pytest's header). Drawn once and put in
+# the environment, so that pytest-xdist's workers (started after this) share it.
+if not os.environ.get("TQ_TEST_SEED"):
+    os.environ["TQ_TEST_SEED"] = str(np.random.SeedSequence().entropy % 2**63)
+TEST_SEED = int(os.environ["TQ_TEST_SEED"])
+# The longest test files, first in the run: with several workers (make test runs pytest-xdist,
+# one file per worker at a time) they then overlap the many short ones instead of ending last.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_pipeline.py",
+    "test_docs.py",
+    "test_real_smollm2.py",
+    "test_engines.py",
+    "test_transformers_cache.py",
+)
 
 
 def pytest_report_header(config):
     return f"tq kernel test seed: TQ_TEST_SEED={TEST_SEED}"
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
 
 
 # No per-example deadline: the first call into the Numba backend compiles its kernels.
