@@ -16,6 +16,10 @@ Numba CPU backend (:mod:`tq.kernels.cpu`); the script fails after writing the JS
 ``--allow-simulator`` runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) as a smoke test:
 sizes are capped, times are host wall-clock times of the simulated kernels (meaningless as GPU
 numbers) and the JSON says ``"simulated": true``.
+
+One script of about 730 lines, not a library module: the torch baseline it times, the timing
+and environment helpers (which benchmarks/attention_gpu.py loads from it) and the CPU check
+belong to this measurement alone.
 """
 
 from __future__ import annotations
