@@ -8,6 +8,8 @@ file, each with its derivation.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -141,22 +143,48 @@ def unit_rows():
     return make
 
 
+def _shared_quick_run(tmp_path_factory) -> Path:
+    """The whole quick DAG (config/quick.yaml) run once locally for the test run, in a directory
+    every pytest-xdist worker sees (their base temp's parent); a worker that finds it running
+    waits for it (a lock file). Its Snakemake output is kept in ``snakemake.out``/``.err``."""
+    import fcntl
+
+    from tests.workflow_runs import QUICK, copy_workflow, snakemake
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run = root / "quick-run"
+    with open(root / "quick-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "snakemake.done").is_file():
+            if run.exists():
+                shutil.rmtree(run)
+            result = snakemake(copy_workflow(run / "workflow"), "--configfile", QUICK)
+            (run / "snakemake.out").write_text(result.stdout)
+            (run / "snakemake.err").write_text(result.stderr)
+            (run / "snakemake.done").touch()
+    return run
+
+
 @pytest.fixture(scope="session")
 def quick_workdir(tmp_path_factory) -> Path:
-    """A private copy of the workflow (tests/workflow_runs.py) for the quick config's local run."""
-    from tests.workflow_runs import copy_workflow
-
-    return copy_workflow(tmp_path_factory.mktemp("pipeline"))
+    """A private copy of the finished quick run (its workflow, results and Snakemake state, file
+    times kept, so Snakemake sees it up to date), free to edit and re-run."""
+    pytest.importorskip("snakemake")
+    run = _shared_quick_run(tmp_path_factory)
+    return Path(
+        shutil.copytree(run / "workflow", tmp_path_factory.mktemp("pipeline") / "workflow", symlinks=True)
+    )
 
 
 @pytest.fixture(scope="session")
-def quick_run(quick_workdir):
-    """The whole quick DAG (config/quick.yaml), run once locally in ``quick_workdir``; shared by
-    the pipeline tests and the cluster test, which compares its results with this run's."""
-    pytest.importorskip("snakemake")
-    from tests.workflow_runs import QUICK, snakemake
-
-    return snakemake(quick_workdir, "--configfile", QUICK)
+def quick_run(tmp_path_factory, quick_workdir) -> subprocess.CompletedProcess:
+    """The quick run's Snakemake output (the run itself: :func:`_shared_quick_run`); shared by the
+    pipeline tests and the cluster test, which compares its results with this run's."""
+    run = _shared_quick_run(tmp_path_factory)
+    return subprocess.CompletedProcess(
+        ["snakemake"], 0, (run / "snakemake.out").read_text(), (run / "snakemake.err").read_text()
+    )
 
 
 @pytest.fixture(scope="session")
