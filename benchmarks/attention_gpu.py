@@ -41,6 +41,7 @@ from tq.cache.config import CacheConfig
 from tq.cache.kvcache import QuantizedKVCache
 from tq.core.fileio import write_json
 from tq.tasks.attention import torch_fp16_attention
+from tq.tasks.records import now_iso
 
 
 def _load_gpu_benchmark():
@@ -233,6 +234,7 @@ def main() -> None:
         "simulated": simulated,
         "timer": "wall clock (simulator)" if simulated else "CUDA events, default stream",
         "environment": env,
+        "created": now_iso(),
         "config": {
             "context": context,
             "heads": heads,

@@ -19,14 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tq.cache.config import CacheConfig  # noqa: E402
-from tq.core.fileio import write_json  # noqa: E402
-from tq.engines.source import ModelSource  # noqa: E402
-from tq.tasks.perplexity import perplexity_reference, run_perplexity  # noqa: E402
-from tq.tasks.records import environment  # noqa: E402
+from tq.cache.config import CacheConfig
+from tq.core.fileio import write_json
+from tq.engines.source import ModelSource
+from tq.tasks.perplexity import perplexity_reference, run_perplexity
+from tq.tasks.records import environment, now_iso
 
 CACHE = Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq"))
 
@@ -81,6 +78,7 @@ def main() -> None:
             "transformers": hf,
             "job_seconds_ratio": hf["job_seconds"] / onnx["job_seconds"],
             "env": environment(args.threads),
+            "created": now_iso(),
         },
     )
 

@@ -48,6 +48,7 @@ from tq.core.packing import code_bytes, unpack_codes, unpack_signs
 from tq.kernels import cpu as cpu_kernels
 from tq.kernels.naive import qjl_scale
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
+from tq.tasks.records import now_iso
 
 SIMULATOR_MAX_N = 256
 SIMULATOR_MAX_QUERIES = 4
@@ -704,6 +705,7 @@ def main() -> None:
         "simulated": simulated,
         "timer": "wall clock (simulator)" if simulated else "CUDA events, default stream",
         "environment": env,
+        "created": now_iso(),
         "config": {
             "n": n,
             "dim": args.dim,

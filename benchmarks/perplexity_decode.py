@@ -26,18 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tq.cache.config import CacheConfig  # noqa: E402
-from tq.core.fileio import write_json  # noqa: E402
-from tq.engines.onnx import OnnxRunner  # noqa: E402
-from tq.models.bundle import ModelBundle  # noqa: E402
-from tq.tasks import metrics  # noqa: E402
-from tq.tasks.perplexity import perplexity_reference, run_perplexity, text_windows  # noqa: E402
-from tq.tasks.records import environment  # noqa: E402
+from tq.cache.config import CacheConfig
+from tq.core.fileio import write_json
+from tq.engines.onnx import OnnxRunner
+from tq.models.bundle import ModelBundle
+from tq.tasks import metrics
+from tq.tasks.perplexity import perplexity_reference, run_perplexity, text_windows
+from tq.tasks.records import environment, now_iso
 
 DEFAULT_BUNDLE = (
     Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq")) / "bundles/smollm2-135m-instruct"
@@ -145,6 +142,7 @@ def main() -> None:
         "ratios_agree": abs(new["perplexity_ratio"] - old["perplexity_ratio"]) < 1e-3,
         "batch_sweep": batch_sweep(bundle, args, config),
         "env": environment(args.threads),
+        "created": now_iso(),
     }
     write_json(args.json, result)
     print(

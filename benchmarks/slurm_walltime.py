@@ -22,6 +22,7 @@ import yaml
 from tq.core.fileio import write_json
 from tq.pipeline.slurm_cluster import SingleNodeSlurm, missing_requirements
 from tq.pipeline.workflow_runs import copy_workflow, job_counts, run_snakemake
+from tq.tasks.records import now_iso
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose workflow is run
 
@@ -86,7 +87,7 @@ def main() -> None:
         "ratio": grouped["slurm_seconds"] / local_seconds,
         "ungrouped": ungrouped | {"ratio": ungrouped["slurm_seconds"] / local_seconds},
         "cluster": f"single node, {cluster.cpus} CPUs, {cluster.memory_mb} MB",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
     }
     write_json(args.json, record)
     print(

@@ -21,19 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from tq.cache.config import CacheConfig  # noqa: E402
-from tq.core.fileio import write_json  # noqa: E402
-from tq.data.corpus import corpus_text  # noqa: E402
-from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402
-from tq.models.prepare import write_hf_checkpoint  # noqa: E402
-from tq.tasks.records import environment  # noqa: E402
+from tq.cache.config import CacheConfig
+from tq.core.fileio import write_json
+from tq.data.corpus import corpus_text
+from tq.engines.transformers_cache import TurboQuantCache
+from tq.models.prepare import write_hf_checkpoint
+from tq.tasks.records import environment, now_iso
 
 CACHE = Path(os.environ.get("TQ_CACHE_DIR", Path.home() / ".cache/tq"))
 DEFAULT_CHECKPOINT = CACHE / "checkpoints/smollm2-135m-instruct"
@@ -109,6 +106,7 @@ def main() -> None:
             args.steps,
         ),
         "env": environment(args.threads),
+        "created": now_iso(),
     }
     write_json(args.json, record)
     print(f"wrote {args.json}", file=sys.stderr)

@@ -47,6 +47,11 @@ def environment(threads: int) -> dict[str, Any]:
     }
 
 
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second: a record's or a benchmark result's ``created``."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def make_record(
     source: str, config: dict[str, Any], metrics: dict[str, Any], timing: dict[str, Any], threads: int
 ) -> dict[str, Any]:
@@ -60,7 +65,7 @@ def make_record(
         "metrics": metrics,
         "timing": timing,
         "env": environment(threads),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created": now_iso(),
     }
 
 
