@@ -178,7 +178,7 @@ def quick_workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quick_run(tmp_path_factory, quick_workdir) -> subprocess.CompletedProcess:
+def quick_run(tmp_path_factory) -> subprocess.CompletedProcess:
     """The quick run's Snakemake output (the run itself: :func:`_shared_quick_run`); shared by the
     pipeline tests and the cluster test, which compares its results with this run's."""
     run = _shared_quick_run(tmp_path_factory)

@@ -33,8 +33,10 @@ from tq.data.corpus import (
     corpus_text,
     draw_windows,
     fetch_gensim_wheel,
+    read_corpus_file,
     sample_windows,
     wikipedia_articles,
+    write_corpus_files,
 )
 
 # Read at import (collection) time, before conftest's session fixture points TQ_CACHE_DIR at a
@@ -394,6 +396,20 @@ def test_draw_windows_cuts_each_window_from_its_article(tmp_path, fake_dump):
         assert w.title == title
         assert "".join(map(chr, row)) == f"{title}\n\n{body}"[w.offset : w.offset + 7]
     assert draw_windows(_chars, count=4, window=7, seed=3, cache=tmp_path)[1] == windows
+
+
+def test_the_corpus_files_hold_the_text_and_the_articles_windows_are_drawn_from(tmp_path, fake_dump):
+    text_path, articles_path = tmp_path / "out" / "corpus.txt", tmp_path / "out" / "articles.json"
+    text = write_corpus_files(text_path, articles_path, cache=tmp_path)
+    assert text == corpus_text(tmp_path) == text_path.read_text(encoding="utf-8")
+    assert read_corpus_file(articles_path) == FAKE_ARTICLES
+    from_file = draw_windows(_chars, count=4, window=7, seed=3, corpus_file=articles_path)
+    from_cache = draw_windows(_chars, count=4, window=7, seed=3, cache=tmp_path)
+    assert from_file[1] == from_cache[1] and np.array_equal(from_file[0], from_cache[0])
+    data = read_checked_json(articles_path)
+    write_checked_json(articles_path, {**{k: v for k, v in data.items() if k != "sha256"}, "text": "Dog\n"})
+    with pytest.raises(CorpusError, match="not the join"):
+        read_corpus_file(articles_path)
 
 
 def test_draw_windows_takes_the_ids_as_encode_gives_them(tmp_path, fake_dump):

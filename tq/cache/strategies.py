@@ -165,11 +165,3 @@ STRATEGIES: dict[str, Strategy] = {
 STRATEGY_NAMES = tuple(STRATEGIES)
 # The strategies of the quantizer-level (synthetic) workload: the TurboQuant quantizers.
 QUANTIZER_STRATEGIES = tuple(name for name, s in STRATEGIES.items() if s.family == "turboquant")
-
-
-def strategy(name: str) -> Strategy:
-    """The registered strategy ``name``; a ValueError naming the choices otherwise."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGY_NAMES}") from None

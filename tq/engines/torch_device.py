@@ -18,12 +18,14 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def choice_problem(field: str, value: str, choices: tuple[str, ...]) -> str | None:
+    """A sentence naming ``field`` when ``value`` is not one of ``choices``, or None."""
+    return None if value in choices else f"{field} must be one of {choices}, got {value!r}"
+
+
 def torch_setting_problem(device: str, dtype: str) -> str | None:
     """A sentence naming ``device`` or ``dtype`` when torch is not run so here, or None."""
-    for field, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
-        if value not in choices:
-            return f"{field} must be one of {choices}, got {value!r}"
-    return None
+    return choice_problem("device", device, DEVICES) or choice_problem("dtype", dtype, DTYPES)
 
 
 def torch_dtype(name: str) -> torch.dtype:

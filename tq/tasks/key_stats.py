@@ -219,7 +219,7 @@ def model_key_statistics(
         windows, window, sample_seed: how many windows, of how many tokens, from which seed.
         model_name: the record's ``model`` (default: the directory's name).
         cache: the corpus cache root (None: ``$TQ_CACHE_DIR``, see :mod:`tq.data.corpus`).
-        corpus_file: a corpus file (:func:`tq.data.corpus.write_corpus_file`) to draw from
+        corpus_file: a corpus file (:func:`tq.data.corpus.write_corpus_files`) to draw from
             instead of the cached corpus.
         token_ids: int [windows, tokens] to run instead of drawing corpus windows (then
             ``windows``, ``window`` and ``sample_seed`` are ignored and the record's

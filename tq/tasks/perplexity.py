@@ -86,7 +86,7 @@ def text_windows(
     """``windows`` windows of ``window`` tokens drawn across the corpus's articles from
     ``sample_seed`` (:func:`tq.data.corpus.draw_windows`), encoded with the tokenizer of ``files`` (a
     runner's model files): int64 [windows, window], and each window's article, title and token
-    offset. The corpus: ``corpus_file`` (a file of :func:`tq.data.corpus.write_corpus_file`), else
+    offset. The corpus: ``corpus_file`` (a file of :func:`tq.data.corpus.write_corpus_files`), else
     the one cached under ``cache``."""
     from tq.data.corpus import draw_windows
 
