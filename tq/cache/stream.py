@@ -223,7 +223,7 @@ class StreamStore:
 
     def _make_groups(self, tokens: np.ndarray) -> None:
         """Fix the channel groups from the first tokens: the largest mean |x| are outliers."""
-        magnitude = np.mean(np.abs(tokens), axis=1)  # [kv_heads, head_dim]
+        magnitude = np.mean(np.abs(tokens), axis=1, dtype=np.float64)  # [kv_heads, head_dim]
         order = np.argsort(-magnitude, axis=1, kind="stable")
         start = 0
         for index, (bits, size) in enumerate(self.widths):

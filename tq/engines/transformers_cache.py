@@ -45,8 +45,6 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
 try:
     import torch
     import transformers
@@ -63,9 +61,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tq.cache.attention import decode_attention
 from tq.cache.config import EXACT, CacheConfig
-from tq.cache.kvcache import QuantizedKVCache, append_each
+from tq.cache.device_stream import DeviceStream
 
 __all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention"]
 
@@ -73,21 +70,22 @@ ATTENTION = "tq_packed"
 _STEP = "_tq_layer"  # attribute of the key tensor that a packed decode step's update returns
 
 
-def _numpy(states: torch.Tensor) -> np.ndarray:
-    """[batch, kv_heads, t, head_dim] torch -> float32 NumPy (a copy on the host)."""
-    return states.detach().to(device="cpu", dtype=torch.float32).numpy()
-
-
 class TurboQuantLayer(CacheLayerMixin):
-    """One model layer's cache: a :class:`~tq.cache.kvcache.QuantizedKVCache` per sequence.
+    """One model layer's cache for the whole batch: a key and a value
+    :class:`~tq.cache.device_stream.DeviceStream` on the model's device.
 
     Args:
         kv_heads, head_dim: the layer's key/value geometry.
         config: how its keys and values are stored.
         layer: the layer's index.
         sliding_window: the window of a sliding-window layer (None for full attention).
-        keep_reconstruction: keep float32 reconstructions (the ``reconstruct`` path) or not
-            (the ``packed`` path).
+        keep_reconstruction: keep the quantized tokens' reconstruction (the ``reconstruct``
+            path) or not (the ``packed`` path).
+        validate: check every call's keys and values (finite; a norm that float16 norms can hold),
+            which reads one flag back to the host per call.
+
+    Raises:
+        NotImplementedError: a baseline strategy in ``config``.
     """
 
     def __init__(
@@ -98,30 +96,30 @@ class TurboQuantLayer(CacheLayerMixin):
         layer: int,
         sliding_window: int | None,
         keep_reconstruction: bool,
+        validate: bool = True,
     ) -> None:
         self.kv_heads, self.head_dim, self.config, self.layer = kv_heads, head_dim, config, layer
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.keep_reconstruction = keep_reconstruction
-        self.rows: list[QuantizedKVCache] = []
+        self.validate = validate
+        self.key_stream = DeviceStream(kv_heads, head_dim, "key", config.seed, config, keep_reconstruction)
+        self.value_stream = DeviceStream(
+            kv_heads, head_dim, "value", config.seed + 1, config, keep_reconstruction
+        )
+        self.joined: tuple[TurboQuantLayer, int] | None = None  # (batch layer, row) after concatenate
         self.is_initialized = False
-        self._step: tuple[np.ndarray, np.ndarray] | None = None  # a packed decode step's new tokens
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # a packed decode step's new tokens
 
     def __repr__(self) -> str:
         return f"TurboQuantLayer(layer={self.layer}, seq={self.get_seq_length()}, config={self.config})"
 
+    @property
+    def streams(self) -> tuple[DeviceStream, DeviceStream]:
+        return self.key_stream, self.value_stream
+
     def lazy_initialization(self, key_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.rows = [
-            QuantizedKVCache(
-                self.kv_heads,
-                self.head_dim,
-                self.config,
-                self.layer,
-                keep_reconstruction=self.keep_reconstruction,
-            )
-            for _ in range(key_states.shape[0])
-        ]
         self.is_initialized = True
 
     def _start(self) -> int:
@@ -130,26 +128,48 @@ class TurboQuantLayer(CacheLayerMixin):
         length = self.get_seq_length()
         return max(length - self.sliding_window + 1, 0) if self.is_sliding else 0
 
-    def _stacked(self, part: str, start: int, new: np.ndarray | None = None) -> np.ndarray:
-        """Cached keys or values from ``start`` of every sequence, then the call's ``new`` ones
-        [batch, kv_heads, n, head_dim], in one array [batch, kv_heads, t, head_dim]."""
-        cached = [getattr(row, part)()[:, start:] for row in self.rows]
-        extra = 0 if new is None else new.shape[2]
-        out = np.empty((len(cached), self.kv_heads, cached[0].shape[1] + extra, self.head_dim), np.float32)
-        for row, tokens in enumerate(cached):
-            out[row, :, : tokens.shape[1]] = tokens
-        if new is not None:
-            out[:, :, cached[0].shape[1] :] = new
-        return out
-
-    def _torch(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device=self.device, dtype=self.dtype)
+    def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Refuse new tokens of the wrong batch or shape, with NaN or inf, or with a norm that the
+        stream's float16 norms cannot hold; one flag is read back for all the checks."""
+        for name, tokens in (("keys", keys), ("values", values)):
+            batch = self.key_stream.batch or tokens.shape[0]
+            if tokens.ndim != 4 or tokens.shape[1] != self.kv_heads or tokens.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"layer {self.layer} {name} must have shape [batch, {self.kv_heads}, new_tokens, "
+                    f"{self.head_dim}], got {list(tokens.shape)}"
+                )
+            if tokens.shape[0] != batch:
+                raise ValueError(f"the cache holds {batch} sequences, the call has {tokens.shape[0]}")
+        if not self.validate:
+            return
+        overflow = [s.norm_overflow(t) for s, t in zip(self.streams, (keys, values), strict=True)]
+        flags = [~torch.isfinite(keys).all(), ~torch.isfinite(values).all()]
+        flags += [flag for flag in overflow if flag is not None]
+        if not bool(torch.stack(flags).any()):
+            return
+        for name, tokens, flag in (("keys", keys, flags[0]), ("values", values, flags[1])):
+            if bool(flag):
+                row, head, token, channel = (int(i) for i in torch.nonzero(~torch.isfinite(tokens))[0])
+                value = "NaN" if torch.isnan(tokens[row, head, token, channel]) else "inf"
+                raise ValueError(
+                    f"layer {self.layer} {name} contain {value} (sequence {row}, head {head}, new token "
+                    f"{token}, channel {channel})"
+                )
+        raise ValueError(
+            f"layer {self.layer}: a key or value norm overflows float16 (max "
+            f"{torch.finfo(torch.float16).max:g}), the norm_dtype of this cache; use norm_dtype='float32'"
+        )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Take a call's new keys and values [batch, kv_heads, t, head_dim]; return what its
         tokens attend to (see the module docstring)."""
+        if self.joined is not None:
+            raise RuntimeError(
+                f"layer {self.layer}: this cache was joined into a batch (TurboQuantCache.concatenate); "
+                "call the model with the joined cache"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         if self._step is not None:
@@ -158,39 +178,50 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"a TurboQuantCache without reconstruction needs the model loaded with "
                 f'attn_implementation="{ATTENTION}"'
             )
-        if key_states.shape[0] != len(self.rows):
-            raise ValueError(
-                f"the cache holds {len(self.rows)} sequences, the call has {key_states.shape[0]}"
-            )
-        keys, values = _numpy(key_states), _numpy(value_states)
-        if not self.keep_reconstruction and keys.shape[2] == 1:
-            self._step = keys, values  # packed_attention attends, then appends them
+        self._check(key_states, value_states)
+        start = self._start()
+        self.settle()
+        if not self.keep_reconstruction and key_states.shape[2] == 1:
+            self._step = key_states, value_states  # packed_attention attends, then pushes them
             tagged = key_states.view_as(key_states)
             setattr(tagged, _STEP, self)
             return tagged, value_states
-        full_keys, full_values = key_states, value_states
-        if self.get_seq_length():
-            start = self._start()
-            full_keys = self._torch(self._stacked("keys", start, keys))
-            full_values = self._torch(self._stacked("values", start, values))
-        append_each(self.rows, list(keys), list(values))
-        return full_keys, full_values
+        self.key_stream.push(key_states)
+        self.value_stream.push(value_states)
+        return self.key_stream.view(start), self.value_stream.view(start)
+
+    def settle(self) -> None:
+        """Quantize the tokens of earlier calls that have left the residual window."""
+        for stream in self.streams:
+            stream.settle()
 
     def attend(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """A packed decode step: query [batch, heads, 1, head_dim] over the cached tokens' codes
-        and the step's own exact key and value; then the step's tokens enter the cache.
-        Returns [batch, heads, 1, head_dim]."""
-        keys, values = self._step
+        and exact tokens, and the step's own exact key and value (float32); then the step's
+        tokens enter the cache. Returns [batch, heads, 1, head_dim] in the query's dtype."""
+        new_keys, new_values = self._step
         self._step = None
-        queries, start = _numpy(query), self._start()
-        out = np.stack(
-            [
-                decode_attention(q, row, scale, start=start, new_keys=k, new_values=v)
-                for q, row, k, v in zip(queries, self.rows, keys, values, strict=True)
-            ]
-        )
-        append_each(self.rows, list(keys), list(values))
-        return torch.from_numpy(out).to(device=query.device, dtype=query.dtype)
+        start, (keys, values) = self._start(), self.streams
+        batch, heads = query.shape[:2]
+        queries = query.float().reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
+        coded_keys = max(keys.quantized - start, 0)
+        exact_keys = torch.cat([keys.exact(start), new_keys], dim=2).float()
+        scores = queries @ exact_keys.transpose(-1, -2)
+        if coded_keys:
+            scores = torch.cat([keys.scores(queries, start), scores], dim=-1)
+        weights = torch.softmax(scores * scale, dim=-1)
+        coded_values = max(values.quantized - start, 0)
+        exact_values = torch.cat([values.exact(start), new_values], dim=2).float()
+        out = weights[..., coded_values:] @ exact_values
+        if coded_values:
+            out = out + values.weighted_sum(weights[..., :coded_values], start)
+        keys.push(new_keys)
+        values.push(new_values)
+        return out.reshape(batch, heads, 1, self.head_dim).to(query.dtype)
+
+    def packed_problem(self) -> str | None:
+        """Why attention cannot read this layer's codes, or None."""
+        return self.key_stream.packed_problem("key") or self.value_stream.packed_problem("value")
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         """(kv_length, kv_offset) of the mask for the next call, as transformers' dynamic layers."""
@@ -199,24 +230,39 @@ class TurboQuantLayer(CacheLayerMixin):
         return length - start + query_length, start
 
     def get_seq_length(self) -> int:
-        return len(self.rows[0]) if self.rows else 0
+        if self.joined is not None:
+            return self.joined[0].get_seq_length()
+        return self.key_stream.length
 
     def get_max_cache_shape(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """All cached keys [batch, kv_heads, seq, head_dim] (rebuilt from the codes when no
-        reconstruction is kept), or None before the first update."""
-        return self._torch(self._stacked("keys", 0)) if self.rows else None
+        """All cached keys [batch, kv_heads, seq, head_dim] in the model's dtype (rebuilt from the
+        codes when no reconstruction is kept), or None before the first update."""
+        return self._whole(self.key_stream)
 
     @property
     def values(self) -> torch.Tensor | None:
         """All cached values, as :attr:`keys`."""
-        return self._torch(self._stacked("values", 0)) if self.rows else None
+        return self._whole(self.value_stream)
+
+    def _whole(self, stream: DeviceStream) -> torch.Tensor | None:
+        if self.joined is not None:
+            layer, row = self.joined
+            whole = layer._whole(layer.streams[stream.part == "value"])
+            return whole[row : row + 1]
+        if stream.buffer is None:
+            return None
+        stream.settle()
+        return stream.view(0)
 
     def reset(self) -> None:
-        self.rows, self.is_initialized, self._step = [], False, None
+        self.__init__(
+            self.kv_heads, self.head_dim, self.config, self.layer, self.sliding_window,
+            self.keep_reconstruction, self.validate,
+        )  # fmt: skip
 
     def crop(self, max_length: int) -> None:
         """Refused unless nothing would be dropped (a negative ``max_length`` counts from the end)."""
@@ -228,23 +274,46 @@ class TurboQuantLayer(CacheLayerMixin):
                 "quantized tokens cannot be restored exactly (assisted and contrastive decoding need crop)"
             )
 
-    def _select(self, indices: Iterable[int]) -> None:
-        """Rows become rows[i] for i in indices; a row taken twice is copied."""
-        taken: set[int] = set()
-        rows = []
-        for index in indices:
-            rows.append(self.rows[index].copy() if index in taken else self.rows[index])
-            taken.add(index)
-        self.rows = rows
+    def _select(self, indices: torch.Tensor) -> None:
+        """Sequences become sequences[i] for i in indices."""
+        if self.key_stream.buffer is None:
+            return
+        for stream in self.streams:
+            stream.select(torch.as_tensor(indices, dtype=torch.long))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(beam_idx.tolist())
+        self._select(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select([row for row in range(len(self.rows)) for _ in range(repeats)])
+        self._select(torch.arange(self.key_stream.batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(torch.as_tensor(indices).tolist())
+        self._select(indices)
+
+    def sizes(self) -> dict[str, int]:
+        """This layer's tokens, sequences and bytes: ``stored_bytes``, ``buffer_bytes`` (see
+        :meth:`TurboQuantCache.memory_report`) and ``fp32_bytes``; a row of a joined batch
+        reports its share."""
+        if self.joined is not None:
+            layer, _ = self.joined
+            whole = layer.sizes()
+            share = max(whole["sequences"], 1)
+            return {
+                "layer": self.layer,
+                "tokens": whole["tokens"],
+                "sequences": 1,
+                **{key: whole[key] // share for key in ("stored_bytes", "buffer_bytes", "fp32_bytes")},
+            }
+        self.settle()
+        batch, length = self.key_stream.batch, self.get_seq_length()
+        return {
+            "layer": self.layer,
+            "tokens": length,
+            "sequences": batch,
+            "stored_bytes": sum(stream.nbytes for stream in self.streams),
+            "buffer_bytes": sum(stream.buffer_nbytes for stream in self.streams),
+            "fp32_bytes": 2 * batch * length * self.kv_heads * self.head_dim * 4,
+        }
 
 
 def _geometry(model_config: PretrainedConfig) -> tuple[int, int, int, list[int | None]]:
@@ -267,18 +336,21 @@ def _geometry(model_config: PretrainedConfig) -> tuple[int, int, int, list[int |
 
 
 class TurboQuantCache(Cache):
-    """A transformers cache that stores keys and values with tq's quantized caches.
+    """A transformers cache that stores keys and values quantized, on the model's device.
 
     Args:
         model_config: the model's config (``model.config``).
         cache_config: the configuration of every layer (default ``CacheConfig()``: 4-bit MSE) ...
-        exact_layers: ... except these layer indices, kept exact (fp32) ...
+        exact_layers: ... except these layer indices, kept exact (the model's dtype) ...
         layer_configs: ... and these (index -> CacheConfig), e.g. ``tq.cache.config.exact_layers``.
-        keep_reconstruction: keep float32 reconstructions (the ``reconstruct`` path); default:
-            not when the model's attention implementation is ``"tq_packed"``.
+        keep_reconstruction: keep the reconstruction (the ``reconstruct`` path); default: not
+            when the model's attention implementation is ``"tq_packed"``.
+        validate: check every call's keys and values (one flag read back per layer and call).
 
     Raises:
         ValueError: a layer index outside the model's layers.
+        NotImplementedError: a baseline strategy (the device store holds "mse", "prod" and
+            "exact" streams).
     """
 
     def __init__(
@@ -288,6 +360,7 @@ class TurboQuantCache(Cache):
         exact_layers: Iterable[int] = (),
         layer_configs: dict[int, CacheConfig] | None = None,
         keep_reconstruction: bool | None = None,
+        validate: bool = True,
     ) -> None:
         num_layers, kv_heads, head_dim, windows = _geometry(model_config)
         cache_config = cache_config or CacheConfig()
@@ -306,6 +379,7 @@ class TurboQuantCache(Cache):
                 index,
                 windows[index],
                 keep_reconstruction,
+                validate,
             )
             for index in range(num_layers)
         ]
@@ -315,65 +389,67 @@ class TurboQuantCache(Cache):
     def concatenate(cls, caches: Iterable[TurboQuantCache]) -> TurboQuantCache:
         """One cache over the sequences of ``caches`` (filled, of one model and length), in order.
 
-        The sequences' stores are shared, not copied: a call through the result appends to the
-        caches it was made from (their ``nbytes`` count it), as one batch.
+        The sequences' tensors are copied into the batch; each cache of ``caches`` then reads as
+        its row of the result (its length and sizes follow the batch as it grows) and refuses
+        calls of its own.
         """
         caches = list(caches)
         first = caches[0]
-        if not all(layer.is_initialized for cache in caches for layer in cache.layers):
-            raise ValueError("concatenate needs caches that hold tokens (after their prefill)")
+        if not all(
+            layer.is_initialized and layer.joined is None for cache in caches for layer in cache.layers
+        ):
+            raise ValueError(
+                "concatenate needs caches that hold tokens (after their prefill), not joined ones"
+            )
         if (
             len({cache.get_seq_length() for cache in caches}) != 1
             or len({len(cache.layers) for cache in caches}) != 1
         ):
             raise ValueError("concatenate needs caches of one model holding sequences of one length")
-        return first._with_rows(
-            [
-                [row for cache in caches for row in cache.layers[index].rows]
-                for index in range(len(first.layers))
-            ]
-        )
+        joined = copy.copy(first)
+        joined.layers = []
+        for index, layer in enumerate(first.layers):
+            batch = copy.copy(layer)
+            for cache in caches:
+                cache.layers[index].settle()
+            batch.key_stream = DeviceStream.concatenate([cache.layers[index].key_stream for cache in caches])
+            batch.value_stream = DeviceStream.concatenate(
+                [cache.layers[index].value_stream for cache in caches]
+            )
+            joined.layers.append(batch)
+        for row, cache in enumerate(caches):
+            for layer, batch in zip(cache.layers, joined.layers, strict=True):
+                layer.joined = (batch, row)
+        return joined
 
     def copy(self) -> TurboQuantCache:
-        """An independent copy (every sequence's store copied)."""
-        return self._with_rows([[row.copy() for row in layer.rows] for layer in self.layers])
-
-    def _with_rows(self, rows: list[list[QuantizedKVCache]]) -> TurboQuantCache:
-        """This cache with layer i holding the per-sequence stores ``rows[i]``."""
-        cache = copy.copy(self)
-        cache.layers = [copy.copy(layer) for layer in self.layers]
-        for layer, layer_rows in zip(cache.layers, rows, strict=True):
-            layer.rows = layer_rows
-        return cache
+        """An independent copy (every tensor cloned)."""
+        twin = copy.copy(self)
+        twin.layers = []
+        for layer in self.layers:
+            if layer.joined is not None:
+                raise ValueError("copy the joined cache, not one of its rows")
+            layer_copy = copy.copy(layer)
+            layer_copy.key_stream, layer_copy.value_stream = (stream.copy() for stream in layer.streams)
+            twin.layers.append(layer_copy)
+        return twin
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache format needs for every stored token (codes, norms, exact tokens)."""
-        return sum(row.nbytes for layer in self.layers for row in layer.rows)
+        return sum(layer.sizes()["stored_bytes"] for layer in self.layers)
 
     @property
     def float_nbytes(self) -> int:
         """Bytes of the same tokens as float32 keys and values."""
-        return sum(row.float_nbytes for layer in self.layers for row in layer.rows)
+        return sum(layer.sizes()["fp32_bytes"] for layer in self.layers)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes per layer and in all: ``stored`` (codes, norms, exact tokens: what the cache
-        format needs), ``buffers`` (float32 working buffers: the reconstruction when kept, the
-        exact window), ``fp32`` (the same tokens as float32 keys and values), and the ratio
-        fp32 / stored."""
-        layers = []
-        for layer in self.layers:
-            rows = layer.rows
-            layers.append(
-                {
-                    "layer": layer.layer,
-                    "tokens": layer.get_seq_length(),
-                    "sequences": len(rows),
-                    "stored_bytes": sum(row.nbytes for row in rows),
-                    "buffer_bytes": sum(row.buffer_nbytes for row in rows),
-                    "fp32_bytes": sum(row.float_nbytes for row in rows),
-                }
-            )
+        format needs), ``buffers`` (the working buffers as allocated: the reconstruction when
+        kept, the exact tokens), ``fp32`` (the same tokens as float32 keys and values), and the
+        ratio fp32 / stored. ``held_bytes`` is what the device holds for the cache."""
+        layers = [layer.sizes() for layer in self.layers]
         totals = {
             key: sum(entry[key] for entry in layers) for key in ("stored_bytes", "buffer_bytes", "fp32_bytes")
         }
@@ -422,6 +498,9 @@ def packed_attention(
     if dropout:
         raise NotImplementedError(f'attn_implementation="{ATTENTION}" is for inference: dropout must be 0')
     _check_mask(attention_mask)
+    problem = layer.packed_problem()
+    if problem is not None:
+        raise NotImplementedError(problem)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return layer.attend(query, float(scale)).transpose(1, 2).contiguous(), None
 

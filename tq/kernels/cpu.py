@@ -4,15 +4,26 @@ Same functions, arguments and results as the reference (see its docstring for sh
 split into chunks that run on a pool of kernel threads; within a chunk, an encode is one
 rotation followed by one fused Numba pass (norm, scale, quantize, pack), and a decode is one
 fused pass (unpack, centroid look-up, scale) followed by one inverse rotation. A Haar rotation
-is a float32 BLAS product, single-threaded per chunk; a Hadamard rotation is a Numba fast
-Walsh-Hadamard transform. Inner products never reconstruct x: each query is rotated once and
-turned into a look-up table lut[j, k] = (Pi q)_j * c_k that the packed codes index.
+is a BLAS product, single-threaded per chunk; a Hadamard rotation is a Numba fast
+Walsh-Hadamard transform.
+
+Codes do not depend on the BLAS: an encode's Haar rotation (and Prod's projection of the
+residual, whose signs are stored) is a float64 product of the float32 inputs, rounded to
+float32. The products are exact in float64 and only the summation order differs between
+libraries and devices, a difference the rounding to float32 hides; the float32 arithmetic
+after it (scale, compare with the edges, the residual) is written out one rounding at a time
+(no fused multiply-add). So tq's torch codec (:mod:`tq.quant.torch_codec`) packs the same bytes
+on any device. Decodes and inner products stay float32 products.
+
+Inner products never reconstruct x: each query is rotated once and turned into a look-up table
+lut[j, k] = (Pi q)_j * c_k that the packed codes index.
 
 Besides the six backend functions, the pieces other CPU kernels (the packed-cache attention of
 :mod:`tq.cache.attention`) are built from:
 
 - Numba settings: :data:`FASTMATH`, :data:`jit` (compiled once, cached on disk) and
-  :data:`jit_in_memory` (for kernels that call per-bit-width closures);
+  :data:`jit_in_memory` (for kernels that call per-bit-width closures; ``jit_in_memory_exact``
+  without fused multiply-adds);
 - row kernels: :func:`row_kernels` (per bit width: pack, unpack, centroid tables, encode,
   look-up, scores), :func:`unpack_sign_row` and :func:`add_sign_scores` (QJL signs);
 - threads: :data:`CHUNK_ROWS`, :func:`num_threads`, :func:`thread_pool`, :func:`run_chunks` and
@@ -64,6 +75,9 @@ jit = numba.njit(cache=True, fastmath=FASTMATH, nogil=True)
 # process (their callees are closure objects) and would add a file per process, so they compile
 # in memory once per process instead.
 jit_in_memory = numba.njit(cache=False, fastmath=FASTMATH, nogil=True)
+# Kernels whose float32 results are stored bit for bit (Prod's residual): no contraction into a
+# fused multiply-add, so that every backend rounds each product and difference the same way.
+jit_in_memory_exact = numba.njit(cache=False, fastmath={"reassoc"}, nogil=True)
 
 
 def _jit_specialized(tag: str) -> Callable[[Callable], Callable]:
@@ -175,7 +189,7 @@ def row_kernels(bits: int) -> SimpleNamespace:
             quantize_row(y[i], scale, edges, indices)
             pack_row(indices, codes[i])
 
-    @jit_in_memory
+    @jit_in_memory_exact
     def encode_rows_residual(y, edges, centroids, normalize, codes, norms, residual, gammas):
         """As encode_rows, plus the rotated residual y * scale - c[idx] and its norm gamma."""
         dim = y.shape[1]
@@ -187,7 +201,8 @@ def row_kernels(bits: int) -> SimpleNamespace:
             quantize_row(y[i], scale, edges, indices)
             pack_row(indices, codes[i])
             for j in range(dim):
-                residual[i, j] = y[i, j] * scale - centroids[indices[j]]
+                value = y[i, j] * scale
+                residual[i, j] = value - centroids[indices[j]]
             gammas[i] = _row_norm(residual[i])
 
     @jit_in_memory
@@ -382,6 +397,22 @@ def _rotate_into(x: np.ndarray, rotation: Rotation, out: np.ndarray) -> None:
         np.matmul(x, rotation.matrix.T, out=out)
 
 
+def _encode_rotate_into(
+    x: np.ndarray, rotation: Rotation, transposed: np.ndarray | None, out: np.ndarray
+) -> None:
+    """out = x @ Pi.T for an encode: the Hadamard FWHT, or the float64 product with ``transposed``
+    (Pi.T as float64) rounded to float32 (see the module docstring)."""
+    if transposed is None:
+        _rotate_into(x, rotation, out)
+    else:
+        out[:] = x.astype(np.float64) @ transposed
+
+
+def _encode_matrix(rotation: Rotation) -> np.ndarray | None:
+    """Pi.T as float64 for :func:`_encode_rotate_into` (None for Hadamard)."""
+    return None if rotation.kind == "hadamard" else rotation.matrix.T.astype(np.float64)
+
+
 def _unrotate_into(y: np.ndarray, rotation: Rotation, out: np.ndarray) -> None:
     """out = y @ Pi for float32 [n, d] arrays."""
     if rotation.kind == "hadamard":
@@ -426,10 +457,11 @@ def mse_encode(
     edges, _ = _codebook_f32(codebook)
     codes = np.empty((n, code_bytes(dim, codebook.bits)), np.uint8)
     norms = np.empty(n, np.float32)
+    transposed = _encode_matrix(rotation)
 
     def work(start: int, stop: int) -> None:
         rotated = np.empty((stop - start, dim), np.float32)
-        _rotate_into(x[start:stop], rotation, rotated)
+        _encode_rotate_into(x[start:stop], rotation, transposed, rotated)
         kernels.encode_rows(rotated, edges, normalize, codes[start:stop], norms[start:stop])
 
     run_chunks(n, work)
@@ -488,7 +520,8 @@ def prod_encode(
     n, dim = x.shape
     x = _f32(x)
     edges, centroids = _codebook_f32(codebook)
-    projection_t = _qjl_projection(rotation, qjl).T
+    projection_t = _qjl_projection(rotation, qjl).T.astype(np.float64)
+    transposed = _encode_matrix(rotation)
     codes = np.empty((n, code_bytes(dim, codebook.bits)), np.uint8)
     signs = np.empty((n, code_bytes(dim, 1)), np.uint8)
     norms = np.empty(n, np.float32)
@@ -497,7 +530,7 @@ def prod_encode(
     def work(start: int, stop: int) -> None:
         rotated = np.empty((stop - start, dim), np.float32)
         residual = np.empty_like(rotated)
-        _rotate_into(x[start:stop], rotation, rotated)
+        _encode_rotate_into(x[start:stop], rotation, transposed, rotated)
         kernels.encode_rows_residual(
             rotated,
             edges,
@@ -508,7 +541,7 @@ def prod_encode(
             residual,
             gammas[start:stop],
         )
-        _pack_sign_rows(np.matmul(residual, projection_t, out=rotated), signs[start:stop])
+        _pack_sign_rows(residual.astype(np.float64) @ projection_t, signs[start:stop])
 
     run_chunks(n, work)
     return codes, signs, gammas, norms
