@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from tests.models_fixtures import tiny_gemma3, tiny_llama  # noqa: E402
 from tq.cache.config import CacheConfig  # noqa: E402
 from tq.engines.transformers import TransformersRunner  # noqa: E402
-from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402
+from tq.engines.transformers_cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
 from tq.models.checkpoint import Checkpoint  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
@@ -232,3 +232,73 @@ def test_smollm2_packed_attention_and_the_onnx_loop(smollm2_checkpoint, smollm2_
 
     mean, se = mean_se((nll(logits["sdpa"]) - nll(onnx)).ravel())
     assert abs(mean) <= AGREEMENT_SE * se, (mean, se)
+
+
+def test_bfloat16_models_keep_their_dtype_on_both_paths(tiny_dirs):
+    """A bfloat16 model's cache holds its exact tokens and reconstruction in bfloat16; the packed
+    path (float32 attention, its output rounded to bfloat16) departs from the reconstruct path
+    (bfloat16 SDPA) by less than bfloat16 departs from float32 on the same path (the tiny
+    model amplifies every rounding: random weights)."""
+    logits = {}
+    for dtype, attention in (("float32", "sdpa"), ("bfloat16", "sdpa"), ("bfloat16", "tq_packed")):
+        engine = TransformersRunner(Checkpoint.load(tiny_dirs["llama"]), dtype=dtype, attention=attention)
+        prompts, forced = tokens(engine.model, (2, 10), 12), tokens(engine.model, (2, 8), 13)
+        caches = [engine.new_cache(CacheConfig(key_bits=4, value_bits=3, residual_length=2)) for _ in prompts]
+        logits[dtype, attention] = engine.teacher_force(prompts, forced, caches)
+        batch = caches[0].layers[0].joined[0]
+        if dtype == "bfloat16":
+            for stream in batch.streams:
+                assert stream.buffer.dtype == torch.bfloat16 and stream.exact(0).shape[2] >= 2
+            assert batch.keys.dtype == torch.bfloat16
+    reference = logits["bfloat16", "sdpa"]
+    paths = np.abs(logits["bfloat16", "tq_packed"] - reference).max()
+    dtypes = np.abs(logits["float32", "sdpa"] - reference).max()
+    assert 0 < paths < dtypes, (paths, dtypes)
+
+
+def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs, monkeypatch):
+    """Every way a tensor's data can reach the host, or a host array a tensor, is counted inside
+    the cache's update and attend during a decode step: with validation one flag per layer
+    (1 byte), else nothing."""
+    moved: list[tuple[str, int]] = []
+    inside = [False]
+
+    def counting(name, original, size):
+        def wrapper(*args, **kwargs):
+            if inside[0]:
+                moved.append((name, size(*args)))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def tensor_bytes(tensor, *_):
+        return tensor.numel() * tensor.element_size()
+
+    def in_the_cache(original):
+        def wrapper(*args, **kwargs):
+            inside[0] = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        return wrapper
+
+    for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name), tensor_bytes))
+    monkeypatch.setattr(
+        torch, "from_numpy", counting("from_numpy", torch.from_numpy, lambda array: array.nbytes)
+    )
+    for method in ("update", "attend"):
+        monkeypatch.setattr(TurboQuantLayer, method, in_the_cache(getattr(TurboQuantLayer, method)))
+    for attention in ("sdpa", "tq_packed"):
+        model = load(tiny_dirs["llama"], attention)
+        ids = torch.from_numpy(tokens(model, (2, 7), 14))
+        for validate in (True, False):
+            cache = TurboQuantCache(model.config, CacheConfig(key_bits=3, value_bits=2.5), validate=validate)
+            with torch.inference_mode():
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+                moved.clear()
+                model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            expected = [("__bool__", 1)] * len(cache.layers) if validate else []
+            assert moved == expected, (attention, validate, moved)
