@@ -28,7 +28,8 @@ NumPy on the host (the ONNX Runtime engine's caches store them).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,7 +39,7 @@ from tq.cache.stream import shared_quantizer
 from tq.quant.torch_codec import TorchCodec, TorchCodes
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
-__all__ = ["DeviceStream", "device_store_problem"]
+__all__ = ["DeviceStream", "device_store_problem", "settle_streams"]
 
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -152,29 +153,26 @@ class DeviceStream:
         self.buffer[:, :, self.length - self.offset : self.length + t - self.offset] = tokens
         self.length += t
 
-    @torch.inference_mode()
     def settle(self) -> None:
-        """Quantize the tokens that have left the residual window (every token but the last
-        ``residual_length``): codes into the store; their reconstruction into the buffer, or
-        out of it."""
-        if not self.quantizes:  # an exact stream: every token stays in the buffer (quantized stays 0)
-            return
+        """Quantize the tokens that have left the residual window (:func:`settle_streams`)."""
+        settle_streams([self])
+
+    def _leaving(self) -> tuple[torch.Tensor, int] | None:
+        """The tokens that have left the residual window, float32 and centred [batch, kv_heads,
+        n, head_dim], and the position after them; None when none have (or an exact stream)."""
         stop = self.length - self.config.residual_length
-        if stop <= self.quantized:
-            return
+        if not self.quantizes or stop <= self.quantized:
+            return None
         span = self.buffer[:, :, self.quantized - self.offset : stop - self.offset].float()
         if self.center is not None:
             span = span - self.center.unsqueeze(2)
         if not self.groups:
             self._make_groups(span)
-        reconstruction = torch.empty_like(span) if self.keep_reconstruction else None
-        for group in self.groups:
-            stored = group.codec.encode(self._gather(group, span))
-            self._store(group, stored, stop)
-            if reconstruction is not None:
-                norms = group.norms[:, :, self.quantized : stop].float()  # as stored (float16 rounding)
-                rows = self._decode(group, stored.codes, norms, stored)
-                self._scatter(group, rows, reconstruction)
+        return span, stop
+
+    def _absorb(self, reconstruction: torch.Tensor | None, stop: int) -> None:
+        """Positions quantized..stop-1 are now in the quantized store: their reconstruction
+        (float32, centred) replaces them in the buffer, or (not kept) they leave it."""
         if reconstruction is not None:
             if self.center is not None:
                 reconstruction += self.center.unsqueeze(2)
@@ -434,3 +432,54 @@ class DeviceStream:
     def buffer_nbytes(self) -> int:
         """Bytes of the buffer as allocated (reconstruction and exact tokens)."""
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+
+@torch.inference_mode()
+def settle_streams(streams: Sequence[DeviceStream]) -> None:
+    """Quantize the tokens that have left the residual window of every stream: codes into its
+    store; their reconstruction into its buffer, or out of it.
+
+    Streams whose channel groups share codecs (the layers of one configuration) are encoded
+    together: one encode (and decode) per channel group, however many layers call.
+    """
+    buckets: dict[tuple, list[tuple[DeviceStream, torch.Tensor, int]]] = {}
+    for stream in streams:
+        leaving = stream._leaving()
+        if leaving is not None:
+            config = stream.config
+            key = (
+                tuple(id(group.codec) for group in stream.groups),
+                stream.keep_reconstruction,
+                config.norm_dtype,
+                config.renormalize,
+            )
+            buckets.setdefault(key, []).append((stream, *leaving))
+    for members in buckets.values():
+        lead = members[0][0]
+        outs = [torch.empty_like(span) if lead.keep_reconstruction else None for _, span, _ in members]
+        for index, group in enumerate(lead.groups):
+            parts = [stream._gather(stream.groups[index], span) for stream, span, _ in members]
+            rows = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
+            stored = group.codec.encode(rows)
+            stored = replace(stored, norms=stored.norms.to(group.norms.dtype))
+            if lead.keep_reconstruction:
+                rebuilt = lead._decode(group, stored.codes, stored.norms.float(), stored)
+            start = 0
+            for (stream, _, stop), part, out in zip(members, parts, outs, strict=True):
+                count, shape = part[..., 0].numel(), part.shape[:-1]
+                piece = TorchCodes(
+                    *(
+                        None
+                        if value is None
+                        else value[start : start + count].reshape(*shape, *value.shape[1:])
+                        for value in (stored.codes, stored.norms, stored.signs, stored.gammas)
+                    )
+                )
+                stream._store(stream.groups[index], piece, stop)
+                if out is not None:
+                    stream._scatter(
+                        stream.groups[index], rebuilt[start : start + count].reshape(part.shape), out
+                    )
+                start += count
+        for (stream, _, stop), out in zip(members, outs, strict=True):
+            stream._absorb(out, stop)

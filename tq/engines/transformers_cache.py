@@ -62,7 +62,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tq.cache.config import EXACT, CacheConfig
-from tq.cache.device_stream import DeviceStream
+from tq.cache.device_stream import DeviceStream, settle_streams
 
 __all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention"]
 
@@ -108,6 +108,7 @@ class TurboQuantLayer(CacheLayerMixin):
             kv_heads, head_dim, "value", config.seed + 1, config, keep_reconstruction
         )
         self.joined: tuple[TurboQuantLayer, int] | None = None  # (batch layer, row) after concatenate
+        self.siblings: list[TurboQuantLayer] = []  # the cache's layers (set by TurboQuantCache)
         self.is_initialized = False
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # a packed decode step's new tokens
 
@@ -142,13 +143,14 @@ class TurboQuantLayer(CacheLayerMixin):
                 raise ValueError(f"the cache holds {batch} sequences, the call has {tokens.shape[0]}")
         if not self.validate:
             return
-        overflow = [s.norm_overflow(t) for s, t in zip(self.streams, (keys, values), strict=True)]
-        flags = [~torch.isfinite(keys).all(), ~torch.isfinite(values).all()]
-        flags += [flag for flag in overflow if flag is not None]
-        if not bool(torch.stack(flags).any()):
+        bad = ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
+        for stream, tokens in zip(self.streams, (keys, values), strict=True):
+            overflow = stream.norm_overflow(tokens)
+            bad = bad if overflow is None else bad | overflow
+        if not bool(bad):
             return
-        for name, tokens, flag in (("keys", keys, flags[0]), ("values", values, flags[1])):
-            if bool(flag):
+        for name, tokens in (("keys", keys), ("values", values)):
+            if not bool(torch.isfinite(tokens).all()):
                 row, head, token, channel = (int(i) for i in torch.nonzero(~torch.isfinite(tokens))[0])
                 value = "NaN" if torch.isnan(tokens[row, head, token, channel]) else "inf"
                 raise ValueError(
@@ -180,6 +182,8 @@ class TurboQuantLayer(CacheLayerMixin):
             )
         self._check(key_states, value_states)
         start = self._start()
+        if self.siblings and self is self.siblings[0]:  # a call's first layer settles them all at once
+            settle_streams([stream for layer in self.siblings for stream in layer.streams])
         self.settle()
         if not self.keep_reconstruction and key_states.shape[2] == 1:
             self._step = key_states, value_states  # packed_attention attends, then pushes them
@@ -316,6 +320,12 @@ class TurboQuantLayer(CacheLayerMixin):
         }
 
 
+def _link(layers: list[TurboQuantLayer]) -> None:
+    """Let every layer of a cache see the others (the first one settles them all)."""
+    for layer in layers:
+        layer.siblings = layers
+
+
 def _geometry(model_config: PretrainedConfig) -> tuple[int, int, int, list[int | None]]:
     """(layers, kv_heads, head_dim, sliding window per layer) of a decoder config."""
     text = model_config.get_text_config(decoder=True)
@@ -384,6 +394,7 @@ class TurboQuantCache(Cache):
             for index in range(num_layers)
         ]
         super().__init__(layers=layers)
+        _link(self.layers)
 
     @classmethod
     def concatenate(cls, caches: Iterable[TurboQuantCache]) -> TurboQuantCache:
@@ -420,6 +431,7 @@ class TurboQuantCache(Cache):
         for row, cache in enumerate(caches):
             for layer, batch in zip(cache.layers, joined.layers, strict=True):
                 layer.joined = (batch, row)
+        _link(joined.layers)
         return joined
 
     def copy(self) -> TurboQuantCache:
@@ -432,6 +444,7 @@ class TurboQuantCache(Cache):
             layer_copy = copy.copy(layer)
             layer_copy.key_stream, layer_copy.value_stream = (stream.copy() for stream in layer.streams)
             twin.layers.append(layer_copy)
+        _link(twin.layers)
         return twin
 
     @property
