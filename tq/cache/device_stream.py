@@ -80,10 +80,15 @@ class DeviceGroup:
 
 
 def _grown(tensor: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
-    """``tensor`` [batch, heads, cap, ...] with room for ``capacity`` positions (the first ``used`` kept)."""
-    if tensor.shape[2] >= capacity:
+    """``tensor`` [batch, heads, cap, ...] with room for ``capacity`` positions (the first ``used``
+    kept). It grows by what is asked, and by at least 64 positions or 1/64 of its size: a decode
+    step copies the store once in 64 steps, and the room left over stays under 2%."""
+    held = tensor.shape[2]
+    if held >= capacity:
         return tensor
-    grown = tensor.new_empty((*tensor.shape[:2], max(capacity, 2 * tensor.shape[2], 16), *tensor.shape[3:]))
+    grown = tensor.new_empty(
+        (*tensor.shape[:2], max(capacity, held + max(64, held // 64)), *tensor.shape[3:])
+    )
     grown[:, :, :used] = tensor[:, :, :used]
     return grown
 
@@ -146,7 +151,7 @@ class DeviceStream:
         """Add tokens [batch, kv_heads, t, head_dim] (the model's dtype), exact until :meth:`settle`."""
         t = tokens.shape[2]
         if self.buffer is None:
-            self.buffer = tokens.new_empty((tokens.shape[0], self.kv_heads, max(t, 16), self.head_dim))
+            self.buffer = tokens.new_empty((tokens.shape[0], self.kv_heads, t, self.head_dim))
             if self.centered:
                 self.center = tokens.float().double().mean(dim=2).float()
         self.buffer = _grown(self.buffer, self.length - self.offset, self.length + t - self.offset)
@@ -180,9 +185,9 @@ class DeviceStream:
             self.buffer[:, :, local] = reconstruction.to(self.buffer.dtype)
         else:  # keep the exact window only
             kept = self.buffer[:, :, stop - self.offset : self.length - self.offset].clone()
-            if self.buffer.shape[2] > max(4 * kept.shape[2], 64):
+            if self.buffer.shape[2] > max(4 * kept.shape[2], 64):  # a prefill left a large buffer
                 self.buffer = self.buffer.new_empty(
-                    (*self.buffer.shape[:2], max(2 * kept.shape[2], 16), self.head_dim)
+                    (*self.buffer.shape[:2], 2 * kept.shape[2] + 2, self.head_dim)
                 )
             self.buffer[:, :, : kept.shape[2]] = kept
             self.offset = stop
@@ -427,6 +432,14 @@ class DeviceStream:
             if group.channels is not None:
                 total += group.channels.numel() * 2
         return total
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of every tensor the stream holds, as allocated (the room for later tokens too)."""
+        return sum(
+            getattr(owner, name).numel() * getattr(owner, name).element_size()
+            for owner, name in self._tensors()
+        )
 
     @property
     def buffer_nbytes(self) -> int:

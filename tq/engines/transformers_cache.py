@@ -68,6 +68,7 @@ __all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention"
 
 ATTENTION = "tq_packed"
 _STEP = "_tq_layer"  # attribute of the key tensor that a packed decode step's update returns
+SIZES = ("stored_bytes", "buffer_bytes", "held_bytes", "fp32_bytes")  # the byte counts of a layer
 
 
 class TurboQuantLayer(CacheLayerMixin):
@@ -306,7 +307,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 "layer": self.layer,
                 "tokens": whole["tokens"],
                 "sequences": 1,
-                **{key: whole[key] // share for key in ("stored_bytes", "buffer_bytes", "fp32_bytes")},
+                **{key: whole[key] // share for key in SIZES},
             }
         self.settle()
         batch, length = self.key_stream.batch, self.get_seq_length()
@@ -316,6 +317,7 @@ class TurboQuantLayer(CacheLayerMixin):
             "sequences": batch,
             "stored_bytes": sum(stream.nbytes for stream in self.streams),
             "buffer_bytes": sum(stream.buffer_nbytes for stream in self.streams),
+            "held_bytes": sum(stream.held_nbytes for stream in self.streams),
             "fp32_bytes": 2 * batch * length * self.kv_heads * self.head_dim * 4,
         }
 
@@ -459,17 +461,15 @@ class TurboQuantCache(Cache):
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes per layer and in all: ``stored`` (codes, norms, exact tokens: what the cache
-        format needs), ``buffers`` (the working buffers as allocated: the reconstruction when
-        kept, the exact tokens), ``fp32`` (the same tokens as float32 keys and values), and the
-        ratio fp32 / stored. ``held_bytes`` is what the device holds for the cache."""
+        format needs), ``buffer`` (the working buffers as allocated: the reconstruction when
+        kept, the exact tokens), ``held`` (every tensor the device holds for the cache, as
+        allocated: buffers, and the stores with their room for later tokens), ``fp32`` (the
+        same tokens as float32 keys and values), and the ratio fp32 / stored."""
         layers = [layer.sizes() for layer in self.layers]
-        totals = {
-            key: sum(entry[key] for entry in layers) for key in ("stored_bytes", "buffer_bytes", "fp32_bytes")
-        }
+        totals = {key: sum(entry[key] for entry in layers) for key in SIZES}
         stored = totals["stored_bytes"]
         return {
             **totals,
-            "held_bytes": stored + totals["buffer_bytes"],
             "compression_ratio": totals["fp32_bytes"] / stored if stored else None,
             "keep_reconstruction": self.keep_reconstruction,
             "layers": layers,
