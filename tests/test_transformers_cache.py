@@ -106,18 +106,23 @@ def test_beam_search_reorders_the_per_sequence_caches(tiny_dirs):
     ],
     ids=["mse3", "prod3-window"],
 )
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_packed_attention_equals_the_reconstruct_path(tiny_dirs, name, config):
+def test_packed_attention_equals_the_reconstruct_path(tiny_dirs, name, config, kernels):
     """Teacher-forced decoding (prefill 10 tokens, then 29 steps of one token for 2 sequences
-    in one call): attention from the packed codes gives the reconstruct path's logits, and the
-    packed caches hold no float copy of their quantized tokens."""
+    in one call): attention from the packed codes (tq's Numba CPU kernels, or torch) gives the
+    reconstruct path's logits, and the packed caches hold no float copy of their quantized
+    tokens."""
     vocabulary = load(tiny_dirs[name])
     prompts, forced = tokens(vocabulary, (2, 10), 2), tokens(vocabulary, (2, 30), 3)
     layer_configs = {1: EXACT} if name == "llama" else None
     results, reports = {}, {}
     for attention in ("sdpa", "tq_packed"):
         engine = runner(tiny_dirs[name], attention)
-        caches = [engine.new_cache(config, layer_configs) for _ in prompts]
+        caches = [
+            TurboQuantCache(engine.model.config, config, layer_configs=layer_configs, packed_kernels=kernels)
+            for _ in prompts
+        ]
         results[attention] = engine.teacher_force(prompts, forced, caches)
         reports[attention] = [cache.memory_report() for cache in caches]
     assert_logits_close(results["tq_packed"], results["sdpa"])
@@ -296,7 +301,8 @@ def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs, m
         model = load(tiny_dirs["llama"], attention)
         ids = torch.from_numpy(tokens(model, (2, 7), 14))
         for validate in (True, False):
-            cache = TurboQuantCache(model.config, CacheConfig(key_bits=3, value_bits=2.5), validate=validate)
+            config = CacheConfig(key_bits=3, value_bits=2.5)
+            cache = TurboQuantCache(model.config, config, validate=validate, packed_kernels="torch")
             with torch.inference_mode():
                 model(input_ids=ids, past_key_values=cache, use_cache=True)
                 model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # quantizes the prompt

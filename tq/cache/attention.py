@@ -69,7 +69,7 @@ from tq.kernels.cpu import (
 )
 from tq.kernels.naive import qjl_scale
 
-__all__ = ["decode_attention", "decode_attention_reference"]
+__all__ = ["attend_packed", "decode_attention", "decode_attention_reference"]
 
 _jit_inline = numba.njit(cache=False, fastmath=FASTMATH, nogil=True, inline="always")
 
@@ -438,8 +438,19 @@ def decode_attention(
         view = packed_cache(cache, start, new_keys, new_values)
         return cuda_path.decode_attention_cuda(queries, cuda_path.DeviceKVCache(view), scale)
     queries, view, scale = _check(queries, cache, scale, start, new_keys, new_values)
+    return attend_packed(queries, view, scale)
+
+
+def attend_packed(queries: np.ndarray, view: PackedCache, scale: float) -> np.ndarray:
+    """The CPU kernels of :func:`decode_attention` on a packed view (checked by the caller):
+    queries float32 [q_heads, n_queries, head_dim] -> float32 [q_heads, n_queries, head_dim].
+
+    The view's arrays are read in place; per head they must be C-contiguous (``codes[h]``
+    [n, bytes], ``scales[h]``, ``exact[h]`` [e, head_dim] float32), as a store's per-head
+    slices are.
+    """
     keys, values = view.keys, view.values
-    kv_heads, length = cache.kv_heads, view.length
+    kv_heads, length = view.kv_heads, view.length
     threads = num_threads()
 
     def attend(head: int, chunk: int) -> np.ndarray:

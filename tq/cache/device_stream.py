@@ -31,9 +31,11 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from tq.cache.config import CacheConfig, split_widths
+from tq.cache.packed_view import PackedGroup, PackedStream
 from tq.cache.strategies import STRATEGIES
 from tq.cache.stream import shared_quantizer
 from tq.quant.torch_codec import TorchCodec, TorchCodes
@@ -77,6 +79,12 @@ class DeviceGroup:
     signs: torch.Tensor | None = None
     gammas: torch.Tensor | None = None
     fields: tuple[str, ...] = field(default=("codes", "norms", "signs", "gammas"), repr=False)
+
+
+@functools.cache
+def _all_channels(kv_heads: int, head_dim: int) -> np.ndarray:
+    """int64 [kv_heads, head_dim]: every channel of every head (a single channel group)."""
+    return np.tile(np.arange(head_dim), (kv_heads, 1))
 
 
 def _grown(tensor: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
@@ -367,6 +375,33 @@ class DeviceStream:
             else:
                 out.scatter_add_(3, group.channels.unsqueeze(2).expand(part.shape), part)
         return out
+
+    def packed_view(self, row: int, start: int, new: torch.Tensor) -> PackedStream:
+        """Sequence ``row``'s tokens start.. and then ``new`` [kv_heads, n, head_dim] as the packed
+        arrays tq's CPU attention kernels read (:mod:`tq.cache.attention`): NumPy views of the
+        stream's CPU tensors (float32 tokens), no copy of the codes."""
+        groups = []
+        coded = max(self.quantized - start, 0)
+        for group in self.groups if coded else ():
+            codes = group.codes[row, :, start : self.quantized]
+            scales = self._scales(group, codes, group.norms[row, :, start : self.quantized].float())
+            channels = (
+                group.channels[row].numpy()
+                if group.channels is not None
+                else _all_channels(*codes.shape[:1], self.head_dim)
+            )
+            groups.append(
+                PackedGroup(
+                    group.codec.quantizer,
+                    channels,
+                    codes.numpy(),
+                    scales.numpy(),
+                    None if group.signs is None else group.signs[row, :, start : self.quantized].numpy(),
+                    None if group.gammas is None else group.gammas[row, :, start : self.quantized].numpy(),
+                )
+            )
+        exact = torch.cat([self.exact(start)[row], new], dim=1)
+        return PackedStream(groups, coded, exact.numpy())
 
     # -- checks, batch edits and sizes -------------------------------------------------------------
 

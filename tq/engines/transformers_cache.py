@@ -45,6 +45,8 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 try:
     import torch
     import transformers
@@ -61,13 +63,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tq.cache.attention import attend_packed
 from tq.cache.config import EXACT, CacheConfig
 from tq.cache.device_stream import DeviceStream, settle_streams
+from tq.cache.packed_view import PackedCache
 
 __all__ = ["ATTENTION", "TurboQuantCache", "TurboQuantLayer", "packed_attention"]
 
 ATTENTION = "tq_packed"
 _STEP = "_tq_layer"  # attribute of the key tensor that a packed decode step's update returns
+PACKED_KERNELS = ("auto", "torch", "numba")
 SIZES = ("stored_bytes", "buffer_bytes", "held_bytes", "fp32_bytes")  # the byte counts of a layer
 
 
@@ -84,6 +89,9 @@ class TurboQuantLayer(CacheLayerMixin):
             path) or not (the ``packed`` path).
         validate: check every call's keys and values (finite; a norm that float16 norms can hold),
             which reads one flag back to the host per call.
+        packed_kernels: what a packed decode step runs: "torch" (on any device), "numba" (tq's
+            CPU kernels on views of the store: a float32 model on the CPU), or "auto" (numba
+            where it applies, else torch).
 
     Raises:
         NotImplementedError: a baseline strategy in ``config``.
@@ -98,7 +106,11 @@ class TurboQuantLayer(CacheLayerMixin):
         sliding_window: int | None,
         keep_reconstruction: bool,
         validate: bool = True,
+        packed_kernels: str = "auto",
     ) -> None:
+        if packed_kernels not in PACKED_KERNELS:
+            raise ValueError(f"packed_kernels must be one of {PACKED_KERNELS}, got {packed_kernels!r}")
+        self.packed_kernels = packed_kernels
         self.kv_heads, self.head_dim, self.config, self.layer = kv_heads, head_dim, config, layer
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -208,6 +220,25 @@ class TurboQuantLayer(CacheLayerMixin):
         self._step = None
         start, (keys, values) = self._start(), self.streams
         batch, heads = query.shape[:2]
+        if self._numba_kernels(query):
+            out = np.stack(
+                [
+                    attend_packed(
+                        np.ascontiguousarray(query[row].float().numpy()),
+                        PackedCache(
+                            self.kv_heads,
+                            self.head_dim,
+                            keys.packed_view(row, start, new_keys[row]),
+                            values.packed_view(row, start, new_values[row]),
+                        ),
+                        scale,
+                    )
+                    for row in range(batch)
+                ]
+            )
+            keys.push(new_keys)
+            values.push(new_values)
+            return torch.from_numpy(out).to(query.dtype)
         queries = query.float().reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
         coded_keys = max(keys.quantized - start, 0)
         exact_keys = torch.cat([keys.exact(start), new_keys], dim=2).float()
@@ -223,6 +254,21 @@ class TurboQuantLayer(CacheLayerMixin):
         keys.push(new_keys)
         values.push(new_values)
         return out.reshape(batch, heads, 1, self.head_dim).to(query.dtype)
+
+    def _numba_kernels(self, query: torch.Tensor) -> bool:
+        """Whether a packed step runs tq's Numba CPU kernels on NumPy views of the store (a
+        float32 model on the CPU, no centred keys; ``packed_kernels`` "auto" or "numba") or
+        the torch implementation (anything else, and ``packed_kernels="torch"``)."""
+        if self.packed_kernels == "torch":
+            return False
+        cpu = query.device.type == "cpu" and self.key_stream.buffer.dtype == torch.float32
+        usable = cpu and query.dtype == torch.float32 and self.key_stream.center is None
+        if self.packed_kernels == "numba" and not usable:
+            raise NotImplementedError(
+                f"layer {self.layer}: packed_kernels='numba' needs a float32 model on the CPU and no "
+                "centred keys; use 'auto' or 'torch'"
+            )
+        return usable
 
     def packed_problem(self) -> str | None:
         """Why attention cannot read this layer's codes, or None."""
@@ -266,7 +312,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(
             self.kv_heads, self.head_dim, self.config, self.layer, self.sliding_window,
-            self.keep_reconstruction, self.validate,
+            self.keep_reconstruction, self.validate, self.packed_kernels,
         )  # fmt: skip
 
     def crop(self, max_length: int) -> None:
@@ -358,6 +404,8 @@ class TurboQuantCache(Cache):
         keep_reconstruction: keep the reconstruction (the ``reconstruct`` path); default: not
             when the model's attention implementation is ``"tq_packed"``.
         validate: check every call's keys and values (one flag read back per layer and call).
+        packed_kernels: "auto", "torch" or "numba": what a packed decode step runs
+            (:class:`TurboQuantLayer`).
 
     Raises:
         ValueError: a layer index outside the model's layers.
@@ -373,6 +421,7 @@ class TurboQuantCache(Cache):
         layer_configs: dict[int, CacheConfig] | None = None,
         keep_reconstruction: bool | None = None,
         validate: bool = True,
+        packed_kernels: str = "auto",
     ) -> None:
         num_layers, kv_heads, head_dim, windows = _geometry(model_config)
         cache_config = cache_config or CacheConfig()
@@ -392,6 +441,7 @@ class TurboQuantCache(Cache):
                 windows[index],
                 keep_reconstruction,
                 validate,
+                packed_kernels,
             )
             for index in range(num_layers)
         ]
