@@ -29,6 +29,7 @@ import torch
 
 from tq.cache.config import EXACT, CacheConfig
 from tq.engines.base import DecodeRunner
+from tq.engines.prepack import prepack_linears
 from tq.engines.torch_device import check_device, torch_dtype, torch_setting_problem
 from tq.engines.transformers_cache import ATTENTION, TurboQuantCache
 from tq.models.checkpoint import Checkpoint, CheckpointError
@@ -80,6 +81,8 @@ class TransformersRunner(DecodeRunner):
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.path}: transformers cannot load it ({error})") from None
         self.model = model.to(self.device).eval()
+        if device == "cpu" and dtype == "float32":
+            prepack_linears(self.model)
 
     @classmethod
     def open(
