@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tq.core.packing import code_bytes
-from tq.quant.fp8 import FP8Quantizer
+from tq.quant.fp8 import FP8Quantizer, shared_fp8_quantizer
 from tq.quant.uniform import shared_uniform_quantizer
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ class Strategy:
         rotates: uses the cache's rotation (Hadamard needs power-of-two channel groups).
         packed_attention: attention from the packed codes reads it
             (:mod:`tq.cache.attention`).
-        device_store: the torch store on the model's device
-            (:mod:`tq.cache.device_stream`, the transformers engine's cache) holds it.
         single_quantizer: for the strategies with one quantizer over all channels from the
             first token, ``(part, head_dim, bits, seed, config) -> quantizer``; None otherwise.
     """
@@ -79,7 +77,6 @@ class Strategy:
     norms: bool = False
     rotates: bool = False
     packed_attention: bool = False
-    device_store: bool = False
     single_quantizer: Callable[[str, int, int, int, CacheConfig], Any] | None = None
 
     @property
@@ -131,7 +128,7 @@ def _uniform_quantizer(
 
 
 def _fp8_quantizer(part: str, head_dim: int, bits: int, seed: int, config: CacheConfig) -> FP8Quantizer:
-    return FP8Quantizer(head_dim, "token" if config.fp8_scale == "token" else None)
+    return shared_fp8_quantizer(head_dim, "token" if config.fp8_scale == "token" else None)
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -139,15 +136,13 @@ STRATEGIES: dict[str, Strategy] = {
     for strategy in (
         Strategy(
             "mse", "TurboQuant MSE", "turboquant", "rotation, then a Lloyd-Max codebook per coordinate",
-            outlier_groups=True, norms=True, rotates=True, packed_attention=True, device_store=True,
+            outlier_groups=True, norms=True, rotates=True, packed_attention=True,
         ),
         Strategy(
             "prod", "TurboQuant Prod", "turboquant", "MSE at bits-1 plus a 1-bit QJL sign of the residual",
-            min_bits=2, outlier_groups=True, norms=True, rotates=True, packed_attention=True, device_store=True,
+            min_bits=2, outlier_groups=True, norms=True, rotates=True, packed_attention=True,
         ),
-        Strategy(
-            "exact", "exact", "exact", "float32, not quantized", packed_attention=True, device_store=True
-        ),
+        Strategy("exact", "exact", "exact", "float32, not quantized", packed_attention=True),
         Strategy(
             "uniform", "uniform", "uniform", "asymmetric uniform per token, groups of group_size channels",
             whole_bits=True, single_quantizer=_uniform_quantizer(),

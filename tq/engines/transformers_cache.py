@@ -158,7 +158,7 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         bad = ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
         for stream, tokens in zip(self.streams, (keys, values), strict=True):
-            overflow = stream.norm_overflow(tokens)
+            overflow = stream.overflow(tokens)
             bad = bad if overflow is None else bad | overflow
         if not bool(bad):
             return
@@ -171,8 +171,9 @@ class TurboQuantLayer(CacheLayerMixin):
                     f"{token}, channel {channel})"
                 )
         raise ValueError(
-            f"layer {self.layer}: a key or value norm overflows float16 (max "
-            f"{torch.finfo(torch.float16).max:g}), the norm_dtype of this cache; use norm_dtype='float32'"
+            f"layer {self.layer}: a key or value is beyond what this cache's float16 fields hold (a norm "
+            f"beyond {torch.finfo(torch.float16).max:g} with norm_dtype='float16', or a value beyond a "
+            "baseline's zero points and scales); use norm_dtype='float32' or an exact layer"
         )
 
     def update(

@@ -310,20 +310,6 @@ def _check_models(models: Mapping[str, Mapping[str, Any]], geometries: Mapping[s
             )
 
 
-def _check_device_store(setting: _Setting, model: str) -> None:
-    """Refuse a baseline strategy for a model of the transformers engine, whose cache
-    (tq.cache.device_stream) stores TurboQuant and exact streams only."""
-    for part in ("key", "value"):
-        strategy = getattr(setting.config, f"{part}_strategy")
-        if not STRATEGIES[strategy].device_store:
-            stored = ", ".join(name for name, kind in STRATEGIES.items() if kind.device_store)
-            raise SweepConfigError(
-                f"{setting.key}.{part}_strategy: {strategy!r} is a baseline quantized on the host; model "
-                f"{model} runs with engine transformers, whose cache stores {stored} on the model's device "
-                "(limit the setting to other models with models: [...])"
-            )
-
-
 def check_sweep(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) -> None:
     """Check a schema-validated sweep config (defaults filled in) against itself and its models.
 
@@ -367,9 +353,6 @@ def check_sweep(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any
         for name, geometry in geometries.items():
             if setting.models is None or name in setting.models:
                 setting.check_geometry(name, geometry)
-        for name, model in models.items():
-            if model["engine"] == "transformers" and (setting.models is None or name in setting.models):
-                _check_device_store(setting, name)
     for section in ("perplexity", "layer_sensitivity"):
         _check_shape(section, config[section])
     synthetic = config["synthetic"]

@@ -32,6 +32,7 @@ arithmetic is then done in float64.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -231,3 +232,9 @@ class FP8Quantizer:
             return np.ascontiguousarray(values)
         # exact in float32: 4 significant bits times 11, far above float32's smallest normal
         return np.ascontiguousarray(values * batch.scales.astype(np.float32)[:, None])
+
+
+@functools.cache
+def shared_fp8_quantizer(dim: int, scale: str | None) -> FP8Quantizer:
+    """One quantizer per configuration, shared by every cache layer that uses it."""
+    return FP8Quantizer(dim, scale)
