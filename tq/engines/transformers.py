@@ -9,8 +9,8 @@ setting. The protocols are the base loop's, as for the ONNX Runtime engine
 and to the earlier tokens' reconstruction, then enter the cache (here inside the call:
 :meth:`~tq.engines.transformers_cache.TurboQuantLayer.update`). The model attends with SDPA over
 the reconstruction (the cache's ``reconstruct`` path), or from the packed codes with
-``attention="tq_packed"``; the quantized store lives in host memory, so on a GPU each call
-copies what it attends to onto the device.
+``attention="tq_packed"``; the cache lives on the model's device. On the CPU in float32 the
+linear layers' weights are prepacked for oneDNN (:mod:`tq.engines.prepack`).
 
 One difference from the ONNX engine: the past of a transformers call is the cache itself, which
 grows with every call, so the tokens of :meth:`TransformersRunner.extend` always enter its past

@@ -10,32 +10,38 @@
     cache.memory_report()
 
 :class:`TurboQuantCache` is a transformers ``Cache`` whose layers (:class:`TurboQuantLayer`) hold
-one :class:`tq.cache.kvcache.QuantizedKVCache` per sequence of the batch, built from one
-:class:`~tq.cache.config.CacheConfig` (every knob of it: widths, strategies, residual window, norms,
-rotation, seed, device) with per-layer exceptions (``exact_layers``, ``layer_configs``).
+the whole batch's keys and values on the model's device, one
+:class:`~tq.cache.device_stream.DeviceStream` each, built from one
+:class:`~tq.cache.config.CacheConfig` (every knob of it: widths, strategies, residual window,
+norms, rotation, seed) with per-layer exceptions (``exact_layers``, ``layer_configs``). The
+stored bytes are tq's host caches' (:class:`tq.cache.kvcache.QuantizedKVCache`) bit for bit.
 
 What a forward call computes is what tq's decode loop computes (:mod:`tq.engines.base`): the
 tokens of the call attend to the earlier tokens' reconstruction and to their own exact keys and
 values, and enter the cache (quantized, unless in the residual window) after the call. So a
-decode step's own token is exact for its step and quantized for the later ones. The loop itself
-(prefill, greedy decoding, teacher forcing) is :class:`tq.engines.transformers.TransformersRunner`.
+decode step's own token is exact for its step and quantized for the later ones: the streams
+quantize a call's tokens when the next call starts (its first layer does it for every layer at
+once, :func:`tq.cache.device_stream.settle_streams`). The loop itself (prefill, greedy decoding,
+teacher forcing) is :class:`tq.engines.transformers.TransformersRunner`.
 
 Two ways to attend:
 
-- ``reconstruct`` (any attention implementation, e.g. ``sdpa``): each layer keeps a float32
-  reconstruction of its quantized tokens and ``update`` returns it, followed by the new tokens.
+- ``reconstruct`` (any attention implementation, e.g. ``sdpa``): each layer keeps the
+  reconstruction of its quantized tokens in the model's dtype and ``update`` returns a view of
+  it, followed by the exact tokens.
 - ``packed`` (the model loaded with ``attn_implementation="tq_packed"``, registered here): the
-  cache keeps no float copy of its quantized tokens. A decode step (one new token) attends with
-  :func:`tq.cache.attention.decode_attention` straight from the packed codes; prefill (several new
-  tokens) attends in float with SDPA, over the earlier tokens rebuilt from the codes (none on a
-  first prefill) and the new exact ones. The packed path refuses attention masks that hide
-  cached tokens (padded batches) and logit soft-capping.
+  cache keeps no copy of its quantized tokens. A decode step (one new token) attends straight
+  from the codes (:meth:`TurboQuantLayer.attend`: tq's Numba CPU kernels on a float32 CPU model,
+  else torch); prefill (several new tokens) attends with SDPA, over the earlier tokens rebuilt
+  from the codes (none on a first prefill) and the new exact ones. The packed path reads
+  TurboQuant and exact streams, and refuses attention masks that hide cached tokens (padded
+  batches) and logit soft-capping.
 
 Sliding-window layers (Gemma 3's local layers) attend, as transformers'
 ``DynamicSlidingWindowLayer``, to the last ``sliding_window - 1`` cached tokens and the new ones;
 their quantized store keeps every token (tq's caches never evict; ``memory_report`` counts them).
-``reorder_cache`` (beam search), ``batch_repeat_interleave`` and ``batch_select_indices`` copy
-per-sequence caches; ``crop`` (assisted and contrastive decoding) is refused once tokens would be
+``reorder_cache`` (beam search), ``batch_repeat_interleave`` and ``batch_select_indices`` index
+the batch's tensors; ``crop`` (assisted and contrastive decoding) is refused once tokens would be
 dropped, because a quantized cache cannot give back the exact states it replaced.
 """
 
