@@ -9,7 +9,9 @@ Per path: the prefill seconds, decode tokens/s over ``--steps`` greedy steps aft
 (the first step excluded: kernel compilation), the cache's ``memory_report()`` after the run
 (stored bytes, float32 working buffers, fp32 equivalent), and the generated tokens (the paths
 round differently in float32, so past a near-tie their greedy tokens can part:
-``tokens_agree_prefix`` counts the leading tokens they share). The checkpoint defaults to the
+``tokens_agree_prefix`` counts the leading tokens they share), and the bytes two more steps move
+between host and device inside the cache (:class:`tq.engines.transfers.HostTransfers`; the
+packed path through its torch kernels, the ones a GPU runs). The checkpoint defaults to the
 one the tests keep (``<cache>/checkpoints/smollm2-135m-instruct``, written if absent).
 """
 
@@ -28,6 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tq.cache.config import CacheConfig
 from tq.core.fileio import write_json
 from tq.data.corpus import corpus_text
+from tq.engines.prepack import prepack_linears
+from tq.engines.transfers import HostTransfers
 from tq.engines.transformers_cache import TurboQuantCache
 from tq.models.prepare import write_hf_checkpoint
 from tq.tasks.records import environment, now_iso
@@ -38,6 +42,7 @@ DEFAULT_CHECKPOINT = CACHE / "checkpoints/smollm2-135m-instruct"
 
 def run_path(checkpoint: Path, attention: str, ids: torch.Tensor, args, config: CacheConfig) -> dict:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation=attention).eval()
+    prepack_linears(model)  # as the transformers engine runs a float32 model on the CPU
     cache = TurboQuantCache(model.config, config)
     tokens = []
     with torch.no_grad():
@@ -51,6 +56,13 @@ def run_path(checkpoint: Path, attention: str, ids: torch.Tensor, args, config: 
             start = time.perf_counter()
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
             step_seconds.append(time.perf_counter() - start)
+        # two more steps, counted: what a step moves between host and device inside the cache
+        # (the packed path through its torch kernels, the ones a GPU runs)
+        for layer in cache.layers:
+            layer.packed_kernels = "torch"
+        with HostTransfers() as moved:
+            for _ in range(2):
+                logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
     timed = step_seconds[1:]
     report = cache.memory_report()
     del report["layers"]
@@ -61,6 +73,8 @@ def run_path(checkpoint: Path, attention: str, ids: torch.Tensor, args, config: 
         "decode_tokens_per_s": len(timed) / sum(timed),
         "decode_step_seconds_median": float(np.median(timed)),
         "memory": report,
+        "host_device_bytes_per_step": moved.nbytes / 2,
+        "host_device_crossings_per_step": len(moved.records) / 2,
         "tokens": tokens,
     }
 

@@ -32,8 +32,9 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from tests.models_fixtures import tiny_gemma3, tiny_llama  # noqa: E402
 from tq.cache.config import CacheConfig  # noqa: E402
+from tq.engines.transfers import HostTransfers  # noqa: E402
 from tq.engines.transformers import TransformersRunner  # noqa: E402
-from tq.engines.transformers_cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
+from tq.engines.transformers_cache import TurboQuantCache  # noqa: E402
 from tq.models.checkpoint import Checkpoint  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
@@ -261,42 +262,11 @@ def test_bfloat16_models_keep_their_dtype_on_both_paths(tiny_dirs):
     assert 0 < paths < dtypes, (paths, dtypes)
 
 
-def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs, monkeypatch):
+def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs):
     """Every way a tensor's data can reach the host, or a host array a tensor, is counted inside
-    the cache's update and attend during a decode step: with validation one flag per layer
-    (1 byte), else nothing. (The first quantization uploads the codecs' matrices, once per
-    process and configuration.)"""
-    moved: list[tuple[str, int]] = []
-    inside = [False]
-
-    def counting(name, original, size):
-        def wrapper(*args, **kwargs):
-            if inside[0]:
-                moved.append((name, size(*args)))
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    def tensor_bytes(tensor, *_):
-        return tensor.numel() * tensor.element_size()
-
-    def in_the_cache(original):
-        def wrapper(*args, **kwargs):
-            inside[0] = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                inside[0] = False
-
-        return wrapper
-
-    for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name), tensor_bytes))
-    monkeypatch.setattr(
-        torch, "from_numpy", counting("from_numpy", torch.from_numpy, lambda array: array.nbytes)
-    )
-    for method in ("update", "attend"):
-        monkeypatch.setattr(TurboQuantLayer, method, in_the_cache(getattr(TurboQuantLayer, method)))
+    the cache's update and attend during a decode step (tq.engines.transfers): with validation
+    one flag per layer (1 byte), else nothing, on both paths. (The first quantization uploads the
+    codecs' matrices, once per process and configuration.)"""
     for attention in ("sdpa", "tq_packed"):
         model = load(tiny_dirs["llama"], attention)
         ids = torch.from_numpy(tokens(model, (2, 7), 14))
@@ -306,7 +276,7 @@ def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs, m
             with torch.inference_mode():
                 model(input_ids=ids, past_key_values=cache, use_cache=True)
                 model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # quantizes the prompt
-                moved.clear()
-                model(input_ids=ids[:, 1:2], past_key_values=cache, use_cache=True)
+                with HostTransfers() as moved:
+                    model(input_ids=ids[:, 1:2], past_key_values=cache, use_cache=True)
             expected = [("__bool__", 1)] * len(cache.layers) if validate else []
-            assert moved == expected, (attention, validate, moved)
+            assert moved.records == expected, (attention, validate, moved.records)
