@@ -3,8 +3,8 @@ matrix products.
 
 A decode step multiplies a few rows (one per sequence of the batch) by every weight matrix of
 the model, so it is bound by reading the weights; oneDNN reads them in its own blocked layout
-faster than the plain row-major product (SmolLM2-135M, 4 sequences, 2 threads: 97 -> 75 ms a
-step). ONNX Runtime prepacks its weights the same way. The results are float32 products in
+faster than the plain row-major product (a 576 x 1536 layer for 4 rows: 176 -> 59 us on 2
+threads). ONNX Runtime prepacks its weights the same way. The results are float32 products in
 another summation order (logits within a few 1e-6 of their scale).
 """
 
@@ -16,7 +16,8 @@ __all__ = ["PrepackedLinear", "prepack_linears"]
 
 
 class PrepackedLinear(torch.nn.Module):
-    """``torch.nn.Linear`` with its weight and bias held as oneDNN tensors (float32, CPU).
+    """``torch.nn.Linear`` with its weight reordered into oneDNN's blocked layout (float32, CPU),
+    multiplied by oneDNN's linear kernel on dense inputs (the op torch.compile's CPU backend uses).
 
     Args:
         linear: the layer to copy (its weight is copied, not shared: a tied weight stays as it
@@ -27,15 +28,12 @@ class PrepackedLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        bias = linear.bias.detach() if linear.bias is not None else weight.new_zeros(self.out_features)
-        self.weight_packed = weight.to_mkldnn()
-        self.bias_packed = bias.to_mkldnn()
+        self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] float32 -> [..., out_features]."""
-        rows = x.reshape(-1, self.in_features).to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(rows, self.weight_packed, self.bias_packed).to_dense()
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [], "")
 
 
 def prepack_linears(model: torch.nn.Module) -> int:
