@@ -246,13 +246,14 @@ def transformers_decode(result: Result) -> list[str]:
     lines = [
         f"Greedy decoding of {result['steps']} tokens after a {result['context']}-token prefill on "
         f"SmolLM2-135M-Instruct through transformers with a TurboQuantCache "
-        f"({cache_words(result['cache'])}): attention over the kept float32 reconstruction "
-        "(`reconstruct`) against attention from the packed codes (`packed`).",
+        f"({cache_words(result['cache'])}): attention over the kept reconstruction "
+        "(`reconstruct`) against attention from the packed codes (`packed`). \"held\" counts every "
+        "tensor of the cache as allocated.",
         "",
     ]
     lines += table(
-        ["path", "attention", "prefill s", "decode tokens/s", "stored", "float32 buffers", "held",
-         "fp32 keys and values"],
+        ["path", "attention", "prefill s", "decode tokens/s", "stored", "buffers", "held",
+         "fp32 keys and values", "host-device bytes a step"],
         [
             [
                 name, f"`{result[name]['attention']}`", number(result[name]["prefill_seconds"]),
@@ -261,6 +262,7 @@ def transformers_decode(result: Result) -> list[str]:
                 megabytes(result[name]["memory"]["buffer_bytes"]),
                 megabytes(result[name]["memory"]["held_bytes"]),
                 megabytes(result[name]["memory"]["fp32_bytes"]),
+                number(result[name].get("host_device_bytes_per_step")),
             ]
             for name in paths
         ],
