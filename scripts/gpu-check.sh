@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a machine with an NVIDIA GPU (the H200 lent through the device
-# tool): the cuda kernel tests on the real GPU, then benchmarks/gpu.py for both rotations and
+# tool): the cuda kernel tests and the transformers cache store's (tests/test_device_stream.py, its
+# bytes on cuda against the host caches') on the real GPU, then benchmarks/gpu.py for both rotations and
 # benchmarks/attention_gpu.py (decode attention from the packed cache against torch fp16), and
 # benchmarks/transformers_gpu.py (a transformers-engine perplexity job on cuda in bfloat16 against
 # the same job on the CPU in float32; skipped, exit 2, without transformers or a corpus).
@@ -23,7 +24,7 @@ export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NUM
     python3 -c "import numba_cuda; print('numba-cuda', numba_cuda.__version__)" 2>/dev/null
 } 2>&1 | tee "$out/environment.txt"
 status=0
-python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py \
+python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_device.py tests/test_device_stream.py \
     tests/test_attention_cuda.py "tests/test_attention.py::test_device_cuda_runs_the_gpu_kernels" \
     "tests/test_attention.py::test_bench_record_on_cuda" 2>&1 \
     | tee "$out/tests.txt" || status=1

@@ -24,6 +24,14 @@ from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd  # noqa: E402
 
 RECONSTRUCTION_TOLERANCE = 1e-5
 SEED = 11
+# Every test runs on the CPU; on a machine with a CUDA GPU (scripts/gpu-check.sh) the store and
+# codec tests run there too, against the same host bytes.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+    ),
+]
 
 
 def rows(n: int, dim: int, seed: int) -> np.ndarray:
@@ -45,9 +53,10 @@ def test_torch_packing_is_the_numpy_layout(bits):
         assert np.array_equal(unpack_codes(packed, dim, bits).numpy(), codes)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rotation", ["haar", "hadamard"])
 @pytest.mark.parametrize("strategy", ["mse", "prod"])
-def test_torch_codec_packs_the_cpu_kernels_bytes(strategy, rotation):
+def test_torch_codec_packs_the_cpu_kernels_bytes(strategy, rotation, device):
     """Every width, dimensions of whole and split bytes: 2,000 rows of each byte for byte."""
     dims = (64, 16) if rotation == "hadamard" else (64, 24)
     for dim in dims:
@@ -57,15 +66,16 @@ def test_torch_codec_packs_the_cpu_kernels_bytes(strategy, rotation):
                 dim, bits, seed=SEED, normalize=True, rotation=rotation
             )
             expected = quantizer.quantize(x)
-            codec = TorchCodec(quantizer, "cpu")
-            stored = codec.encode(torch.from_numpy(x))
+            codec = TorchCodec(quantizer, device)
+            stored = codec.encode(torch.from_numpy(x).to(device))
             what = f"{strategy} {rotation} d={dim} b={bits}"
-            assert np.array_equal(stored.codes.numpy(), expected.codes), what
-            assert np.array_equal(stored.norms.numpy(), expected.norms), what
-            if strategy == "prod":
-                assert np.array_equal(stored.signs.numpy(), expected.signs), what
-                assert np.array_equal(stored.gammas.numpy(), expected.gammas), what
-            decoded = codec.decode(stored).numpy()
+            fields = ("codes", "norms", "signs", "gammas") if strategy == "prod" else ("codes", "norms")
+            for name in fields:
+                assert np.array_equal(getattr(stored, name).cpu().numpy(), getattr(expected, name)), (
+                    what,
+                    name,
+                )
+            decoded = codec.decode(stored).cpu().numpy()
             error = np.abs(decoded - quantizer.dequantize(expected)).max() / np.abs(x).max()
             assert error < RECONSTRUCTION_TOLERANCE, (what, error)
 
@@ -105,9 +115,10 @@ def host_fields(store, heads: int, group: int, name: str) -> np.ndarray:
     return np.concatenate(pieces, axis=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keep", [True, False], ids=["reconstruct", "packed"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_a_device_stream_holds_the_host_caches_bytes(name, keep):
+def test_a_device_stream_holds_the_host_caches_bytes(name, keep, device):
     """Two sequences, 2 heads of 32 channels: a prefill of 12 tokens, then 9 calls of one token
     and one of 3; after every call both stores hold the same codes, bytes and tokens."""
     config, heads, dim = CONFIGS[name], 2, 32
@@ -127,7 +138,7 @@ def test_a_device_stream_holds_the_host_caches_bytes(name, keep):
         for row, host in enumerate(hosts):
             host.append(keys[row, :, span], values[row, :, span])
         for stream, tokens in zip(streams, (keys, values), strict=True):
-            stream.push(torch.from_numpy(tokens[:, :, span]))
+            stream.push(torch.from_numpy(tokens[:, :, span]).to(device))
             stream.settle()
         position += count
         for stream, attribute in zip(streams, ("_keys", "_values"), strict=True):
@@ -137,12 +148,12 @@ def test_a_device_stream_holds_the_host_caches_bytes(name, keep):
             for row, store in enumerate(stores):
                 for index, group in enumerate(stream.groups):
                     for field in group.codec.fields:
-                        held = group.stored[field.name][row, :, : stream.quantized // field.per]
+                        held = group.stored[field.name][row, :, : stream.quantized // field.per].cpu()
                         expected = host_fields(store, heads, index, field.name)
                         assert np.array_equal(held.float().numpy(), expected), (attribute, field.name)
                 if store.center is not None:
-                    assert np.array_equal(stream.center[row].numpy(), store.center)
-                rebuilt = stream.view(0).numpy()[row]
+                    assert np.array_equal(stream.center[row].cpu().numpy(), store.center)
+                rebuilt = stream.view(0).cpu().numpy()[row]
                 expected = store.view()
                 error = np.abs(rebuilt - expected).max() / np.abs(expected).max()
                 assert error < RECONSTRUCTION_TOLERANCE, (attribute, position, error)
