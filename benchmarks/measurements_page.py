@@ -247,7 +247,7 @@ def transformers_decode(result: Result) -> list[str]:
         f"Greedy decoding of {result['steps']} tokens after a {result['context']}-token prefill on "
         f"SmolLM2-135M-Instruct through transformers with a TurboQuantCache "
         f"({cache_words(result['cache'])}): attention over the kept reconstruction "
-        "(`reconstruct`) against attention from the packed codes (`packed`). \"held\" counts every "
+        '(`reconstruct`) against attention from the packed codes (`packed`). "held" counts every '
         "tensor of the cache as allocated.",
         "",
     ]
