@@ -280,3 +280,24 @@ def test_a_decode_step_moves_no_cache_bytes_between_host_and_device(tiny_dirs):
                     model(input_ids=ids[:, 1:2], past_key_values=cache, use_cache=True)
             expected = [("__bool__", 1)] * len(cache.layers) if validate else []
             assert moved.records == expected, (attention, validate, moved.records)
+
+
+def test_a_reset_cache_runs_again_and_a_joined_row_refuses_calls(tiny_dirs):
+    """reset() empties every layer and the cache takes a new prompt; a cache joined into a batch
+    reads as its row and refuses calls of its own."""
+    model = load(tiny_dirs["llama"])
+    ids = torch.from_numpy(tokens(model, (1, 6), 15))
+    cache = TurboQuantCache(model.config, CacheConfig(key_bits=3, value_bits=3))
+    with torch.inference_mode():
+        first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.nbytes == 0
+        again = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        assert torch.equal(first, again)
+        other = TurboQuantCache(model.config, CacheConfig(key_bits=3, value_bits=3))
+        model(input_ids=ids, past_key_values=other, use_cache=True)
+        joined = TurboQuantCache.concatenate([cache, other])
+        assert joined.get_seq_length() == cache.get_seq_length() == 6
+        assert joined.nbytes == cache.nbytes + other.nbytes
+        with pytest.raises(RuntimeError, match="joined into a batch"):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)

@@ -317,10 +317,13 @@ class TurboQuantLayer(CacheLayerMixin):
         return stream.view(0)
 
     def reset(self) -> None:
+        """Empty the layer (its settings and its cache's other layers kept)."""
+        siblings = self.siblings
         self.__init__(
             self.kv_heads, self.head_dim, self.config, self.layer, self.sliding_window,
             self.keep_reconstruction, self.validate, self.packed_kernels,
         )  # fmt: skip
+        self.siblings = siblings
 
     def crop(self, max_length: int) -> None:
         """Refused unless nothing would be dropped (a negative ``max_length`` counts from the end)."""
