@@ -36,6 +36,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -397,6 +398,30 @@ def _rotate_into(x: np.ndarray, rotation: Rotation, out: np.ndarray) -> None:
         np.matmul(x, rotation.matrix.T, out=out)
 
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A float64 buffer of ``shape`` reused by the calling thread (a fresh array of a chunk's
+    size costs page faults on every call, as much as the product that fills it)."""
+    buffers = _scratch_buffers.__dict__
+    held = buffers.get(name)
+    size = shape[0] * shape[1]
+    if held is None or held.size < size:
+        held = buffers[name] = np.empty(size, np.float64)
+    return held[:size].reshape(shape)
+
+
+def _exact_product_into(x: np.ndarray, matrix: np.ndarray, out: np.ndarray) -> None:
+    """out = x @ matrix for float32 x [n, k] and a float64 matrix [k, m]: the float64 product of
+    the float32 inputs, rounded to float32 once (see the module docstring)."""
+    wide = _scratch("inputs", x.shape)
+    np.copyto(wide, x)
+    product = _scratch("product", out.shape)
+    np.matmul(wide, matrix, out=product)
+    np.copyto(out, product, casting="same_kind")
+
+
 def _encode_rotate_into(
     x: np.ndarray, rotation: Rotation, transposed: np.ndarray | None, out: np.ndarray
 ) -> None:
@@ -405,7 +430,7 @@ def _encode_rotate_into(
     if transposed is None:
         _rotate_into(x, rotation, out)
     else:
-        out[:] = x.astype(np.float64) @ transposed
+        _exact_product_into(x, transposed, out)
 
 
 def _encode_matrix(rotation: Rotation) -> np.ndarray | None:
@@ -541,7 +566,8 @@ def prod_encode(
             residual,
             gammas[start:stop],
         )
-        _pack_sign_rows(residual.astype(np.float64) @ projection_t, signs[start:stop])
+        _exact_product_into(residual, projection_t, rotated)  # only the signs are kept
+        _pack_sign_rows(rotated, signs[start:stop])
 
     run_chunks(n, work)
     return codes, signs, gammas, norms

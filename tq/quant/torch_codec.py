@@ -162,7 +162,7 @@ class TorchCodec:
             return TorchCodes(codes, norms64.float())
         residual = values - self.centroids[indices]
         gammas = residual.double().square().sum(dim=-1).sqrt().float()
-        positive = (residual.double() @ self.projection_t) >= 0
+        positive = (residual.double() @ self.projection_t).float() >= 0  # rounded, as on the CPU
         return TorchCodes(codes, norms64.float(), pack_codes(positive, 1), gammas)
 
     def rotated_values(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
