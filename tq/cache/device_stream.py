@@ -218,10 +218,9 @@ class DeviceStream:
 
     def _group(self, codec: TurboQuantFields | BaselineFields, channels: torch.Tensor | None) -> DeviceGroup:
         """An empty group of ``codec``'s fields."""
-        device = codec.device if isinstance(codec, BaselineFields) else codec.codec.device
         stored = {
             field.name: torch.empty(
-                (self.batch, self.kv_heads, 0, *field.shape), dtype=field.dtype, device=device
+                (self.batch, self.kv_heads, 0, *field.shape), dtype=field.dtype, device=codec.device
             )
             for field in codec.fields
         }

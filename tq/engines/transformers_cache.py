@@ -93,14 +93,14 @@ class TurboQuantLayer(CacheLayerMixin):
         sliding_window: the window of a sliding-window layer (None for full attention).
         keep_reconstruction: keep the quantized tokens' reconstruction (the ``reconstruct``
             path) or not (the ``packed`` path).
-        validate: check every call's keys and values (finite; a norm that float16 norms can hold),
-            which reads one flag back to the host per call.
+        validate: check every call's keys and values (finite; within what float16 norms or a
+            baseline's float16 scales hold), which reads one flag back to the host per call.
         packed_kernels: what a packed decode step runs: "torch" (on any device), "numba" (tq's
             CPU kernels on views of the store: a float32 model on the CPU), or "auto" (numba
             where it applies, else torch).
 
     Raises:
-        NotImplementedError: a baseline strategy in ``config``.
+        ValueError: an unknown ``packed_kernels``.
     """
 
     def __init__(
@@ -418,9 +418,7 @@ class TurboQuantCache(Cache):
             (:class:`TurboQuantLayer`).
 
     Raises:
-        ValueError: a layer index outside the model's layers.
-        NotImplementedError: a baseline strategy (the device store holds "mse", "prod" and
-            "exact" streams).
+        ValueError: a layer index outside the model's layers, an unknown ``packed_kernels``.
     """
 
     def __init__(
