@@ -301,3 +301,12 @@ def test_a_reset_cache_runs_again_and_a_joined_row_refuses_calls(tiny_dirs):
         assert joined.nbytes == cache.nbytes + other.nbytes
         with pytest.raises(RuntimeError, match="joined into a batch"):
             model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_a_one_token_prompt_on_the_packed_path(tiny_dirs):
+    """A first call of one token has nothing cached to read: it attends with SDPA, then the
+    packed steps follow (exact caches: the tokens of transformers' DynamicCache)."""
+    model = load(tiny_dirs["llama"], "tq_packed")
+    ids = tokens(model, (1, 1), 16)
+    expected = greedy(model, ids, DynamicCache(config=model.config), 6)
+    assert np.array_equal(greedy(model, ids, TurboQuantCache(model.config, EXACT), 6), expected)

@@ -205,7 +205,7 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.siblings and self is self.siblings[0]:  # a call's first layer settles them all at once
             settle_streams([stream for layer in self.siblings for stream in layer.streams])
         self.settle()
-        if not self.keep_reconstruction and key_states.shape[2] == 1:
+        if not self.keep_reconstruction and key_states.shape[2] == 1 and self.key_stream.length:
             self._step = key_states, value_states  # packed_attention attends, then pushes them
             tagged = key_states.view_as(key_states)
             setattr(tagged, _STEP, self)
