@@ -25,9 +25,9 @@ The text: the Wikipedia corpus (tq.data.corpus) from ``--corpus-file`` (a file o
 
 Exit status, each with a one-line message: 1 when ``--device cuda`` is asked for and torch sees
 no CUDA GPU (``--device cpu`` runs both jobs on the CPU: a smoke test), or ``--corpus-file``
-cannot be read; 2 when this python cannot import transformers, or no corpus file is given and the
-corpus is neither cached nor fetched (an offline machine): scripts/gpu-check.sh reports that job as
-skipped.
+cannot be read; 2 when this python cannot import the transformers engine (it needs transformers
+4.57), or no corpus file is given and the corpus is neither cached nor fetched (an offline
+machine): scripts/gpu-check.sh reports that job as skipped.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ def parse_args() -> argparse.Namespace:
 def check_machine(args: argparse.Namespace) -> None:
     """Exit unless transformers, the GPU asked for and the corpus are here."""
     try:
-        importlib.import_module("transformers")
+        importlib.import_module("tq.engines.transformers_cache")  # transformers 4.57 and torch
     except ImportError as error:
-        skip(f"transformers cannot be imported by {sys.executable} ({error})")
+        skip(f"the transformers engine cannot be imported by {sys.executable} ({error})")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
