@@ -27,6 +27,7 @@ stored in the model's dtype; exact tokens stay in the model's dtype (and are cou
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class DeviceGroup:
 def _all_channels(kv_heads: int, head_dim: int) -> np.ndarray:
     """int64 [kv_heads, head_dim]: every channel of every head (a single channel group)."""
     return np.tile(np.arange(head_dim), (kv_heads, 1))
+
+
+def _renormalizing(norms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """norms / lengths, 0 where a reconstruction has no length: the factor that rescales each
+    reconstruction to its stored norm."""
+    return torch.where(lengths > 0, norms / torch.where(lengths > 0, lengths, 1.0), 0.0)
 
 
 def _grown(tensor: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
@@ -236,7 +243,8 @@ class DeviceStream:
             group.stored[field.name] = held
 
     def _gather(self, group: DeviceGroup, tokens: torch.Tensor) -> torch.Tensor:
-        """The group's channels of tokens [batch, kv_heads, t, head_dim] -> [batch, kv_heads, t, size]."""
+        """The group's channels of tokens (or queries) [batch, kv_heads, t, head_dim] ->
+        [batch, kv_heads, t, size]."""
         if group.channels is None:
             return tokens
         index = group.channels.unsqueeze(2).expand(*tokens.shape[:3], group.channels.shape[-1])
@@ -257,9 +265,7 @@ class DeviceStream:
         rows = group.codec.decode(flat)
         if self.config.renormalize and group.codec.norms:
             norms = flat["norms"].float()
-            lengths = torch.linalg.vector_norm(rows, dim=-1)
-            scale = torch.where(lengths > 0, norms / torch.where(lengths > 0, lengths, 1.0), 0.0)
-            rows = rows * scale.unsqueeze(-1)
+            rows = rows * _renormalizing(norms, torch.linalg.vector_norm(rows, dim=-1)).unsqueeze(-1)
         return rows
 
     def _decode(self, group: DeviceGroup, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -331,8 +337,7 @@ class DeviceStream:
         if not self.config.renormalize:
             return norms
         rotated = group.codec.codec.rotated_values(codes, torch.ones_like(norms))
-        lengths = torch.linalg.vector_norm(rotated, dim=-1)
-        return torch.where(lengths > 0, norms / torch.where(lengths > 0, lengths, 1.0), 0.0)
+        return _renormalizing(norms, torch.linalg.vector_norm(rotated, dim=-1))
 
     def _coded(self, group: DeviceGroup, start: int) -> tuple[torch.Tensor, ...]:
         """A TurboQuant group's codes, centroid scales, sign bits and QJL weights of positions
@@ -345,13 +350,6 @@ class DeviceStream:
             return entries["codes"], scales, None, None
         return entries["codes"], scales, entries["signs"], codec.qjl_weights(entries["gammas"], norms)
 
-    def _group_query(self, group: DeviceGroup, queries: torch.Tensor) -> torch.Tensor:
-        """The group's channels of queries [batch, kv_heads, g, head_dim] -> [batch, kv_heads, g, size]."""
-        if group.channels is None:
-            return queries
-        index = group.channels.unsqueeze(2).expand(*queries.shape[:3], group.channels.shape[-1])
-        return torch.gather(queries, 3, index)
-
     def scores(self, queries: torch.Tensor, start: int) -> torch.Tensor:
         """<q, k> for queries float32 [batch, kv_heads, g, head_dim] and the quantized keys
         start..quantized-1, from the codes -> float32 [batch, kv_heads, g, n]."""
@@ -359,7 +357,7 @@ class DeviceStream:
         for group in self.groups:
             codec = group.codec.codec
             codes, scales, signs, weights = self._coded(group, start)
-            query = self._group_query(group, queries)
+            query = self._gather(group, queries)
             part = codec.rotate(query) @ codec.rotated_values(codes, scales).transpose(-1, -2)
             if signs is not None:
                 part = part + (query @ codec.qjl.T) @ codec.sign_values(signs, weights).transpose(-1, -2)
@@ -384,32 +382,33 @@ class DeviceStream:
                 out.scatter_add_(3, group.channels.unsqueeze(2).expand(part.shape), part)
         return out
 
-    def packed_view(self, row: int, start: int, new: torch.Tensor) -> PackedStream:
-        """Sequence ``row``'s tokens start.. and then ``new`` [kv_heads, n, head_dim] as the packed
-        arrays tq's CPU attention kernels read (:mod:`tq.cache.attention`): NumPy views of the
-        stream's CPU tensors (float32 tokens, no centred keys), no copy of the codes."""
-        groups = []
+    def packed_views(self, start: int, new: torch.Tensor) -> list[PackedStream]:
+        """Each sequence's tokens start.., then its ``new`` tokens [batch, kv_heads, n, head_dim], as
+        the packed arrays tq's CPU attention kernels read (:mod:`tq.cache.attention`): NumPy views
+        of the stream's CPU tensors (float32 tokens, no centred keys), no copy of the codes."""
         coded = max(self.quantized - start, 0)
+        groups = []  # per channel group: (quantizer, channels, codes, scales, signs, gammas)
         for group in self.groups if coded else ():
             codes, scales, signs, _ = self._coded(group, start)
-            channels = (
-                _all_channels(self.kv_heads, self.head_dim)
-                if group.channels is None
-                else group.channels[row].numpy()
-            )
-            gammas = None if signs is None else group.stored["gammas"][row, :, start : self.quantized].numpy()
-            groups.append(
-                PackedGroup(
-                    group.codec.codec.quantizer,
-                    channels,
-                    codes[row].numpy(),
-                    scales[row].numpy(),
-                    None if signs is None else signs[row].numpy(),
-                    gammas,
+            channels = group.channels
+            if channels is None:
+                channels = torch.from_numpy(_all_channels(self.kv_heads, self.head_dim)).expand(
+                    self.batch, -1, -1
                 )
+            gammas = None if signs is None else group.stored["gammas"][:, :, start : self.quantized]
+            groups.append((group.codec.codec.quantizer, channels, codes, scales, signs, gammas))
+        exact = torch.cat([self.exact(start), new], dim=2)
+        return [
+            PackedStream(
+                [
+                    PackedGroup(quantizer, *(None if part is None else part[row].numpy() for part in parts))
+                    for quantizer, *parts in groups
+                ],
+                coded,
+                exact[row].numpy(),
             )
-        exact = torch.cat([self.exact(start)[row], new], dim=1)
-        return PackedStream(groups, coded, exact.numpy())
+            for row in range(self.batch)
+        ]
 
     # -- checks, batch edits and sizes -------------------------------------------------------------
 
@@ -425,29 +424,32 @@ class DeviceStream:
             return (torch.linalg.vector_norm(tokens.double(), dim=-1) > self.single.max_abs).any()
         return (tokens.abs().amax() > self.single.max_abs).any()
 
-    def _tensors(self) -> list[tuple[object, str]]:
-        """(holder, name) of every per-sequence tensor: attributes of the stream and its groups,
-        and entries of the groups' ``stored`` dicts."""
-        held = [(self, "buffer"), (self, "center"), (self, "head_scale")]
+    def _slots(self) -> list[tuple[dict, str]]:
+        """(holder, name) of every per-sequence tensor: the stream's own attributes, its groups'
+        channels and stored fields."""
+        held = [(vars(self), name) for name in ("buffer", "center", "head_scale")]
         for group in self.groups:
-            held += [(group, "channels"), *((group.stored, name) for name in group.stored)]
-        return [(holder, name) for holder, name in held if _get(holder, name) is not None]
+            held += [(vars(group), "channels"), *((group.stored, name) for name in group.stored)]
+        return [(holder, name) for holder, name in held if holder[name] is not None]
+
+    def _twin(self) -> DeviceStream:
+        """A stream sharing this one's tensors in slots of its own (to be replaced)."""
+        twin = copy.copy(self)
+        twin.groups = [DeviceGroup(group.codec, group.channels, dict(group.stored)) for group in self.groups]
+        return twin
 
     @torch.inference_mode()
     def select(self, index: torch.Tensor) -> None:
         """Sequences become sequences[index] (beam reorder, repeats, selection)."""
-        for holder, name in self._tensors():
-            tensor = _get(holder, name)
-            _set(holder, name, tensor.index_select(0, index.to(tensor.device)))
+        for holder, name in self._slots():
+            holder[name] = holder[name].index_select(0, index.to(holder[name].device))
 
     @torch.inference_mode()
     def copy(self) -> DeviceStream:
         """An independent copy (tensors cloned, codecs shared)."""
-        twin = object.__new__(DeviceStream)
-        twin.__dict__ = dict(self.__dict__)
-        twin.groups = [DeviceGroup(group.codec, group.channels, dict(group.stored)) for group in self.groups]
-        for holder, name in twin._tensors():
-            _set(holder, name, _get(holder, name).clone())
+        twin = self._twin()
+        for holder, name in twin._slots():
+            holder[name] = holder[name].clone()
         return twin
 
     @staticmethod
@@ -456,10 +458,10 @@ class DeviceStream:
         """One stream over the sequences of ``streams`` (one configuration, the same positions), copied."""
         if len({(s.length, s.quantized, s.offset) for s in streams}) != 1:
             raise ValueError("concatenate needs streams holding the same positions")
-        joined = streams[0].copy()
-        parts = [stream._tensors() for stream in streams]
-        for index, (holder, name) in enumerate(joined._tensors()):
-            _set(holder, name, torch.cat([_get(*held[index]) for held in parts], dim=0))
+        joined = streams[0]._twin()
+        parts = [stream._slots() for stream in streams]
+        for index, (holder, name) in enumerate(joined._slots()):
+            holder[name] = torch.cat([held[index][0][held[index][1]] for held in parts], dim=0)
         return joined
 
     @property
@@ -485,25 +487,12 @@ class DeviceStream:
     @property
     def held_nbytes(self) -> int:
         """Bytes of every tensor the stream holds, as allocated (the room for later tokens too)."""
-        return sum(
-            _get(holder, name).numel() * _get(holder, name).element_size() for holder, name in self._tensors()
-        )
+        return sum(holder[name].numel() * holder[name].element_size() for holder, name in self._slots())
 
     @property
     def buffer_nbytes(self) -> int:
         """Bytes of the buffer as allocated (reconstruction and exact tokens)."""
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
-
-
-def _get(holder: object, name: str) -> torch.Tensor | None:
-    return holder.get(name) if isinstance(holder, dict) else getattr(holder, name)
-
-
-def _set(holder: object, name: str, tensor: torch.Tensor) -> None:
-    if isinstance(holder, dict):
-        holder[name] = tensor
-    else:
-        setattr(holder, name, tensor)
 
 
 @torch.inference_mode()

@@ -204,7 +204,8 @@ class TurboQuantLayer(CacheLayerMixin):
         start = self._start()
         if self.siblings and self is self.siblings[0]:  # a call's first layer settles them all at once
             settle_streams([stream for layer in self.siblings for stream in layer.streams])
-        self.settle()
+        else:
+            self.settle()
         if not self.keep_reconstruction and key_states.shape[2] == 1 and self.key_stream.length:
             self._step = key_states, value_states  # packed_attention attends, then pushes them
             tagged = key_states.view_as(key_states)
@@ -225,32 +226,42 @@ class TurboQuantLayer(CacheLayerMixin):
         tokens enter the cache. Returns [batch, heads, 1, head_dim] in the query's dtype."""
         new_keys, new_values = self._step
         self._step = None
-        start, (keys, values) = self._start(), self.streams
-        batch, heads = query.shape[:2]
+        start = self._start()
         if self._numba_kernels(query):
-            out = np.stack(
-                [
-                    attend_packed(
-                        np.ascontiguousarray(query[row].float().numpy()),
-                        PackedCache(
-                            self.kv_heads,
-                            self.head_dim,
-                            keys.packed_view(row, start, new_keys[row]),
-                            values.packed_view(row, start, new_values[row]),
-                        ),
-                        scale,
-                    )
-                    for row in range(batch)
-                ]
+            out = self._attend_numba(query, scale, start, new_keys, new_values)
+        else:
+            out = self._attend_torch(query, scale, start, new_keys, new_values)
+        self.key_stream.push(new_keys)
+        self.value_stream.push(new_values)
+        return out.to(query.dtype)
+
+    def _attend_numba(
+        self, query: torch.Tensor, scale: float, start: int, new_keys: torch.Tensor, new_values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`attend` through tq's Numba CPU kernels, a sequence at a time."""
+        keys = self.key_stream.packed_views(start, new_keys)
+        values = self.value_stream.packed_views(start, new_values)
+        out = [
+            attend_packed(
+                np.ascontiguousarray(query[row].float().numpy()),
+                PackedCache(self.kv_heads, self.head_dim, keys[row], values[row]),
+                scale,
             )
-            keys.push(new_keys)
-            values.push(new_values)
-            return torch.from_numpy(out).to(query.dtype)
+            for row in range(query.shape[0])
+        ]
+        return torch.from_numpy(np.stack(out))
+
+    def _attend_torch(
+        self, query: torch.Tensor, scale: float, start: int, new_keys: torch.Tensor, new_values: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`attend` in torch on the query's device: scores and weighted values from the
+        codes in the rotated domain, in float32."""
+        keys, values = self.streams
+        batch, heads = query.shape[:2]
         queries = query.float().reshape(batch, self.kv_heads, heads // self.kv_heads, self.head_dim)
-        coded_keys = max(keys.quantized - start, 0)
         exact_keys = torch.cat([keys.exact(start), new_keys], dim=2).float()
         scores = queries @ exact_keys.transpose(-1, -2)
-        if coded_keys:
+        if keys.quantized > start:
             scores = torch.cat([keys.scores(queries, start), scores], dim=-1)
         weights = torch.softmax(scores * scale, dim=-1)
         coded_values = max(values.quantized - start, 0)
@@ -258,9 +269,7 @@ class TurboQuantLayer(CacheLayerMixin):
         out = weights[..., coded_values:] @ exact_values
         if coded_values:
             out = out + values.weighted_sum(weights[..., :coded_values], start)
-        keys.push(new_keys)
-        values.push(new_values)
-        return out.reshape(batch, heads, 1, self.head_dim).to(query.dtype)
+        return out.reshape(batch, heads, 1, self.head_dim)
 
     def _numba_kernels(self, query: torch.Tensor) -> bool:
         """Whether a packed step runs tq's Numba CPU kernels on NumPy views of the store (a

@@ -25,7 +25,8 @@ Besides the six backend functions, the pieces other CPU kernels (the packed-cach
   :data:`jit_in_memory` (for kernels that call per-bit-width closures; ``jit_in_memory_exact``
   without fused multiply-adds);
 - row kernels: :func:`row_kernels` (per bit width: pack, unpack, centroid tables, encode,
-  look-up, scores), :func:`unpack_sign_row` and :func:`add_sign_scores` (QJL signs);
+  look-up, scores), :func:`unpack_sign_row` and :func:`add_sign_scores` (QJL signs), and
+  :func:`qjl_projection` (S Pi^T, which tq.quant.torch_codec shares);
 - threads: :data:`CHUNK_ROWS`, :func:`num_threads`, :func:`thread_pool`, :func:`run_chunks` and
   :func:`single_threaded_blas`.
 """
@@ -63,6 +64,7 @@ __all__ = [
     "prod_decode",
     "prod_encode",
     "prod_scores",
+    "qjl_projection",
     "row_kernels",
     "run_chunks",
     "single_threaded_blas",
@@ -533,7 +535,7 @@ def mse_scores(
     return out
 
 
-def _qjl_projection(rotation: Rotation, qjl: np.ndarray) -> np.ndarray:
+def qjl_projection(rotation: Rotation, qjl: np.ndarray) -> np.ndarray:
     """S Pi^T, float32 [d, d]: S r = (S Pi^T)(Pi r) keeps the residual in the rotated domain."""
     return _f32(qjl.astype(np.float64) @ rotation.matrix.T.astype(np.float64))
 
@@ -545,7 +547,7 @@ def prod_encode(
     n, dim = x.shape
     x = _f32(x)
     edges, centroids = _codebook_f32(codebook)
-    projection_t = _qjl_projection(rotation, qjl).T.astype(np.float64)
+    projection_t = qjl_projection(rotation, qjl).T.astype(np.float64)
     transposed = _encode_matrix(rotation)
     codes = np.empty((n, code_bytes(dim, codebook.bits)), np.uint8)
     signs = np.empty((n, code_bytes(dim, 1)), np.uint8)

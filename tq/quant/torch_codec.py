@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tq.core.packing import code_bytes
+from tq.kernels.cpu import qjl_projection
 from tq.kernels.naive import qjl_scale
 from tq.quant.turboquant import TurboQuantMSE, TurboQuantProd
 
@@ -109,8 +110,7 @@ class TorchCodec:
         if self.prod:
             qjl = quantizer.qjl
             self.qjl = torch.from_numpy(qjl).to(device)  # S, float32 [d, d]
-            # S Pi^T (the residual stays in the rotated domain), rounded to float32 as the CPU kernel's
-            projection = (qjl.astype(np.float64) @ rotation.matrix.T.astype(np.float64)).astype(np.float32)
+            projection = qjl_projection(rotation, qjl)  # the CPU kernel's S Pi^T, float32
             self.projection_t = torch.from_numpy(projection.T.astype(np.float64)).to(device)
             self.qjl_scale = qjl_scale(self.dim)
 
